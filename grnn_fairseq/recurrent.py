@@ -1,0 +1,199 @@
+"""Recurrent layers and stacks: one configurable family for both papers.
+
+``RecurrentStack`` = layers x directions x dropout x rearrangement over one weight
+structure (dense / groups / restricted pool) and one cell (lstm / gru / rnn).  K=1 and
+r=0 give exactly ``torch.nn.LSTM`` / ``GRU`` / ``RNN``.
+
+Representation rearrangement (Gao et al. 2018, Sec. 3.2), modes:
+  ``none``  no shuffle;
+  ``layer`` shuffle the input of every layer after the first (the previous layer's output);
+  ``time``  shuffle h_{t-1} before the recurrent product W_hh h_{t-1} at every step;
+  ``both``  (default) both.
+The time shuffle permutes only what the recurrent weights *read*.  Each unit keeps its own
+carried state in place: the LSTM cell state c_{t-1} and the GRU interpolation term
+z * h_{t-1} are not shuffled, and the layer's outputs h_t come out in unit order.  So a
+unit's memory stays its own while its gates see features of every group; shuffling c too
+would only relabel units (a fixed permutation), not change what the model can express.
+
+Shapes follow ``torch.nn.LSTM`` (time-major): input [T, B, I], output [T, B, D*H], states
+[L*D, B, H] (``(h, c)`` for LSTM, ``h`` for GRU / RNN).
+"""
+import torch
+from torch import nn
+
+from . import engine
+from .cells import GATES, check_cell, state_size
+from .rearrangement import check_mode, rearrange, uses_layer, uses_time
+from .restricted import RestrictedWeights, check_sharing_rate
+from .weights import GroupedWeights, check_groups
+
+
+def make_weights(input_size, hidden_size, cell, groups=1, sharing_rate=0.0):
+    """Dense / grouped weights for r=0, the restricted pool for r>0."""
+    gates = GATES[check_cell(cell)]
+    if check_sharing_rate(sharing_rate) == 0.0:
+        return GroupedWeights(input_size, hidden_size, gates, groups)
+    return RestrictedWeights(input_size, hidden_size, gates, groups, sharing_rate)
+
+
+def count_weights(input_size, hidden_size, cell, groups=1, sharing_rate=0.0):
+    """Exact parameter count of :func:`make_weights`, without building it."""
+    gates = GATES[check_cell(cell)]
+    check_groups(groups, input_size=input_size, hidden_size=hidden_size)
+    if check_sharing_rate(sharing_rate) == 0.0:
+        return GroupedWeights.count(input_size, hidden_size, gates, groups)
+    return RestrictedWeights.count(input_size, hidden_size, gates, groups, sharing_rate)
+
+
+def to_grouped(x, groups):
+    """[B, H] -> [K, B, H/K]"""
+    return x.view(x.shape[0], groups, -1).transpose(0, 1)
+
+
+def from_grouped(x):
+    """[..., K, B, m] -> [..., B, K*m]"""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class RecurrentLayer(nn.Module):
+    """One layer, one or two directions.  Each direction has its own weight structure."""
+
+    def __init__(self, input_size, hidden_size, cell="lstm", groups=1, sharing_rate=0.0,
+                 time_shuffle=True, bidirectional=False):
+        super().__init__()
+        self.cell, self.groups, self.hidden_size = check_cell(cell), groups, hidden_size
+        self.time_shuffle = bool(time_shuffle) and groups > 1
+        self.directions = nn.ModuleList(
+            make_weights(input_size, hidden_size, cell, groups, sharing_rate)
+            for _ in range(2 if bidirectional else 1)
+        )
+
+    def forward(self, x, state, mask=None):
+        """x: [T, B, I]; state: per direction a tuple of [K, B, m]; mask: [T, B] (True = token).
+        -> out [T, B, D*H], final states (per direction a tuple of [K, B, m])."""
+        t, b, _ = x.shape
+        flat = x.reshape(t * b, -1)
+        outs, finals = [], []
+        for d, weights in enumerate(self.directions):
+            w_ih, w_hh, b_ih, b_hh = weights()
+            gx = engine.project_input(flat, w_ih, b_ih).view(self.groups, t, b, -1).transpose(0, 1)
+            out, final = engine.scan(gx, state[d], w_hh, b_hh, self.cell,
+                                     self.time_shuffle, mask, reverse=d == 1)
+            outs.append(from_grouped(out))
+            finals.append(final)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out, finals
+
+    def step(self, x_t, state):
+        """One step of a unidirectional layer (incremental decoding).
+        x_t: [B, I]; state: tuple of [K, B, m] -> (h_t [B, H], new state)."""
+        w_ih, w_hh, b_ih, b_hh = self.directions[0]()
+        gx = engine.project_input(x_t, w_ih, b_ih)
+        h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
+                                             self.cell, self.time_shuffle)
+        return from_grouped(h), new_state
+
+
+class RecurrentStack(nn.Module):
+    """Stacked (bi)directional group / restricted LSTM, GRU or RNN.
+
+    Args:
+        input_size, hidden_size: widths I and H (per direction).
+        num_layers: L.
+        cell: ``lstm`` | ``gru`` | ``rnn``.
+        groups: K, the number of groups of every layer (must divide I, H and D*H).
+        rearrangement: ``none`` | ``layer`` | ``time`` | ``both``.
+        sharing_rate: r in [0, 1], one value or one per layer (0 = no restriction).
+        bidirectional: D = 2 if set.
+        dropout: dropout on the outputs of every layer but the last.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, cell="lstm", groups=1,
+                 rearrangement="both", sharing_rate=0.0, bidirectional=False, dropout=0.0):
+        super().__init__()
+        check_cell(cell)
+        check_mode(rearrangement)
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        rates = sharing_rate if isinstance(sharing_rate, (list, tuple)) else [sharing_rate] * num_layers
+        if len(rates) != num_layers:
+            raise ValueError(
+                f"sharing_rate={sharing_rate!r} has {len(rates)} values for num_layers={num_layers}; "
+                "give one value or one per layer")
+        rates = [check_sharing_rate(r) for r in rates]
+        self.num_directions = 2 if bidirectional else 1
+        out_size = hidden_size * self.num_directions
+        check_groups(groups, input_size=input_size, hidden_size=hidden_size)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.cell, self.groups, self.rearrangement = cell, groups, rearrangement
+        self.sharing_rate = rates
+        self.layer_shuffle = uses_layer(rearrangement) and groups > 1
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            RecurrentLayer(input_size if i == 0 else out_size, hidden_size, cell, groups, rates[i],
+                           uses_time(rearrangement), bidirectional)
+            for i in range(num_layers)
+        )
+
+    @property
+    def output_size(self):
+        return self.hidden_size * self.num_directions
+
+    def zero_state(self, batch_size, like):
+        """Per layer and direction, a tuple of zero [K, B, m] tensors."""
+        shape = (self.groups, batch_size, self.hidden_size // self.groups)
+        n = state_size(self.cell)
+        return [[tuple(like.new_zeros(shape) for _ in range(n)) for _ in range(self.num_directions)]
+                for _ in range(self.num_layers)]
+
+    def _split_state(self, state, batch_size, like):
+        """torch-style state ([L*D, B, H] or (h, c)) -> nested per-layer grouped tuples."""
+        if state is None:
+            return self.zero_state(batch_size, like)
+        parts = state if isinstance(state, (tuple, list)) else (state,)
+        if len(parts) != state_size(self.cell):
+            raise ValueError(f"a {self.cell} state has {state_size(self.cell)} tensors, got {len(parts)}")
+        nd = self.num_directions
+        return [[tuple(to_grouped(p[l * nd + d], self.groups) for p in parts) for d in range(nd)]
+                for l in range(self.num_layers)]
+
+    def _join_state(self, finals):
+        n = state_size(self.cell)
+        joined = tuple(
+            torch.stack([from_grouped(fd[i]) for fl in finals for fd in fl]) for i in range(n)
+        )
+        return joined if n == 2 else joined[0]
+
+    def forward(self, x, state=None, padding_mask=None):
+        """x: [T, B, I]; state: torch-style initial state or None;
+        padding_mask: [T, B] bool, True at padding (fairseq's convention), or None.
+        -> (output [T, B, D*H], final state in torch's layout)."""
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input width {x.shape[-1]} != input_size={self.input_size}")
+        mask = None if padding_mask is None or not padding_mask.any() else ~padding_mask
+        states = self._split_state(state, x.shape[1], x)
+        finals = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = self.dropout(x)
+                if self.layer_shuffle:
+                    x = rearrange(x, self.groups)
+            x, final = layer(x, states[i], mask)
+            finals.append(final)
+        return x, self._join_state(finals)
+
+    def step(self, x_t, states):
+        """One time step of a unidirectional stack (incremental decoding).
+        x_t: [B, I]; states: per layer a tuple of [K, B, m] (``zero_state`` layout without
+        the direction level) -> (h_t of the top layer [B, H], new states)."""
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x_t = self.dropout(x_t)
+                if self.layer_shuffle:
+                    x_t = rearrange(x_t, self.groups)
+            x_t, s = layer.step(x_t, states[i])
+            new_states.append(s)
+        return x_t, new_states

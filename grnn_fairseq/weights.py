@@ -1,0 +1,62 @@
+"""Group weight structure (Gao et al., NAACL 2018, Eq. 4-5).
+
+A recurrent layer of input width I and hidden width H split into K groups is K independent
+cells of input width I/K and hidden width m = H/K: block-diagonal input and recurrent
+weights, stored per group.  Every weight structure of this package returns the same
+canonical layout, which the engines consume:
+
+    weight_ih: [K, G*m, I/K]   weight_hh: [K, G*m, m]   bias_ih, bias_hh: [K, G*m]
+
+with the G gates of each group stacked in PyTorch's order (LSTM i,f,g,o; GRU r,z,n), so
+K=1 is exactly ``torch.nn.LSTM`` / ``GRU`` / ``RNN``'s ``weight_ih_l0`` etc.
+"""
+import math
+
+import torch
+from torch import nn
+
+
+def check_groups(groups, **widths):
+    """Raise a ValueError unless ``groups`` is a positive int dividing every named width."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups={groups!r} must be a positive integer (1 = ungrouped)")
+    for name, width in widths.items():
+        if width % groups != 0:
+            divisors = [k for k in range(1, width + 1) if width % k == 0]
+            raise ValueError(
+                f"groups={groups} does not divide {name}={width}; each group needs an equal "
+                f"share of the channels: use groups in {divisors} or change {name}"
+            )
+    return groups
+
+
+def init_uniform_(tensors, hidden_per_group):
+    """PyTorch's RNN initialisation, U(-1/sqrt(m), 1/sqrt(m)) with m the width of one group."""
+    bound = 1.0 / math.sqrt(hidden_per_group)
+    for t in tensors:
+        nn.init.uniform_(t, -bound, bound)
+
+
+class GroupedWeights(nn.Module):
+    """Dense per-group weights: K blocks of a standard cell (K=1: a standard cell)."""
+
+    def __init__(self, input_size, hidden_size, gates, groups=1):
+        super().__init__()
+        check_groups(groups, input_size=input_size, hidden_size=hidden_size)
+        k, m, ik = groups, hidden_size // groups, input_size // groups
+        self.groups, self.gates = k, gates
+        self.weight_ih = nn.Parameter(torch.empty(k, gates * m, ik))
+        self.weight_hh = nn.Parameter(torch.empty(k, gates * m, m))
+        self.bias_ih = nn.Parameter(torch.empty(k, gates * m))
+        self.bias_hh = nn.Parameter(torch.empty(k, gates * m))
+        init_uniform_(self.parameters(), m)
+
+    def forward(self):
+        """-> (weight_ih [K,G*m,I/K], weight_hh [K,G*m,m], bias_ih [K,G*m], bias_hh [K,G*m])"""
+        return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+    @staticmethod
+    def count(input_size, hidden_size, gates, groups=1):
+        """Exact number of parameters, without building the module."""
+        m, ik = hidden_size // groups, input_size // groups
+        return groups * gates * m * (ik + m + 2)
