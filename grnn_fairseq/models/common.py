@@ -1,0 +1,59 @@
+"""Options and helpers shared by the RNNSearch and language models."""
+from torch import nn
+
+from ..cells import GATES
+from ..rearrangement import REARRANGEMENT_MODES
+
+
+def add_recurrent_args(parser, prefixes):
+    """Recurrent options: cell, rearrangement, sharing rate, and per-part group counts."""
+    parser.add_argument("--cell", choices=tuple(GATES), help="recurrent cell type")
+    parser.add_argument("--rearrangement", choices=REARRANGEMENT_MODES,
+                        help="representation rearrangement between layers and/or time steps")
+    parser.add_argument("--sharing-rate", type=float, metavar="R",
+                        help="restricted sharing rate r in [0, 1] of every recurrent layer")
+    for prefix in prefixes:
+        parser.add_argument(f"--{prefix}-groups", type=int, metavar="K",
+                            help=f"number of groups of the {prefix} recurrent layers")
+
+
+def embedding(num_embeddings, dim, padding_idx):
+    emb = nn.Embedding(num_embeddings, dim, padding_idx=padding_idx)
+    nn.init.uniform_(emb.weight, -0.1, 0.1)
+    nn.init.constant_(emb.weight[padding_idx], 0)
+    return emb
+
+
+def linear(in_features, out_features, bias=True):
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.uniform_(lin.weight, -0.1, 0.1)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+def fail(option, value, message):
+    """A configuration error that names the option, the value and the fix."""
+    raise ValueError(f"--{option}={value}: {message}")
+
+
+def check_recurrent_options(args, part, embed_dim, hidden_size, groups):
+    """Validate one recurrent part's options with the option names a user typed."""
+    from ..restricted import check_sharing_rate
+    from ..weights import check_groups
+
+    try:
+        check_groups(groups, **{f"--{part}-embed-dim": embed_dim, f"--{part}-hidden-size": hidden_size})
+    except ValueError as err:
+        fail(f"{part}-groups", groups, str(err))
+    try:
+        check_sharing_rate(args.sharing_rate)
+    except ValueError as err:
+        fail("sharing-rate", args.sharing_rate, str(err))
+
+
+def set_defaults(args, **defaults):
+    """Fill options the user left unset (None or absent); explicit values, 0 included, win."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)

@@ -1,0 +1,148 @@
+"""Recurrent language models: group LSTM LMs (Gao et al. 2018, PTB) and restricted
+RNN / GRU / LSTM LMs (Diao et al. 2019, PTB and WikiText-2).
+
+embeddings -> recurrent stack -> (projection to the output embedding width) -> softmax,
+with optional tied input / output embeddings (Press & Wolf 2017).
+"""
+from fairseq.models import (
+    FairseqIncrementalDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from torch import nn
+
+from ..recurrent import RecurrentStack
+from .common import add_recurrent_args, check_recurrent_options, embedding, fail, linear, set_defaults
+
+MAX_POSITIONS = 100_000
+
+
+@register_model("grnn_lm")
+class RecurrentLanguageModel(FairseqLanguageModel):
+    @staticmethod
+    def add_args(parser):
+        a = parser.add_argument
+        a("--dropout", type=float, metavar="D", help="default of every dropout below")
+        a("--dropout-embed", type=float, metavar="D", help="dropout on embeddings")
+        a("--dropout-hidden", type=float, metavar="D", help="dropout between recurrent layers")
+        a("--dropout-out", type=float, metavar="D", help="dropout before the softmax layer")
+        a("--decoder-embed-dim", type=int, metavar="N")
+        a("--decoder-hidden-size", type=int, metavar="N")
+        a("--decoder-layers", type=int, metavar="N")
+        a("--decoder-out-embed-dim", type=int, metavar="N",
+          help="width before the softmax (a projection is added when it differs from the hidden size)")
+        a("--share-decoder-input-output-embed", action="store_true",
+          help="tie input embeddings and output projection")
+        add_recurrent_args(parser, ["decoder"])
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_lm_architecture(args)
+        check_recurrent_options(args, "decoder", args.decoder_embed_dim, args.decoder_hidden_size,
+                                args.decoder_groups)
+        dictionary = task.target_dictionary
+        if dictionary is None:
+            fail("task", getattr(args, "task", "?"), "a language model needs a target dictionary "
+                 "(use --task language_modeling)")
+        if args.share_decoder_input_output_embed and args.decoder_out_embed_dim != args.decoder_embed_dim:
+            fail("share-decoder-input-output-embed", True, f"needs --decoder-out-embed-dim "
+                 f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})")
+        return cls(RecurrentLMDecoder(args, dictionary))
+
+    def max_positions(self):
+        return MAX_POSITIONS
+
+
+class RecurrentLMDecoder(FairseqIncrementalDecoder):
+    def __init__(self, args, dictionary):
+        super().__init__(dictionary)
+        self.padding_idx = dictionary.pad()
+        self.embed_tokens = embedding(len(dictionary), args.decoder_embed_dim, self.padding_idx)
+        self.dropout_embed = nn.Dropout(args.dropout_embed)
+        self.dropout_out = nn.Dropout(args.dropout_out)
+        self.rnn = RecurrentStack(
+            args.decoder_embed_dim, args.decoder_hidden_size, args.decoder_layers, cell=args.cell,
+            groups=args.decoder_groups, rearrangement=args.rearrangement,
+            sharing_rate=args.sharing_rate, dropout=args.dropout_hidden)
+        self.out_proj = (linear(args.decoder_hidden_size, args.decoder_out_embed_dim, bias=False)
+                         if args.decoder_out_embed_dim != args.decoder_hidden_size else None)
+        self.output_projection = nn.Linear(args.decoder_out_embed_dim, len(dictionary))
+        if args.share_decoder_input_output_embed:
+            self.output_projection.weight = self.embed_tokens.weight
+        else:
+            nn.init.uniform_(self.output_projection.weight, -0.1, 0.1)
+        nn.init.zeros_(self.output_projection.bias)
+
+    def forward(self, prev_output_tokens, incremental_state=None, **unused):
+        x, extra = self.extract_features(prev_output_tokens, incremental_state)
+        return self.output_layer(x), extra
+
+    def extract_features(self, prev_output_tokens, incremental_state=None, **unused):
+        """prev_output_tokens: [B, T] -> (features [B, T, E_out], {})"""
+        state = None
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            cached = self.get_incremental_state(incremental_state, "state")
+            if cached is not None:
+                state = cached["h"] if "c" not in cached else (cached["h"], cached["c"])
+        pad = prev_output_tokens.eq(self.padding_idx).t()
+        x = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)
+        x, final = self.rnn(x, state, padding_mask=pad)
+        if incremental_state is not None:
+            cache = {"h": final[0], "c": final[1]} if isinstance(final, tuple) else {"h": final}
+            self.set_incremental_state(incremental_state, "state", cache)
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        return self.dropout_out(x).transpose(0, 1), {"attn": None}
+
+    def output_layer(self, features, **unused):
+        return self.output_projection(features)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        cached = self.get_incremental_state(incremental_state, "state")
+        if cached is not None:
+            self.set_incremental_state(
+                incremental_state, "state", {k: v.index_select(1, new_order) for k, v in cached.items()})
+
+    def max_positions(self):
+        return MAX_POSITIONS
+
+
+def base_lm_architecture(args):
+    set_defaults(args, dropout=0.2)
+    set_defaults(args, dropout_embed=args.dropout, dropout_hidden=args.dropout,
+                 dropout_out=args.dropout)
+    set_defaults(args, decoder_embed_dim=200, decoder_hidden_size=200, decoder_layers=3)
+    set_defaults(args, decoder_out_embed_dim=args.decoder_hidden_size)
+    set_defaults(args, share_decoder_input_output_embed=False, cell="lstm",
+                 rearrangement="both", sharing_rate=0.0, decoder_groups=1)
+
+
+def _group_lstm_lm(groups):
+    def arch(args):
+        """Gao et al. 2018, PTB large: 2 x 1500 LSTM, untied embeddings, dropout 0.65."""
+        set_defaults(args, decoder_embed_dim=1500, decoder_hidden_size=1500, decoder_layers=2,
+                     dropout=0.65, cell="lstm", decoder_groups=groups)
+        base_lm_architecture(args)
+    return arch
+
+
+for _name, _k in [("group_lstm_lm", 2), ("group_lstm_lm_k1", 1), ("group_lstm_lm_k2", 2),
+                  ("group_lstm_lm_k4", 4)]:
+    register_model_architecture("grnn_lm", _name)(_group_lstm_lm(_k))
+
+
+def _restricted_lm(cell):
+    def arch(args):
+        """Diao et al. 2019: 3 x 200, embedding 200, r = 0.5, dropout 0.2 (tie with
+        --share-decoder-input-output-embed)."""
+        set_defaults(args, decoder_embed_dim=200, decoder_hidden_size=200, decoder_layers=3,
+                     dropout=0.2, cell=cell, sharing_rate=0.5, rearrangement="none")
+        base_lm_architecture(args)
+    return arch
+
+
+for _name, _cell in [("restricted_lm", "lstm"), ("restricted_lstm_lm", "lstm"),
+                     ("restricted_gru_lm", "gru"), ("restricted_rnn_lm", "rnn")]:
+    register_model_architecture("grnn_lm", _name)(_restricted_lm(_cell))

@@ -1,0 +1,283 @@
+"""RNNSearch (Bahdanau et al. 2015) with group / restricted recurrent layers.
+
+Encoder: embeddings -> bidirectional recurrent stack -> values h_j and attention keys U h_j
+(computed once per sentence) and the decoder's initial state s_0 = tanh(W_s mean_j h_j).
+Decoder, at every target position i (Bahdanau et al. 2015, Eq. 4-6):
+
+    c_i = attention(s_{i-1}, h)                       additive attention
+    s_i = recurrent_stack([E y_{i-1}; c_i], s_{i-1})  group / restricted LSTM or GRU
+    t_i = tanh(W_o [s_i; E y_{i-1}; c_i])             readout (deep output)
+    p(y_i) = softmax(W_y t_i)
+
+Group RNN models (Gao et al. 2018) are this model with --encoder-groups/--decoder-groups K.
+"""
+import torch
+from fairseq.models import (
+    FairseqEncoder,
+    FairseqEncoderDecoderModel,
+    FairseqIncrementalDecoder,
+    register_model,
+    register_model_architecture,
+)
+from torch import nn
+
+from ..attention import AdditiveAttention
+from ..recurrent import RecurrentStack, from_grouped, to_grouped
+from .common import (
+    add_recurrent_args,
+    check_recurrent_options,
+    embedding,
+    fail,
+    linear,
+    set_defaults,
+)
+
+MAX_POSITIONS = 100_000
+
+
+@register_model("grnn_rnnsearch")
+class RNNSearchModel(FairseqEncoderDecoderModel):
+    @staticmethod
+    def add_args(parser):
+        a = parser.add_argument
+        a("--dropout", type=float, metavar="D", help="default of every dropout below")
+        a("--dropout-embed", type=float, metavar="D", help="dropout on embeddings")
+        a("--dropout-hidden", type=float, metavar="D", help="dropout between recurrent layers")
+        a("--dropout-out", type=float, metavar="D", help="dropout on encoder outputs and readout")
+        a("--encoder-embed-dim", type=int, metavar="N")
+        a("--encoder-hidden-size", type=int, metavar="N", help="per direction")
+        a("--encoder-layers", type=int, metavar="N")
+        a("--decoder-embed-dim", type=int, metavar="N")
+        a("--decoder-hidden-size", type=int, metavar="N")
+        a("--decoder-layers", type=int, metavar="N")
+        a("--decoder-out-embed-dim", type=int, metavar="N", help="readout width")
+        a("--attention-dim", type=int, metavar="N")
+        a("--share-decoder-input-output-embed", action="store_true",
+          help="tie the decoder's input embeddings and output projection")
+        a("--share-all-embeddings", action="store_true",
+          help="one embedding matrix for source, target and output (needs a joined dictionary)")
+        add_recurrent_args(parser, ["encoder", "decoder"])
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        src_dict = getattr(task, "source_dictionary", None)
+        if getattr(task, "src_dict", None) is None or src_dict is None:
+            fail("arch", args.arch, "RNNSearch is an encoder-decoder model and needs a source "
+                 "side: use --task translation (or another task with source and target "
+                 "dictionaries); for language models use --arch group_lstm_lm or restricted_lm")
+        tgt_dict = task.target_dictionary
+        check_recurrent_options(args, "encoder", args.encoder_embed_dim,
+                                args.encoder_hidden_size, args.encoder_groups)
+        check_recurrent_options(args, "decoder", args.encoder_hidden_size * 2 + args.decoder_embed_dim,
+                                args.decoder_hidden_size, args.decoder_groups)
+        enc_embed = embedding(len(src_dict), args.encoder_embed_dim, src_dict.pad())
+        if args.share_all_embeddings:
+            if src_dict != tgt_dict:
+                fail("share-all-embeddings", True, "needs a joined dictionary "
+                     "(fairseq-preprocess --joined-dictionary)")
+            if args.encoder_embed_dim != args.decoder_embed_dim:
+                fail("share-all-embeddings", True, f"needs --encoder-embed-dim "
+                     f"({args.encoder_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})")
+            dec_embed = enc_embed
+            args.share_decoder_input_output_embed = True
+        else:
+            dec_embed = embedding(len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
+        if args.share_decoder_input_output_embed and args.decoder_out_embed_dim != args.decoder_embed_dim:
+            fail("share-decoder-input-output-embed", True, f"needs --decoder-out-embed-dim "
+                 f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})")
+        encoder = RNNSearchEncoder(args, src_dict, enc_embed)
+        decoder = RNNSearchDecoder(args, tgt_dict, dec_embed)
+        return cls(encoder, decoder)
+
+    def max_positions(self):
+        return (MAX_POSITIONS, MAX_POSITIONS)
+
+
+class RNNSearchEncoder(FairseqEncoder):
+    def __init__(self, args, dictionary, embed_tokens):
+        super().__init__(dictionary)
+        self.padding_idx = dictionary.pad()
+        self.embed_tokens = embed_tokens
+        self.dropout_embed = nn.Dropout(args.dropout_embed)
+        self.dropout_out = nn.Dropout(args.dropout_out)
+        self.rnn = RecurrentStack(
+            args.encoder_embed_dim, args.encoder_hidden_size, args.encoder_layers, cell=args.cell,
+            groups=args.encoder_groups, rearrangement=args.rearrangement,
+            sharing_rate=args.sharing_rate, bidirectional=True, dropout=args.dropout_hidden)
+        value_dim = 2 * args.encoder_hidden_size
+        self.attention_keys = linear(value_dim, args.attention_dim, bias=False)  # U
+        self.init_state = linear(value_dim, args.decoder_hidden_size)  # W_s
+
+    def forward(self, src_tokens, src_lengths=None, **unused):
+        """src_tokens: [B, S] (left or right padded) -> dict of
+        values [S, B, 2H], keys [S, B, A], init [B, H_dec], padding_mask [S, B] or None."""
+        pad = src_tokens.eq(self.padding_idx).t()  # [S, B]
+        pad = pad if pad.any() else None
+        x = self.dropout_embed(self.embed_tokens(src_tokens)).transpose(0, 1)
+        values, _ = self.rnn(x, padding_mask=pad)
+        values = self.dropout_out(values)
+        if pad is None:
+            mean = values.mean(0)
+        else:
+            real = (~pad).unsqueeze(-1).type_as(values)
+            mean = (values * real).sum(0) / real.sum(0)
+        return {
+            "values": values,
+            "keys": self.attention_keys(values),
+            "init": torch.tanh(self.init_state(mean)),
+            "padding_mask": pad,
+        }
+
+    def reorder_encoder_out(self, encoder_out, new_order):
+        def pick(t, dim):
+            return None if t is None else t.index_select(dim, new_order)
+
+        return {
+            "values": pick(encoder_out["values"], 1),
+            "keys": pick(encoder_out["keys"], 1),
+            "init": pick(encoder_out["init"], 0),
+            "padding_mask": pick(encoder_out["padding_mask"], 1),
+        }
+
+    def max_positions(self):
+        return MAX_POSITIONS
+
+
+class RNNSearchDecoder(FairseqIncrementalDecoder):
+    def __init__(self, args, dictionary, embed_tokens):
+        super().__init__(dictionary)
+        self.embed_tokens = embed_tokens
+        self.dropout_embed = nn.Dropout(args.dropout_embed)
+        self.dropout_out = nn.Dropout(args.dropout_out)
+        value_dim = 2 * args.encoder_hidden_size
+        self.attention = AdditiveAttention(args.decoder_hidden_size, value_dim, args.attention_dim)
+        # the encoder owns U (keys are computed once per sentence); the decoder reads them
+        del self.attention.key_proj
+        self.rnn = RecurrentStack(
+            args.decoder_embed_dim + value_dim, args.decoder_hidden_size, args.decoder_layers,
+            cell=args.cell, groups=args.decoder_groups, rearrangement=args.rearrangement,
+            sharing_rate=args.sharing_rate, bidirectional=False, dropout=args.dropout_hidden)
+        self.readout = linear(args.decoder_hidden_size + args.decoder_embed_dim + value_dim,
+                              args.decoder_out_embed_dim)
+        self.output_projection = nn.Linear(args.decoder_out_embed_dim, len(dictionary))
+        if args.share_decoder_input_output_embed:
+            self.output_projection.weight = embed_tokens.weight
+        else:
+            nn.init.uniform_(self.output_projection.weight, -0.1, 0.1)
+        nn.init.zeros_(self.output_projection.bias)
+
+    def _initial_states(self, encoder_out):
+        init = to_grouped(encoder_out["init"], self.rnn.groups)  # s_0 for every layer
+        zero = torch.zeros_like(init)
+        n = 2 if self.rnn.cell == "lstm" else 1
+        return [(init,) + (zero,) * (n - 1) for _ in range(self.rnn.num_layers)]
+
+    def _get_cache(self, incremental_state):
+        cached = self.get_incremental_state(incremental_state, "states")
+        if cached is None:
+            return None
+        n = 2 if self.rnn.cell == "lstm" else 1
+        return [tuple(cached[f"{l}.{i}"] for i in range(n)) for l in range(self.rnn.num_layers)]
+
+    def _set_cache(self, incremental_state, states):
+        flat = {f"{l}.{i}": t for l, s in enumerate(states) for i, t in enumerate(s)}
+        self.set_incremental_state(incremental_state, "states", flat)
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **unused):
+        x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        return self.output_layer(x), {"attn": [attn]}
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **unused):
+        """-> (readout [B, T, E_out], attention weights [B, T, S])"""
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+        states = self._get_cache(incremental_state) if incremental_state is not None else None
+        if states is None:
+            states = self._initial_states(encoder_out)
+        values, keys, pad = encoder_out["values"], encoder_out["keys"], encoder_out["padding_mask"]
+        emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
+        tops, contexts, attns = [], [], []
+        for y in emb.unbind(0):
+            context, weights = self.attention(from_grouped(states[-1][0]), keys, values, pad)
+            top, states = self.rnn.step(torch.cat([y, context], dim=-1), states)
+            tops.append(top)
+            contexts.append(context)
+            attns.append(weights)
+        if incremental_state is not None:
+            self._set_cache(incremental_state, states)
+        features = torch.cat([torch.stack(tops), emb, torch.stack(contexts)], dim=-1)
+        out = self.dropout_out(torch.tanh(self.readout(features)))
+        return out.transpose(0, 1), torch.stack(attns, dim=1)
+
+    def output_layer(self, features, **unused):
+        return self.output_projection(features)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        cached = self.get_incremental_state(incremental_state, "states")
+        if cached is None:
+            return
+        self.set_incremental_state(
+            incremental_state, "states", {k: v.index_select(1, new_order) for k, v in cached.items()})
+
+    def max_positions(self):
+        return MAX_POSITIONS
+
+
+def base_architecture(args):
+    """Defaults of every RNNSearch architecture; the named ones below change sizes only."""
+    set_defaults(args, dropout=0.2)
+    set_defaults(args, dropout_embed=args.dropout, dropout_hidden=args.dropout,
+                 dropout_out=args.dropout)
+    set_defaults(args, encoder_embed_dim=256, encoder_hidden_size=256, encoder_layers=1,
+                 decoder_embed_dim=256, decoder_hidden_size=256, decoder_layers=1)
+    set_defaults(args, decoder_out_embed_dim=args.decoder_embed_dim,
+                 attention_dim=args.decoder_hidden_size)
+    set_defaults(args, share_decoder_input_output_embed=False, share_all_embeddings=False,
+                 cell="lstm", rearrangement="both", sharing_rate=0.0,
+                 encoder_groups=1, decoder_groups=1)
+
+
+# Sizes chosen so the parameter counts land within 5% of Gao et al. (2018) with each
+# dataset's standard vocabulary (README, "Parameter counts"; tests/test_params.py).
+SIZES = {
+    # IWSLT14 De-En: dictionaries 8,848 (de) / 6,632 (en), tied decoder embeddings.
+    "iwslt": dict(encoder_embed_dim=128, decoder_embed_dim=128, encoder_hidden_size=256,
+                  decoder_hidden_size=256, encoder_layers=2, decoder_layers=2, attention_dim=256,
+                  share_decoder_input_output_embed=True, dropout=0.3),
+    # WMT14 En-De: joined sentencepiece dictionary of 40k, all embeddings shared.
+    "wmt_en_de": dict(encoder_embed_dim=1000, decoder_embed_dim=1000, encoder_hidden_size=1000,
+                      decoder_hidden_size=1000, encoder_layers=4, decoder_layers=4,
+                      attention_dim=1000, share_all_embeddings=True, dropout=0.2),
+    # Gigaword: joined dictionary of 30k, all embeddings shared.
+    "gigaword": dict(encoder_embed_dim=256, decoder_embed_dim=256, encoder_hidden_size=512,
+                     decoder_hidden_size=512, encoder_layers=2, decoder_layers=2,
+                     attention_dim=512, share_all_embeddings=True, dropout=0.2),
+}
+
+
+def _architecture(size, groups=1, sharing_rate=0.0):
+    def arch(args):
+        fixed = dict(SIZES[size])
+        # store_true options arrive as False, not None: a size that ties embeddings sets them.
+        for flag in ("share_decoder_input_output_embed", "share_all_embeddings"):
+            if fixed.pop(flag, False):
+                setattr(args, flag, True)
+        set_defaults(args, encoder_groups=groups, decoder_groups=groups,
+                     sharing_rate=sharing_rate, **fixed)
+        base_architecture(args)
+    arch.__doc__ = f"RNNSearch, {size} sizes, K={groups}, r={sharing_rate}"
+    return arch
+
+
+ARCHITECTURES = {"rnnsearch": ("iwslt", 1, 0.0), "restricted_rnnsearch": ("iwslt", 1, 0.5),
+                 "rnnsearch_wmt_en_de": ("wmt_en_de", 1, 0.0),
+                 "restricted_rnnsearch_wmt_en_de": ("wmt_en_de", 1, 0.5),
+                 "rnnsearch_gigaword": ("gigaword", 1, 0.0),
+                 "restricted_rnnsearch_gigaword": ("gigaword", 1, 0.5)}
+for _k in (2, 4, 8, 16):
+    ARCHITECTURES[f"group_rnnsearch_k{_k}"] = ("iwslt", _k, 0.0)
+    ARCHITECTURES[f"group_rnnsearch_wmt_en_de_k{_k}"] = ("wmt_en_de", _k, 0.0)
+    ARCHITECTURES[f"group_rnnsearch_gigaword_k{_k}"] = ("gigaword", _k, 0.0)
+for _name, _spec in ARCHITECTURES.items():
+    register_model_architecture("grnn_rnnsearch", _name)(_architecture(*_spec))
