@@ -96,75 +96,68 @@ def millions(n, places=3):
     return str((Decimal(n) / 10**6).quantize(q, rounding=ROUND_HALF_UP))
 
 
-# The papers' figures, and the vocabularies assumed to reproduce them.
-TABLE2_RATES = (1, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1, 0)
-TABLE2 = {  # Diao et al. 2019, Table II: "RNN parameters (M)", PTB, 3 x 200, embedding 200
-    "rnn": ("0.130", "0.136", "0.142", "0.167", "0.191", "0.215", "0.239", "0.251"),
-    "gru": ("0.130", "0.161", "0.191", "0.311", "0.432", "0.553", "0.673", "0.733"),
-    "lstm": ("0.130", "0.173", "0.215", "0.384", "0.553", "0.721", "0.890", "0.975"),
-}
-PTB_VOCAB = 10000
-
-
-def table2_rows():
-    """-> [(cell, r, true recurrent count, paper-convention count)] for Table II."""
-    rows = []
-    for cell in TABLE2:
-        for r in TABLE2_RATES:
-            m = build_architecture(f"restricted_{cell}_lm", vocab=PTB_VOCAB,
-                                   overrides=["--sharing-rate", str(r)])
-            rows.append((cell, r, count_parameters(m)["recurrent"], paper_rnn_count(m)))
-    return rows
-
-
 def print_counts(counts, out=sys.stdout):
     for c in CATEGORIES + ("total",):
         print(f"{c:>11}: {counts[c]:>12,d}  ({millions(counts[c], 2)}M)", file=out)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With --arch, every other option is passed to the model (e.g. --encoder-groups 4).")
     p.add_argument("--arch", help="a registered fairseq architecture")
     p.add_argument("--src-vocab", type=int, help="source dictionary size (translation models)")
     p.add_argument("--tgt-vocab", type=int, help="target dictionary size (translation models)")
     p.add_argument("--vocab", type=int, help="dictionary size (language models)")
     p.add_argument("--paper-convention", action="store_true",
                    help="also print the RNN count as Diao et al. (2019) Table II counts it")
-    p.add_argument("--layer", action="store_true", help="count one recurrent stack instead")
-    p.add_argument("--cell", default="lstm")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--sharing-rate", type=float, default=0.0)
-    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--layer", action="store_true",
+                   help="count one recurrent stack (options: --cell --input-size --hidden-size "
+                        "--num-layers --groups --sharing-rate --bidirectional)")
     p.add_argument("--tables", action="store_true", help="print the papers' parameter tables")
-    args, model_overrides = p.parse_known_args(argv)
+    args, rest = p.parse_known_args(argv)
     if args.tables:
         from .paper_tables import print_tables
         print_tables()
         return 0
     if args.layer:
-        from .recurrent import RecurrentStack
-        if args.input_size is None or args.hidden_size is None:
-            p.error("--layer needs --input-size and --hidden-size")
-        with torch.device("meta"):
-            stack = RecurrentStack(args.input_size, args.hidden_size, args.num_layers, args.cell,
-                                   args.groups, sharing_rate=args.sharing_rate,
-                                   bidirectional=args.bidirectional)
-        n = sum(q.numel() for q in stack.parameters())
-        print(f"recurrent: {n:,d}  ({millions(n, 3)}M)")
-        return 0
+        return _count_layer(rest)
     if not args.arch:
         p.error("give --arch, --layer or --tables")
     if args.vocab is None and args.src_vocab is None:
         p.error("give --vocab (language models) or --src-vocab/--tgt-vocab (translation models)")
-    model = build_architecture(args.arch, args.src_vocab, args.tgt_vocab, args.vocab, model_overrides)
+    try:
+        model = build_architecture(args.arch, args.src_vocab, args.tgt_vocab, args.vocab, rest)
+    except ValueError as err:
+        p.error(str(err))
     print(f"{args.arch} (vocab {args.vocab or (args.src_vocab, args.tgt_vocab or args.src_vocab)})")
     print_counts(count_parameters(model))
     if args.paper_convention:
         n = paper_rnn_count(model)
         print(f"Diao et al. Table II convention, RNN parameters: {n:,d} ({millions(n)}M)")
+    return 0
+
+
+def _count_layer(argv):
+    from .recurrent import RecurrentStack
+
+    p = argparse.ArgumentParser(prog="grnn-params --layer")
+    p.add_argument("--cell", default="lstm")
+    p.add_argument("--input-size", type=int, required=True)
+    p.add_argument("--hidden-size", type=int, required=True)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--groups", type=int, default=1)
+    p.add_argument("--sharing-rate", type=float, default=0.0)
+    p.add_argument("--bidirectional", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        with torch.device("meta"):
+            stack = RecurrentStack(a.input_size, a.hidden_size, a.num_layers, a.cell, a.groups,
+                                   sharing_rate=a.sharing_rate, bidirectional=a.bidirectional)
+    except ValueError as err:
+        p.error(str(err))
+    n = sum(q.numel() for q in stack.parameters())
+    print(f"recurrent: {n:,d}  ({millions(n, 3)}M)")
     return 0
 
 
