@@ -1,0 +1,57 @@
+"""The package installs, and fairseq finds it both by --user-dir path and when installed."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import argparse, sys
+from fairseq import utils
+from fairseq.models import ARCH_MODEL_REGISTRY
+utils.import_user_module(argparse.Namespace(user_dir=sys.argv[1]))
+import grnn_fairseq
+cls = ARCH_MODEL_REGISTRY["group_rnnsearch_k4"]
+assert cls.__module__.startswith("grnn_fairseq"), cls
+print(grnn_fairseq.__file__)
+"""
+
+
+def run_check(user_dir, cwd, env=None):
+    return subprocess.run([sys.executable, "-c", CHECK, str(user_dir)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_user_dir_path_from_the_source_tree(tmp_path):
+    r = run_check(ROOT / "grnn_fairseq", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip()).resolve() == (ROOT / "grnn_fairseq" / "__init__.py").resolve()
+
+
+def test_installed_copy_works_as_user_dir(tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"pip install failed: {r.stderr[-2000:]}")
+    installed = target / "grnn_fairseq"
+    assert (installed / "models" / "rnnsearch.py").is_file()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    r = run_check(installed, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip()).resolve() == (installed / "__init__.py").resolve()
+
+
+def test_layers_import_without_fairseq():
+    """The recurrent layers are plain PyTorch: usable where fairseq is not installed."""
+    code = ("import sys; sys.modules['fairseq'] = None\n"
+            "import grnn_fairseq, torch\n"
+            "assert not grnn_fairseq.HAVE_FAIRSEQ\n"
+            "from grnn_fairseq.recurrent import RecurrentStack\n"
+            "print(RecurrentStack(8, 8, groups=2)(torch.zeros(3, 1, 8))[0].shape)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch.Size([3, 1, 8])" in r.stdout
