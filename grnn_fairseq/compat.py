@@ -1,0 +1,187 @@
+"""Compatibility fixes for fairseq 0.12 on the current stack (torch >= 2.6, numpy 2).
+
+Applied once at import (``import grnn_fairseq`` or ``--user-dir``); :func:`apply` is
+idempotent.
+
+* **torch >= 2.6** unpickles with ``weights_only=True`` by default.  The safety stays on:
+  only the non-tensor classes that fairseq's own checkpoints (and the state it broadcasts
+  on a multi-GPU resume) contain are allow-listed, see :data:`SAFE_GLOBALS`.  fairseq
+  passes no ``weights_only`` itself; every checkpoint path (train resume, generate,
+  interactive, eval-lm, validate, hub) goes through
+  ``checkpoint_utils.load_checkpoint_to_cpu`` -> ``torch.load``, and a multi-GPU resume
+  additionally through ``distributed.utils._broadcast_object_slow`` -> ``torch.load``;
+  the process-wide allow-list covers both.
+* **numpy 2** removed ``np.compat`` (fairseq uses ``np.compat.long`` in
+  ``TokenBlockDataset`` for ``--sample-break-mode eos`` and in ``LanguagePairDataset``
+  for ``--num-batch-buckets``): a minimal ``np.compat`` with ``long = int`` (its numpy 1.x
+  value) is added when missing.
+* **numpy >= 2.4** dropped ``np.percentile(..., interpolation=)`` (renamed ``method=``),
+  which fairseq's ``data_utils.get_buckets`` (``--num-batch-buckets``) still passes: that
+  function is replaced by an equivalent one when the old keyword is rejected.
+* **fairseq 0.12** ``data_utils.batch_by_size`` drops a last batch whose size is not a
+  multiple of ``--required-batch-size-multiple`` (default 8), so generate, validate and
+  eval-lm silently skip up to a whole batch of the test set (facebookresearch/fairseq#5036;
+  6 test sentences give *no* output).  The dropped tail is put back.
+"""
+import argparse
+import collections
+import functools
+import sys
+import types
+import typing
+
+import numpy as np
+import torch
+
+__all__ = ["SAFE_GLOBALS", "apply", "safe_globals"]
+
+
+def _build_safe_globals():
+    """``(object, reason)`` pairs, each found in a real fairseq checkpoint or broadcast."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+    entries = [
+        # --- checkpoint files written by fairseq-train
+        (argparse.Namespace, "cfg['model'] of legacy (add_args) models, e.g. lstm; old 'args'"),
+        (core.multiarray._reconstruct, "np.ndarray meters (--eval-bleu _bleu_counts/_totals)"),
+        (np.ndarray, "class of those meter arrays"),
+        (np.dtype, "dtype of those meter arrays"),
+        (type(np.dtype(np.int64)), "numpy 2 pickles int64 dtypes via numpy.dtypes.Int64DType"),
+    ]
+    try:
+        from omegaconf import DictConfig, ListConfig
+        from omegaconf.base import ContainerMetadata, Metadata
+        from omegaconf.nodes import AnyNode
+    except ImportError:  # no fairseq (and so no omegaconf): no broadcast either
+        return entries
+    entries += [
+        # --- multi-GPU resume: rank 0 broadcasts the *loaded* state (cfg is then a
+        # DictConfig, tensors are replaced by _TensorPlaceholder) via torch.save/torch.load
+        (DictConfig, "broadcast cfg (load_checkpoint_to_cpu turns it into a DictConfig)"),
+        (ListConfig, "lists inside that cfg (update_freq, lr, ...)"),
+        (ContainerMetadata, "metadata of those containers"),
+        (Metadata, "metadata of their value nodes"),
+        (AnyNode, "value nodes of an untyped cfg"),
+        (typing.Any, "ref_type/key_type/element_type of those nodes"),
+        (dict, "object_type of a DictConfig"),
+        (list, "object_type of a ListConfig"),
+        (int, "key_type of a ListConfig"),
+        (collections.defaultdict, "omegaconf's resolver_cache in ContainerMetadata"),
+    ]
+    try:
+        from fairseq.distributed.utils import _TensorPlaceholder
+    except ImportError:  # layout of another fairseq fork; nothing to allow
+        pass
+    else:
+        entries.append((_TensorPlaceholder, "stands for each tensor in the broadcast state"))
+    return entries
+
+
+SAFE_GLOBALS = _build_safe_globals()
+
+
+def safe_globals():
+    """The allow-listed objects, without their reasons."""
+    return [obj for obj, _ in SAFE_GLOBALS]
+
+
+def _allow_list_checkpoint_globals():
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is None:  # torch < 2.4 loads without weights_only by default
+        return
+    known = {id(g) for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)}
+    missing = [obj for obj in safe_globals() if id(obj) not in known]
+    if missing:
+        add(missing)
+
+
+def _numpy_compat_long():
+    try:
+        compat = np.compat
+    except AttributeError:  # numpy >= 2.0
+        compat = types.ModuleType("numpy.compat", "grnn_fairseq shim: only `long` (= int)")
+        np.compat = compat
+    if not hasattr(compat, "long"):
+        compat.long = int  # its value in numpy 1.x
+
+
+def _percentile_accepts_interpolation():
+    try:
+        np.percentile([0.0, 1.0], 50, interpolation="lower")
+    except TypeError:
+        return False
+    return True
+
+
+def _get_buckets(sizes, num_buckets):
+    """``fairseq.data.data_utils.get_buckets`` with numpy's ``method=`` keyword."""
+    q = np.linspace(0, 100, num_buckets + 1)
+    return np.unique(np.percentile(sizes, q, method="lower")[1:])
+
+
+def _patch_get_buckets():
+    from fairseq.data import data_utils
+
+    original = data_utils.get_buckets
+    if original is _get_buckets or _percentile_accepts_interpolation():
+        return
+    # modules that did `from fairseq.data.data_utils import get_buckets` hold their own name
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fairseq") and getattr(module, "get_buckets", None) is original:
+            module.get_buckets = _get_buckets
+
+
+def _drops_last_batch(batch_by_size):
+    probe = batch_by_size(np.arange(3, dtype=np.int64), lambda i: 1, max_sentences=8,
+                          required_batch_size_multiple=8)
+    return sum(len(b) for b in probe) < 3
+
+
+def _keep_last_batch():
+    from fairseq.data import data_utils
+
+    original = data_utils.batch_by_size
+    if getattr(original, "_grnn_keeps_last_batch", False) or not _drops_last_batch(original):
+        return
+
+    @functools.wraps(original)
+    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None,
+                      max_sentences=None, required_batch_size_multiple=1, fixed_shapes=None):
+        if not isinstance(indices, np.ndarray):
+            indices = np.fromiter(indices, dtype=np.int64, count=-1)
+        if len(indices) == 0:  # (fairseq raises IndexError)
+            return []
+        batches = original(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+                           required_batch_size_multiple, fixed_shapes)
+        if fixed_shapes is not None:  # fixed shapes may leave indices out on purpose
+            return batches
+        # batches are consecutive chunks of `indices`; the dropped one is the tail
+        kept = sum(len(b) for b in batches)
+        if kept < len(indices):
+            batches = list(batches) + [indices[kept:].astype(np.int64)]
+        return batches
+
+    batch_by_size._grnn_keeps_last_batch = True
+    data_utils.batch_by_size = batch_by_size
+
+
+_APPLIED = False
+
+
+def apply():
+    """Apply all fixes (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _allow_list_checkpoint_globals()
+    _numpy_compat_long()
+    try:
+        import fairseq.data  # noqa: F401
+    except ImportError:  # no fairseq: the allow-list and np.compat are all there is to do
+        _APPLIED = True
+        return
+    _patch_get_buckets()
+    _keep_last_batch()
+    _APPLIED = True
+
+
+apply()

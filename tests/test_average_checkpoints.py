@@ -1,0 +1,156 @@
+"""grnn_fairseq.average_checkpoints: exact means, checks, selection, safe and atomic I/O."""
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import sys
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+from grnn_fairseq import average_checkpoints as avg  # noqa: E402
+
+
+def _tiny_mt_run(tmp_path_factory):
+    """The session-cached fairseq run of test_compat.py (same helper, same cache)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_compat.py")
+    spec = importlib.util.spec_from_file_location("_grnn_tests_compat_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.tiny_mt_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mt_run(tmp_path_factory):
+    return _tiny_mt_run(tmp_path_factory)
+
+
+def _save(path, model, **rest):
+    state = {"args": None, "cfg": {"model": argparse.Namespace(arch="toy")}, "model": model}
+    state.update(rest)
+    torch.save(state, path)
+    return str(path)
+
+
+def test_mean_of_two_equals_hand_computed(tmp_path):
+    a = _save(tmp_path / "a.pt", collections.OrderedDict(
+        w=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        h=torch.tensor([1.0, 2.0], dtype=torch.float16),
+        steps=torch.tensor([7])), extra_state={"epoch": 1})
+    b = _save(tmp_path / "b.pt", collections.OrderedDict(
+        w=torch.tensor([[3.0, 6.0], [5.0, 0.0]]),
+        h=torch.tensor([3.0, 5.0], dtype=torch.float16),
+        steps=torch.tensor([9])), extra_state={"epoch": 2})
+    out = tmp_path / "out" / "avg.pt"
+    assert avg.main(["--inputs", a, b, "--output", str(out)]) == 0
+    got = torch.load(out, weights_only=True)
+    assert isinstance(got["model"], collections.OrderedDict)
+    assert torch.equal(got["model"]["w"], torch.tensor([[2.0, 4.0], [4.0, 2.0]]))
+    assert got["model"]["h"].dtype == torch.float16
+    assert torch.equal(got["model"]["h"], torch.tensor([2.0, 3.5], dtype=torch.float16))
+    assert torch.equal(got["model"]["steps"], torch.tensor([7]))  # non-float: first's
+    assert got["extra_state"] == {"epoch": 1} and got["cfg"]["model"].arch == "toy"
+    assert [p.name for p in out.parent.iterdir()] == ["avg.pt"]  # no temp file left
+
+
+def test_real_checkpoints_average_and_generate(mt_run, tmp_path):
+    helpers, run = mt_run
+    c1, c2 = run / "ck" / "checkpoint1.pt", run / "ck" / "checkpoint2.pt"
+    out = tmp_path / "avg.pt"
+    assert avg.main(["--inputs", str(c1), str(c2), "--output", str(out)]) == 0
+    s1, s2 = (torch.load(p, weights_only=True) for p in (c1, c2))
+    got = torch.load(out, weights_only=True)
+    assert got["model"].keys() == s1["model"].keys()
+    assert any(not torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])
+    for key, t1 in s1["model"].items():
+        if t1.is_floating_point():
+            assert torch.allclose(got["model"][key], (t1 + s2["model"][key]) / 2, atol=1e-7)
+    assert got["cfg"] == s1["cfg"]
+
+    text = helpers._run([sys.executable, "-m", "fairseq_cli.generate", str(run / "data"),
+                         "--user-dir", helpers.PLUGIN_DIR, "--dataset-impl", "raw",
+                         "--task", "translation", "--path", str(out), "--gen-subset", "test",
+                         "--beam", "2", "--max-len-b", "5", "--cpu", "--batch-size", "8",
+                         "--scoring", "rouge"], cwd=tmp_path)
+    assert "Translated 6 sentences" in text  # all of them (compat keeps the last batch)
+    assert re.search(r"Generate test with beam=2: ROUGE-1 [\d.]+ ROUGE-2 [\d.]+ ROUGE-L [\d.]+",
+                     text), text[-2000:]
+
+
+def test_mismatched_keys_and_shapes_are_refused(tmp_path, capsys):
+    a = _save(tmp_path / "a.pt", {"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+    other_keys = _save(tmp_path / "k.pt", {"w": torch.zeros(2, 3), "c": torch.zeros(3)})
+    other_shape = _save(tmp_path / "s.pt", {"w": torch.zeros(3, 2), "b": torch.zeros(3)})
+    out = tmp_path / "avg.pt"
+    assert avg.main(["--inputs", a, other_keys, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "different parameters" in err and "'b'" in err and "'c'" in err
+    assert avg.main(["--inputs", a, other_shape, "--output", str(out)]) == 1
+    assert "'w' has shape (2, 3)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_last_n_by_number(tmp_path):
+    for name in ("checkpoint2.pt", "checkpoint9.pt", "checkpoint10.pt", "checkpoint_best.pt",
+                 "checkpoint_last.pt", "checkpoint_3_95.pt", "checkpoint_3_100.pt",
+                 "checkpoint_2_50.pt"):
+        (tmp_path / name).touch()
+    names = lambda paths: [os.path.basename(p) for p in paths]  # noqa: E731
+    assert names(avg.last_checkpoints(tmp_path, 2, "epoch")) == ["checkpoint9.pt",
+                                                                 "checkpoint10.pt"]
+    assert names(avg.last_checkpoints(tmp_path, 2, "update")) == ["checkpoint_3_95.pt",
+                                                                  "checkpoint_3_100.pt"]
+    with pytest.raises(FileNotFoundError, match="has 3"):
+        avg.last_checkpoints(tmp_path, 4, "epoch")
+
+
+def test_directory_selection_through_cli(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    for epoch in (1, 2, 3):
+        _save(d / f"checkpoint{epoch}.pt", {"w": torch.full((2,), float(epoch))})
+    out = tmp_path / "avg.pt"
+    assert avg.main(["--inputs", str(d), "--num-epoch-checkpoints", "2",
+                     "--output", str(out)]) == 0
+    assert torch.equal(torch.load(out)["model"]["w"], torch.full((2,), 2.5))
+    with pytest.raises(SystemExit):  # a directory needs --num-*-checkpoints
+        avg.main(["--inputs", str(d), "--output", str(out)])
+    with pytest.raises(SystemExit):  # not enough update checkpoints
+        avg.main(["--inputs", str(d), "--num-update-checkpoints", "1", "--output", str(out)])
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path, capsys):
+    marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    a = _save(tmp_path / "a.pt", {"w": torch.zeros(2)})
+    evil = _save(tmp_path / "evil.pt", {"w": torch.zeros(2)}, extra=_RunsCommand(marker))
+    out = tmp_path / "avg.pt"
+    assert avg.main(["--inputs", a, evil, "--output", str(out)]) == 1
+    assert "weights_only" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
+def test_failed_write_keeps_old_output(tmp_path, monkeypatch):
+    a = _save(tmp_path / "a.pt", {"w": torch.zeros(2)})
+    out = tmp_path / "avg.pt"
+    out.write_bytes(b"previous")
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(avg.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        avg.main(["--inputs", a, "--output", str(out)])
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "avg.pt"]

@@ -1,0 +1,316 @@
+"""grnn_fairseq.compat: weights_only allow-list for real fairseq checkpoints, numpy 2 shims."""
+import argparse
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+import grnn_fairseq  # noqa: E402
+from grnn_fairseq import compat  # noqa: E402
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(grnn_fairseq.__file__))
+
+
+# ----------------------------------------------------------------- a tiny real fairseq run
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    parent = os.path.dirname(PLUGIN_DIR)  # children import this very grnn_fairseq
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+WORDS = "the a cat dog sat on mat ran big small red blue house tree".split()
+
+
+def _tiny_words(n, seed):
+    rng = np.random.RandomState(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.randint(3, 8))) for _ in range(n)]
+
+
+def tiny_mt_run(tmp_path_factory):
+    """Data and checkpoints of a 2-update fairseq `lstm` translation run (with --eval-bleu,
+    which pickles numpy arrays into extra_state), made once per session."""
+    root = tmp_path_factory.getbasetemp() / "grnn_tiny_mt"
+    if (root / "ck" / "checkpoint_last.pt").exists():
+        return root
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", 40, 0), ("valid", 8, 1), ("test", 6, 2)):
+        src = _tiny_words(n, seed)
+        (data / f"{split}.src-tgt.src").write_text("\n".join(src) + "\n")
+        (data / f"{split}.src-tgt.tgt").write_text(
+            "\n".join(" ".join(reversed(s.split())) for s in src) + "\n")
+    for lang in ("src", "tgt"):
+        (data / f"dict.{lang}.txt").write_text("".join(f"{w} 1\n" for w in WORDS))
+    _run([sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", PLUGIN_DIR,
+          "--dataset-impl", "raw", "--task", "translation", "--arch", "lstm",
+          "--encoder-embed-dim", "8", "--decoder-embed-dim", "8", "--encoder-hidden-size", "8",
+          "--decoder-hidden-size", "8", "--decoder-out-embed-dim", "8",
+          "--optimizer", "adam", "--lr", "0.01", "--max-tokens", "500", "--max-update", "2",
+          "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 3}',
+          "--save-dir", str(root / "ck"), "--cpu", "--num-workers", "0", "--seed", "1",
+          "--no-progress-bar", "--log-format", "simple"], cwd=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mt_run(tmp_path_factory):
+    return tiny_mt_run(tmp_path_factory)
+
+
+# ----------------------------------------------------------------- allow-list
+EXPECTED = {
+    "argparse.Namespace",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.Int64DType",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "typing.Any",
+    "builtins.dict",
+    "builtins.list",
+    "builtins.int",
+    "collections.defaultdict",
+    "fairseq.distributed.utils._TensorPlaceholder",
+}
+
+
+def _name(obj):
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def test_allow_list_is_exact_and_applied_once():
+    if not hasattr(torch.serialization, "add_safe_globals"):
+        pytest.skip("torch without weights_only allow-list")
+    if not hasattr(np, "_core"):
+        pytest.skip("numpy 1.x names differ")
+    assert {_name(obj) for obj in compat.safe_globals()} == EXPECTED
+    assert all(reason.strip() for _, reason in compat.SAFE_GLOBALS)
+    compat.apply()
+    compat._APPLIED = False  # force a second real pass: must not add duplicates
+    compat.apply()
+    registered = [g for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)]
+    for obj in compat.safe_globals():
+        assert sum(g is obj for g in registered) == 1, _name(obj)
+
+
+def _broadcast_payload(state):
+    """What fairseq's distributed.utils._broadcast_object_slow pickles on a multi-GPU resume."""
+    from fairseq.distributed import utils as distributed_utils
+
+    tensors = []
+    obj = distributed_utils._split_tensors_from_obj(state, tensors)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue(), tensors
+
+
+def test_real_checkpoints_load_through_fairseq(mt_run):
+    from fairseq import checkpoint_utils
+    from omegaconf import DictConfig
+
+    for name in ("checkpoint1.pt", "checkpoint_best.pt", "checkpoint_last.pt"):
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(mt_run / "ck" / name))
+        assert isinstance(state["cfg"]["model"], argparse.Namespace)
+    # the --eval-bleu meters are numpy arrays: the numpy entries are exercised
+    valid = dict((m[1], m[3]) for m in state["extra_state"]["metrics"]["valid"])
+    assert isinstance(valid["_bleu_counts"]["sum"], np.ndarray)
+
+    # multi-GPU resume: the other ranks torch.load (weights_only) what rank 0 broadcasts
+    from fairseq.distributed import utils as distributed_utils
+
+    payload, tensors = _broadcast_payload(state)
+    obj = torch.load(io.BytesIO(payload), map_location="cpu")
+    got = distributed_utils._put_tensors_in_obj(obj, tensors)
+    assert isinstance(got["cfg"], DictConfig)
+    assert got["model"].keys() == state["model"].keys()
+
+
+def test_every_entry_is_needed(mt_run):
+    """Drop any one entry and a real checkpoint or broadcast payload no longer loads."""
+    from fairseq import checkpoint_utils
+
+    ck = mt_run / "ck" / "checkpoint_last.pt"
+    payload, _ = _broadcast_payload(checkpoint_utils.load_checkpoint_to_cpu(str(ck)))
+    before = torch.serialization.get_safe_globals()
+    full = compat.safe_globals()
+
+    def loads(allowed):
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed)
+        try:
+            torch.load(ck, map_location="cpu")
+            torch.load(io.BytesIO(payload), map_location="cpu")
+        except pickle.UnpicklingError:
+            return False
+        return True
+
+    try:
+        assert loads(full)
+        for i, obj in enumerate(full):
+            assert not loads(full[:i] + full[i + 1:]), f"{_name(obj)} is not needed"
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+WITHOUT_PLUGIN = r"""
+import json, sys, argparse, torch, numpy as np
+from fairseq import checkpoint_utils
+out = {"plugin_imported": "grnn_fairseq" in sys.modules}
+try:
+    checkpoint_utils.load_checkpoint_to_cpu(sys.argv[1]); out["load"] = "ok"
+except Exception as e:
+    out["load"] = str(e)
+with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+        checkpoint_utils.load_checkpoint_to_cpu(sys.argv[1]); out["load_ns"] = "ok"
+    except Exception as e:
+        out["load_ns"] = str(e)
+from fairseq.data import TokenBlockDataset
+try:
+    TokenBlockDataset([torch.tensor([4, 5, 2])], np.array([3]), block_size=8, pad=1, eos=2,
+                      break_mode="eos"); out["eos"] = "ok"
+except Exception as e:
+    out["eos"] = repr(e)
+from fairseq.data import data_utils
+from fairseq.data.data_utils import get_buckets
+try:
+    get_buckets(np.array([1, 2, 3, 4]), 2); out["buckets"] = "ok"
+except Exception as e:
+    out["buckets"] = repr(e)
+out["batches"] = [len(b) for b in data_utils.batch_by_size(
+    np.arange(11), lambda i: 1, max_sentences=8, required_batch_size_multiple=8)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_without_plugin_it_fails(mt_run):
+    """Control: the same checkpoint and datasets fail on this stack without the plugin."""
+    out = _run([sys.executable, "-c", WITHOUT_PLUGIN, str(mt_run / "ck" / "checkpoint_last.pt")],
+               cwd=mt_run)
+    res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert res["plugin_imported"] is False
+    if "weights_only" not in torch.load.__doc__:
+        pytest.skip("old torch")
+    assert "argparse.Namespace" in res["load"]
+    assert "numpy" in res["load_ns"]  # the --eval-bleu arrays need the numpy entries
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        assert "compat" in res["eos"]
+    if not compat._percentile_accepts_interpolation():  # numpy >= 2.4
+        assert "interpolation" in res["buckets"]
+    assert res["batches"] == [8]  # fairseq drops the last 3 of 11 (fairseq#5036)
+
+
+def test_resume_with_batch_buckets(mt_run, tmp_path):
+    """fairseq-train resumes from the checkpoint (with --num-batch-buckets, which needs the
+    np.compat.long and get_buckets fixes)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(mt_run / "ck", ck)
+    out = _run([sys.executable, "-m", "fairseq_cli.train", str(mt_run / "data"),
+                "--user-dir", PLUGIN_DIR, "--dataset-impl", "raw", "--task", "translation",
+                "--arch", "lstm", "--encoder-embed-dim", "8", "--decoder-embed-dim", "8",
+                "--encoder-hidden-size", "8", "--decoder-hidden-size", "8",
+                "--decoder-out-embed-dim", "8", "--optimizer", "adam", "--lr", "0.01",
+                "--max-tokens", "500", "--max-update", "3", "--num-batch-buckets", "2",
+                "--save-dir", str(ck), "--cpu", "--num-workers", "0", "--no-save",
+                "--disable-validation", "--no-progress-bar", "--log-format", "simple"],
+               cwd=tmp_path)
+    assert "Loaded checkpoint" in out and "@ 2 updates" in out
+    assert "num_updates 3" in out
+
+
+# ----------------------------------------------------------------- unsafe pickles
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_a_command_is_refused(tmp_path):
+    from fairseq import checkpoint_utils
+
+    marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    top = tmp_path / "top.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "cfg": None, "x": _RunsCommand(marker)}, top)
+    # hidden inside an allow-listed class: Namespace must not smuggle it in
+    nested = tmp_path / "nested.pt"
+    torch.save({"model": {}, "args": argparse.Namespace(evil=_RunsCommand(marker))}, nested)
+    for path in (top, nested):
+        with pytest.raises(pickle.UnpicklingError, match="system"):
+            checkpoint_utils.load_checkpoint_to_cpu(str(path))
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path)
+    assert not marker.exists()
+    # control: the payload is real, an unsafe load does run the command
+    torch.load(top, weights_only=False)
+    assert marker.exists()
+
+
+# ----------------------------------------------------------------- numpy 2
+def test_numpy_compat_long_and_eos_blocks():
+    from fairseq.data import TokenBlockDataset
+
+    assert np.compat.long is int
+    compat.apply()
+    assert np.compat.long is int
+    seqs = [torch.tensor([4, 5, 2]), torch.tensor([6, 2]), torch.tensor([7, 8, 9, 2])]
+    ds = TokenBlockDataset(seqs, np.array([3, 2, 4]), block_size=8, pad=1, eos=2,
+                           break_mode="eos")
+    assert [ds[i].tolist() for i in range(len(ds))] == [s.tolist() for s in seqs]
+
+
+def test_get_buckets_and_language_pair_buckets():
+    from fairseq.data import Dictionary, LanguagePairDataset, data_utils
+    from fairseq.data.bucket_pad_length_dataset import get_buckets as imported_name
+
+    sizes = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    expected = np.unique(np.percentile(sizes, np.linspace(0, 100, 4), method="lower")[1:])
+    assert data_utils.get_buckets(sizes, 3).tolist() == expected.tolist() == [4, 7, 10]
+    assert imported_name(sizes, 3).tolist() == [4, 7, 10]
+
+    d = Dictionary()
+    for w in "abcdef":
+        d.add_symbol(w)
+    src = [torch.tensor([d.index(c) for c in s] + [d.eos()]) for s in ("ab", "abcde", "a", "abcd")]
+    ds = LanguagePairDataset(src, np.array([len(s) for s in src]), d, src,
+                             np.array([len(s) for s in src]), d, num_buckets=2)
+    sizes = ds.num_tokens_vec(np.arange(len(ds)))
+    assert sizes.dtype == np.int64 and len(sizes) == 4
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    assert batch["nsentences"] == 4
+
+
+def test_last_partial_batch_is_kept():
+    from fairseq.data import data_utils
+
+    sizes = np.array([3, 9, 4, 4, 7, 2, 8, 5, 5, 6, 1])
+    for kwargs in ({"max_sentences": 8}, {"max_tokens": 20}, {"max_tokens": 1000}):
+        batches = data_utils.batch_by_size(np.arange(11), lambda i: sizes[i],
+                                           required_batch_size_multiple=8, **kwargs)
+        assert np.concatenate(batches).tolist() == list(range(11)), kwargs
+    assert [b.tolist() for b in data_utils.batch_by_size(
+        [4, 2, 0], lambda i: 1, max_sentences=8, required_batch_size_multiple=8)] == [[4, 2, 0]]
+    assert data_utils.batch_by_size(np.arange(0), lambda i: 1, max_sentences=8) == []
