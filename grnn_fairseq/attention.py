@@ -30,6 +30,8 @@ class AdditiveAttention(nn.Module):
             # -inf is exact in every float type (a -1e9 constant overflows in fp16); each
             # source has at least one real token (its EOS), so no row is all -inf.
             scores = scores.masked_fill(padding_mask, float("-inf"))
-        weights = F.softmax(scores.float(), dim=0).type_as(scores)  # [S, B]
+        # softmax in at least float32: half types go up, float64 stays float64
+        weights = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)),
+                            dim=0).type_as(scores)  # [S, B]
         context = torch.einsum("sb,sbv->bv", weights, values)
         return context, weights.t()

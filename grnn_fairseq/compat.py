@@ -22,6 +22,8 @@ idempotent.
   multiple of ``--required-batch-size-multiple`` (default 8), so generate, validate and
   eval-lm silently skip up to a whole batch of the test set (facebookresearch/fairseq#5036;
   6 test sentences give *no* output).  The dropped tail is put back.
+* **fairseq 0.12** passes ``device_ids`` to torch's DDP even with ``--cpu``; dropped for CPU
+  modules so multi-process CPU training (gloo) works with the default ``pytorch_ddp``.
 """
 import argparse
 import collections
@@ -164,6 +166,25 @@ def _keep_last_batch():
     data_utils.batch_by_size = batch_by_size
 
 
+def _ddp_on_cpu():
+    """fairseq wraps models in torch DDP with ``device_ids=[device_id]`` even with ``--cpu``,
+    which torch rejects for CPU modules; multi-process CPU training (gloo) then cannot use
+    the default ``--ddp-backend pytorch_ddp``.  For CPU modules the ids are dropped (GPU
+    modules are wrapped exactly as before)."""
+    from fairseq.models import distributed_fairseq_model as dfm
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if dfm.DistributedDataParallel is not ddp:  # already wrapped, or a fork's own class
+        return
+
+    def data_parallel(module, device_ids=None, output_device=None, **kwargs):
+        if next(module.parameters()).device.type == "cpu":
+            device_ids = output_device = None
+        return ddp(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    dfm.DistributedDataParallel = data_parallel
+
+
 _APPLIED = False
 
 
@@ -181,6 +202,7 @@ def apply():
         return
     _patch_get_buckets()
     _keep_last_batch()
+    _ddp_on_cpu()
     _APPLIED = True
 
 

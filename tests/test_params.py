@@ -118,3 +118,15 @@ def test_params_command_rejects_unknown_arch():
     r = subprocess.run([sys.executable, "-m", "grnn_fairseq.params", "--arch", "nope", "--vocab", "10"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "'nope' is not registered" in r.stderr
+
+
+def test_tied_architectures_can_be_untied_from_the_command_line():
+    """IWSLT sizes tie the decoder embeddings; --no-share-... adds back exactly V_tgt x E."""
+    tied = count_parameters(build_architecture("rnnsearch", 8848, 6632))["total"]
+    untied = count_parameters(build_architecture(
+        "rnnsearch", 8848, 6632, overrides=["--no-share-decoder-input-output-embed"]))["total"]
+    assert untied - tied == 6632 * 128
+    shared = count_parameters(build_architecture("rnnsearch_gigaword", 30000, 30000))["total"]
+    separate = count_parameters(build_architecture(
+        "rnnsearch_gigaword", 30000, 30000, overrides=["--no-share-all-embeddings"]))["total"]
+    assert separate - shared == 2 * 30000 * 256  # a target embedding and an untied projection

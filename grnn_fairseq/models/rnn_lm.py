@@ -32,8 +32,10 @@ class RecurrentLanguageModel(FairseqLanguageModel):
         a("--decoder-layers", type=int, metavar="N")
         a("--decoder-out-embed-dim", type=int, metavar="N",
           help="width before the softmax (a projection is added when it differs from the hidden size)")
-        a("--share-decoder-input-output-embed", action="store_true",
+        a("--share-decoder-input-output-embed", action="store_true", default=None,
           help="tie input embeddings and output projection")
+        a("--no-share-decoder-input-output-embed", dest="share_decoder_input_output_embed",
+          action="store_false", help="untie them")
         add_recurrent_args(parser, ["decoder"])
 
     @classmethod

@@ -52,10 +52,14 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
         a("--decoder-layers", type=int, metavar="N")
         a("--decoder-out-embed-dim", type=int, metavar="N", help="readout width")
         a("--attention-dim", type=int, metavar="N")
-        a("--share-decoder-input-output-embed", action="store_true",
+        a("--share-decoder-input-output-embed", action="store_true", default=None,
           help="tie the decoder's input embeddings and output projection")
-        a("--share-all-embeddings", action="store_true",
+        a("--no-share-decoder-input-output-embed", dest="share_decoder_input_output_embed",
+          action="store_false", help="untie them (the IWSLT-sized architectures tie by default)")
+        a("--share-all-embeddings", action="store_true", default=None,
           help="one embedding matrix for source, target and output (needs a joined dictionary)")
+        a("--no-share-all-embeddings", dest="share_all_embeddings", action="store_false",
+          help="separate source / target embeddings (WMT and Gigaword sizes share by default)")
         add_recurrent_args(parser, ["encoder", "decoder"])
 
     @classmethod
@@ -258,13 +262,8 @@ SIZES = {
 
 def _architecture(size, groups=1, sharing_rate=0.0):
     def arch(args):
-        fixed = dict(SIZES[size])
-        # store_true options arrive as False, not None: a size that ties embeddings sets them.
-        for flag in ("share_decoder_input_output_embed", "share_all_embeddings"):
-            if fixed.pop(flag, False):
-                setattr(args, flag, True)
         set_defaults(args, encoder_groups=groups, decoder_groups=groups,
-                     sharing_rate=sharing_rate, **fixed)
+                     sharing_rate=sharing_rate, **SIZES[size])
         base_architecture(args)
     arch.__doc__ = f"RNNSearch, {size} sizes, K={groups}, r={sharing_rate}"
     return arch

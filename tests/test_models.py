@@ -1,0 +1,545 @@
+"""Model-level tests of the fairseq models (RNNSearch and the recurrent LMs), in process.
+
+Every comparison is against something computed another way: incremental decoding against
+the teacher-forced forward, a reordered cache against the reordered batch run from
+scratch, fairseq's beam search (beam 1) against a greedy loop written here, a sentence in
+a padded batch against the sentence alone, reduced precision against float32, and the
+K=1, r=0 models against the papers' equations written with torch.nn cells.
+"""
+import argparse
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grnn_fairseq  # noqa: F401  (registers the models)
+from fairseq import options, tasks
+from fairseq.data import Dictionary
+from fairseq.data.data_utils import collate_tokens
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models import (
+    ARCH_CONFIG_REGISTRY,
+    ARCH_MODEL_NAME_REGISTRY,
+    ARCH_MODEL_REGISTRY,
+    MODEL_REGISTRY,
+)
+from fairseq.sequence_generator import SequenceGenerator
+
+from grnn_fairseq.attention import AdditiveAttention
+from grnn_fairseq.models.rnn_lm import RecurrentLanguageModel
+from grnn_fairseq.models.rnnsearch import RNNSearchModel
+from grnn_fairseq.params import build_architecture
+
+SRC_V, TGT_V = 23, 27  # dictionary sizes (4 specials: bos 0, pad 1, eos 2, unk 3)
+PAD, EOS = 1, 2
+FIRST = 4  # first ordinary token
+
+MT_TINY = ["--encoder-embed-dim", "16", "--encoder-hidden-size", "16",
+           "--decoder-embed-dim", "16", "--decoder-hidden-size", "16",
+           "--decoder-out-embed-dim", "16", "--attention-dim", "12",
+           "--encoder-layers", "2", "--decoder-layers", "2"]
+LM_TINY = ["--decoder-embed-dim", "16", "--decoder-hidden-size", "16", "--decoder-layers", "2"]
+
+
+# --------------------------------------------------------------------------- builders
+def make_dict(size):
+    d = Dictionary()
+    for i in range(size - len(d)):
+        d.add_symbol(f"w{i}")
+    assert len(d) == size and d.pad() == PAD and d.eos() == EOS
+    return d
+
+
+def recurrent_opts(cell, groups, rate, part=("encoder", "decoder")):
+    opts = ["--cell", cell, "--sharing-rate", str(rate)]
+    for p in part:
+        opts += [f"--{p}-groups", str(groups)]
+    return opts
+
+
+def build(model_cls, overrides, src_dict=None, tgt_dict=None):
+    """Build a model class with its base defaults only (no named architecture), so every
+    option (untied embeddings included) is what the overrides say."""
+    parser = argparse.ArgumentParser()
+    model_cls.add_args(parser)
+    args = parser.parse_args(list(overrides))
+    args.arch = "test"
+    task = SimpleNamespace(src_dict=src_dict, tgt_dict=tgt_dict, source_dictionary=src_dict,
+                           target_dictionary=tgt_dict, dictionary=tgt_dict)
+    return model_cls.build_model(args, task)
+
+
+def build_mt(cell="lstm", groups=1, rate=0.0, tied=True, dropout=0.0, share_all=False,
+             extra=(), seed=0):
+    torch.manual_seed(seed)
+    src = make_dict(SRC_V)
+    tgt = src if share_all else make_dict(TGT_V)
+    opts = MT_TINY + recurrent_opts(cell, groups, rate) + ["--dropout", str(dropout)] + list(extra)
+    if tied:
+        opts.append("--share-decoder-input-output-embed")
+    if share_all:
+        opts.append("--share-all-embeddings")
+    return build(RNNSearchModel, opts, src, tgt)
+
+
+def build_lm(cell="lstm", groups=1, rate=0.0, tied=False, out_dim=None, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    d = make_dict(TGT_V)
+    opts = LM_TINY + recurrent_opts(cell, groups, rate, ["decoder"]) + ["--dropout", str(dropout)]
+    if out_dim is not None:
+        opts += ["--decoder-out-embed-dim", str(out_dim)]
+    if tied:
+        opts.append("--share-decoder-input-output-embed")
+    return build(RecurrentLanguageModel, opts, None, d)
+
+
+# --------------------------------------------------------------------------- data
+def sentences(lengths, vocab, seed):
+    """Random sentences of the given lengths (EOS included at the end)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.randint(FIRST, vocab, (n - 1,), generator=g), torch.tensor([EOS])])
+            for n in lengths]
+
+
+def source_batch(lengths=(7, 3, 5, 1), left_pad=True, seed=1):
+    """Left-padded (fairseq's translation default) sources of different lengths."""
+    sents = sentences(lengths, SRC_V, seed)
+    return sents, collate_tokens(sents, PAD, left_pad=left_pad), torch.tensor(lengths)
+
+
+def prev_tokens(batch, steps, vocab=TGT_V, seed=2):
+    """Teacher-forced decoder inputs: EOS (fairseq's BOS of the target) then random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    body = torch.randint(FIRST, vocab, (batch, steps - 1), generator=g)
+    return torch.cat([torch.full((batch, 1), EOS), body], dim=1)
+
+
+def incremental(decoder, prev, **kw):
+    """Run the decoder one position at a time with a cache, as SequenceGenerator does."""
+    state, outs = {}, []
+    for t in range(prev.shape[1]):
+        outs.append(decoder(prev[:, : t + 1], incremental_state=state, **kw)[0])
+    return torch.cat(outs, dim=1), state
+
+
+def max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+MT_CONFIGS = [(cell, k, r) for cell in ("lstm", "gru") for k in (1, 4) for r in (0.0, 0.5)]
+TOL64 = 1e-9  # float64: both paths do the same arithmetic, only summation order may differ
+
+
+# ---------------------------------------------------------------------- 1. incremental decoding
+@pytest.mark.parametrize("cell,groups,rate", MT_CONFIGS)
+def test_rnnsearch_incremental_equals_teacher_forced(cell, groups, rate):
+    model = build_mt(cell, groups, rate).double().eval()
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 6)
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full, extra = model.decoder(prev, encoder_out=enc)
+        step, _ = incremental(model.decoder, prev, encoder_out=enc)
+    assert full.shape == (src.shape[0], 6, TGT_V)
+    assert extra["attn"][0].shape == (src.shape[0], 6, src.shape[1])
+    assert max_diff(step, full) < TOL64
+
+
+@pytest.mark.parametrize("cell,groups,rate", [("lstm", 4, 0.5), ("gru", 1, 0.0), ("lstm", 1, 0.0)])
+def test_rnnsearch_reorder_equals_permuted_batch(cell, groups, rate):
+    """After k cached steps, reorder (with repeats, as beam search does) and go on: equal to
+    the permuted batch decoded from scratch."""
+    model = build_mt(cell, groups, rate).double().eval()
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 7)
+    order = torch.tensor([2, 0, 0, 3])
+    k = 3
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        _, state = incremental(model.decoder, prev[:, :k], encoder_out=enc)
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        enc2 = model.encoder.reorder_encoder_out(enc, order)
+        p2 = prev[order]
+        outs = [model.decoder(p2[:, : t + 1], encoder_out=enc2, incremental_state=state)[0]
+                for t in range(k, p2.shape[1])]
+        ref_enc = model.encoder(src[order], src_lengths=lengths[order])
+        ref = model.decoder(p2, encoder_out=ref_enc)[0][:, k:]
+    assert max_diff(torch.cat(outs, 1), ref) < TOL64
+
+
+LM_CONFIGS = [("lstm", 1, 0.0), ("lstm", 4, 0.5), ("gru", 1, 0.5), ("gru", 4, 0.0),
+              ("rnn", 2, 0.5)]
+
+
+@pytest.mark.parametrize("cell,groups,rate", LM_CONFIGS)
+def test_lm_incremental_equals_teacher_forced(cell, groups, rate):
+    model = build_lm(cell, groups, rate, out_dim=12).double().eval()
+    prev = prev_tokens(3, 8)
+    with torch.no_grad():
+        full = model.decoder(prev)[0]
+        step, _ = incremental(model.decoder, prev)
+    assert full.shape == (3, 8, TGT_V)
+    assert max_diff(step, full) < TOL64
+
+
+@pytest.mark.parametrize("cell,groups,rate", [("lstm", 4, 0.5), ("gru", 1, 0.0)])
+def test_lm_reorder_equals_permuted_batch(cell, groups, rate):
+    model = build_lm(cell, groups, rate).double().eval()
+    prev = prev_tokens(4, 7)
+    order, k = torch.tensor([3, 3, 1, 0]), 4
+    with torch.no_grad():
+        _, state = incremental(model.decoder, prev[:, :k])
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        p2 = prev[order]
+        outs = [model.decoder(p2[:, : t + 1], incremental_state=state)[0] for t in range(k, 7)]
+        ref = model.decoder(p2)[0][:, k:]
+    assert max_diff(torch.cat(outs, 1), ref) < TOL64
+
+
+# --------------------------------------------------------------------------- the equations
+def _copy_cell(dst, weights, sfx=""):
+    w_ih, w_hh, b_ih, b_hh = weights()  # K=1 canonical layout: [1, G*H, I] ...
+    with torch.no_grad():
+        getattr(dst, "weight_ih" + sfx).copy_(w_ih[0])
+        getattr(dst, "weight_hh" + sfx).copy_(w_hh[0])
+        getattr(dst, "bias_ih" + sfx).copy_(b_ih[0])
+        getattr(dst, "bias_hh" + sfx).copy_(b_hh[0])
+
+
+def reference_rnnsearch(model, src, prev, cell):
+    """Bahdanau et al. (2015) for one sentence (no padding), with torch.nn layers and the
+    model's weights: bidirectional encoder, s_0 = tanh(W_s mean h), e = v tanh(W s + U h),
+    s_i = RNN([E y; c], s_{i-1}), logits = W_y tanh(W_o [s_i; E y; c])."""
+    enc, dec = model.encoder, model.decoder
+    rnn_cls, cell_cls = {"lstm": (torch.nn.LSTM, torch.nn.LSTMCell),
+                         "gru": (torch.nn.GRU, torch.nn.GRUCell)}[cell]
+    e, h = enc.rnn.input_size, enc.rnn.hidden_size
+    ref = rnn_cls(e, h, enc.rnn.num_layers, bidirectional=True).double()
+    for l, layer in enumerate(enc.rnn.layers):
+        _copy_cell(ref, layer.directions[0], f"_l{l}")
+        _copy_cell(ref, layer.directions[1], f"_l{l}_reverse")
+    values = ref(enc.embed_tokens(src).unsqueeze(1))[0][:, 0]  # [S, 2H]
+    keys = values @ enc.attention_keys.weight.t()
+    s0 = torch.tanh(enc.init_state(values.mean(0)))
+    cells = []
+    for layer in dec.rnn.layers:
+        c = cell_cls(layer.directions[0]()[0].shape[-1], dec.rnn.hidden_size).double()
+        _copy_cell(c, layer.directions[0])
+        cells.append(c)
+    states = [(s0, torch.zeros_like(s0)) if cell == "lstm" else s0 for _ in cells]
+    att = dec.attention
+    logits = []
+    for y in prev:
+        emb = dec.embed_tokens(y)
+        query = states[-1][0] if cell == "lstm" else states[-1]
+        energy = att.score(torch.tanh(keys + att.query_proj(query))).squeeze(-1)
+        context = torch.softmax(energy, 0) @ values
+        x = torch.cat([emb, context])
+        for i, c in enumerate(cells):
+            states[i] = c(x, states[i])
+            x = states[i][0] if cell == "lstm" else states[i]
+        t = torch.tanh(dec.readout(torch.cat([x, emb, context])))
+        logits.append(dec.output_projection(t))
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnnsearch_k1_matches_the_equations(cell):
+    model = build_mt(cell, 1, 0.0, tied=False).double().eval()
+    sents, src, lengths = source_batch((6, 4))
+    prev = prev_tokens(2, 5)
+    with torch.no_grad():
+        out = model(src, lengths, prev)[0]
+        for i, s in enumerate(sents):
+            assert max_diff(out[i], reference_rnnsearch(model, s, prev[i], cell)) < 1e-10
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_lm_k1_matches_torch(cell):
+    model = build_lm(cell, 1, 0.0, out_dim=12).double().eval()
+    dec = model.decoder
+    ref = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](
+        16, 16, 2).double()
+    for l, layer in enumerate(dec.rnn.layers):
+        _copy_cell(ref, layer.directions[0], f"_l{l}")
+    prev = prev_tokens(3, 6)
+    with torch.no_grad():
+        h = ref(dec.embed_tokens(prev).transpose(0, 1))[0].transpose(0, 1)
+        expected = dec.output_projection(dec.out_proj(h))
+        assert max_diff(model(prev)[0], expected) < 1e-10
+
+
+# --------------------------------------------------------------------------- 2. beam 1 == greedy
+def greedy(model, src, lengths, max_len, min_len=1):
+    """Greedy decoding with SequenceGenerator's constraints (never pad; no EOS before
+    min_len; EOS forced at max_len).  -> per sentence (tokens incl. EOS, log-probs)."""
+    out = []
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        tokens = torch.full((src.shape[0], 1), EOS)
+        state, lps = {}, []
+        for step in range(max_len + 1):
+            logits = model.decoder(tokens, encoder_out=enc, incremental_state=state)[0][:, -1]
+            lp = F.log_softmax(logits.float(), dim=-1)
+            lp[:, PAD] = -math.inf
+            if step < min_len:
+                lp[:, EOS] = -math.inf
+            if step >= max_len:
+                keep = lp[:, EOS].clone()
+                lp.fill_(-math.inf)
+                lp[:, EOS] = keep
+            best_lp, best = lp.max(-1)
+            tokens = torch.cat([tokens, best.unsqueeze(1)], 1)
+            lps.append(best_lp)
+    lps = torch.stack(lps, 1)
+    for i in range(src.shape[0]):
+        seq = tokens[i, 1:]
+        n = int((seq == EOS).nonzero()[0]) + 1
+        out.append((seq[:n], lps[i, :n]))
+    return out
+
+
+def _model_with_varied_lengths(cell, groups, rate, src, lengths, max_len):
+    """A random model whose greedy outputs end at different steps (so the generator removes
+    finished sentences and reorders the cache mid-search): larger weights than the init
+    (less uniform outputs) and an EOS bias, the first of a few that gives varied lengths."""
+    for bias in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
+        model = build_mt(cell, groups, rate, tied=False).double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5)
+            model.decoder.output_projection.bias[EOS] = bias
+        lens = {len(t) for t, _ in greedy(model, src, lengths, max_len)}
+        if len(lens) > 1:
+            return model
+    pytest.fail("no EOS bias gave hypotheses of different lengths: the test lost its point")
+
+
+@pytest.mark.parametrize("cell,groups,rate", [("lstm", 2, 0.5), ("gru", 1, 0.0)])
+def test_beam1_equals_greedy(cell, groups, rate):
+    _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
+    max_len = 12
+    model = _model_with_varied_lengths(cell, groups, rate, src, lengths, max_len)
+    gen = SequenceGenerator([model], model.decoder.dictionary, beam_size=1, max_len_a=0,
+                            max_len_b=max_len)
+    hypos = gen.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
+    ours = greedy(model, src, lengths, max_len)
+    assert len(hypos) == len(ours)
+    for (tokens, lps), h in zip(ours, hypos):
+        assert torch.equal(h[0]["tokens"], tokens)
+        assert max_diff(h[0]["positional_scores"], lps) < 1e-5
+        assert abs(h[0]["score"].item() - lps.sum().item() / len(lps)) < 1e-5
+
+
+# --------------------------------------------------------------------------- 3. padding
+@pytest.mark.parametrize("cell,groups,rate", [("lstm", 1, 0.0), ("lstm", 4, 0.5), ("gru", 2, 0.0)])
+@pytest.mark.parametrize("left_pad", [True, False], ids=["left", "right"])
+def test_padding_does_not_change_a_sentence(cell, groups, rate, left_pad):
+    model = build_mt(cell, groups, rate).double().eval()
+    sents, src, lengths = source_batch((5, 9, 2, 6), left_pad=left_pad)
+    prev = prev_tokens(len(sents), 4)
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        logits = model.decoder(prev, encoder_out=enc)[0]
+        s = src.shape[1]
+        for i, sent in enumerate(sents):
+            n = len(sent)
+            real = slice(s - n, s) if left_pad else slice(0, n)
+            alone = model.encoder(sent.unsqueeze(0), src_lengths=torch.tensor([n]))
+            assert max_diff(enc["values"][real, i], alone["values"][:, 0]) < TOL64
+            assert max_diff(enc["keys"][real, i], alone["keys"][:, 0]) < TOL64
+            assert max_diff(enc["init"][i], alone["init"][0]) < TOL64
+            alone_logits = model.decoder(prev[i:i + 1], encoder_out=alone)[0]
+            assert max_diff(logits[i], alone_logits[0]) < TOL64
+
+
+def test_lm_right_padding_does_not_change_a_sentence():
+    model = build_lm("lstm", 2, 0.5).double().eval()
+    sents = sentences((6, 2, 4), TGT_V, seed=3)
+    batch = collate_tokens(sents, PAD, left_pad=False)
+    with torch.no_grad():
+        out = model(batch)[0]
+        for i, s in enumerate(sents):
+            assert max_diff(out[i, : len(s)], model(s.unsqueeze(0))[0][0]) < TOL64
+
+
+# --------------------------------------------------------------------------- 4. gradients
+GRAD_CASES = {
+    "rnnsearch-k1-tied": lambda: build_mt("lstm", 1, 0.0, tied=True, dropout=0.2),
+    "rnnsearch-k1-untied": lambda: build_mt("lstm", 1, 0.0, tied=False, dropout=0.2),
+    "rnnsearch-k4-r0.5-tied": lambda: build_mt("lstm", 4, 0.5, tied=True, dropout=0.2),
+    "rnnsearch-k4-r0.5-untied": lambda: build_mt("lstm", 4, 0.5, tied=False, dropout=0.2),
+    "rnnsearch-gru-k4-r0.5": lambda: build_mt("gru", 4, 0.5, tied=False, dropout=0.2),
+    "rnnsearch-k2-r1-share-all": lambda: build_mt("lstm", 2, 1.0, share_all=True, dropout=0.2),
+    "lm-lstm-k2": lambda: build_lm("lstm", 2, 0.0, dropout=0.2),
+    "lm-lstm-k4-r0.5-tied": lambda: build_lm("lstm", 4, 0.5, tied=True, dropout=0.2),
+    "lm-gru-r0.5-proj": lambda: build_lm("gru", 1, 0.5, out_dim=12, dropout=0.2),
+    "lm-rnn-r0.5-tied": lambda: build_lm("rnn", 1, 0.5, tied=True, dropout=0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_every_parameter_gets_a_gradient(case):
+    """DDP's default (find_unused_parameters=False) needs a gradient for every parameter."""
+    model = GRAD_CASES[case]().train()
+    tgt = collate_tokens(sentences((5, 3, 6), TGT_V if "share-all" not in case else SRC_V, 7),
+                         PAD, left_pad=False)
+    prev = torch.cat([torch.full((3, 1), EOS), tgt[:, :-1]], 1)
+    if case.startswith("lm"):
+        logits = model(prev)[0]
+    else:
+        _, src, lengths = source_batch((7, 2, 4))
+        logits = model(src, lengths, prev)[0]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=PAD)
+    loss.backward()
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
+    assert not zero, f"all-zero gradient: {zero}"
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+
+
+# --------------------------------------------------------------------------- 5. fp16 / bf16
+def test_attention_mask_exact_in_half_precision():
+    """The mask uses -inf (exact in every float type): no overflow, pads get weight 0."""
+    torch.manual_seed(0)
+    att = AdditiveAttention(8, 6, 5)
+    keys, values = torch.randn(4, 3, 5) * 50, torch.randn(4, 3, 6)
+    query = torch.randn(3, 8) * 50
+    pad = torch.tensor([[True, False, False], [True, True, False], [False, False, False],
+                        [False, False, False]])
+    for dtype in (torch.float16, torch.bfloat16):
+        a = copy.deepcopy(att).to(dtype)
+        context, weights = a(query.to(dtype), keys.to(dtype), values.to(dtype), pad)
+        assert context.dtype == dtype and torch.isfinite(context).all()
+        assert torch.isfinite(weights).all()
+        assert (weights.t()[pad] == 0).all()
+        assert torch.allclose(weights.float().sum(1), torch.ones(3), atol=1e-2)
+
+
+def _reduced(model, dtype):
+    try:
+        return copy.deepcopy(model).to(dtype)
+    except RuntimeError as err:  # pragma: no cover
+        pytest.skip(f"{dtype} unsupported here: {err}")
+
+
+def _run_or_skip(fn, dtype):
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError) as err:
+        if dtype == torch.float16 and "not implemented" in str(err).lower():
+            pytest.skip(f"this CPU build has no float16 kernel: {err}")
+        raise
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnnsearch_reduced_precision(dtype, cell):
+    model = build_mt(cell, 2, 0.5).float().eval()
+    _, src, lengths = source_batch((7, 2, 5, 1))
+    prev = prev_tokens(4, 5)
+    low = _reduced(model, dtype)
+    with torch.no_grad():
+        ref, ref_extra = model(src, lengths, prev)
+        out, extra = _run_or_skip(lambda: low(src, lengths, prev), dtype)
+        # incremental path in reduced precision too (what generation runs)
+        step = _run_or_skip(lambda: incremental(
+            low.decoder, prev, encoder_out=low.encoder(src, src_lengths=lengths))[0], dtype)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(step).all()
+    attn = extra["attn"][0]
+    assert torch.isfinite(attn).all()
+    assert (attn.transpose(1, 2)[src.eq(PAD)] == 0).all()  # padded sources get no weight
+    scale = ref.abs().max().item()
+    assert max_diff(out, ref) < 0.03 * scale + 0.02
+    assert max_diff(step, out) < 0.03 * scale + 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lm_reduced_precision(dtype):
+    model = build_lm("lstm", 2, 0.5, out_dim=12).float().eval()
+    batch = collate_tokens(sentences((6, 2, 4), TGT_V, seed=3), PAD, left_pad=False)
+    low = _reduced(model, dtype)
+    with torch.no_grad():
+        ref = model(batch)[0]
+        out = _run_or_skip(lambda: low(batch)[0], dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert max_diff(out, ref) < 0.03 * ref.abs().max().item() + 0.02
+
+
+# --------------------------------------------------------------------------- 6. registry, errors
+RNNSEARCH_ARCHS = (
+    ["rnnsearch", "restricted_rnnsearch", "rnnsearch_wmt_en_de", "restricted_rnnsearch_wmt_en_de",
+     "rnnsearch_gigaword", "restricted_rnnsearch_gigaword"]
+    + [f"group_rnnsearch{s}_k{k}" for s in ("", "_wmt_en_de", "_gigaword") for k in (2, 4, 8, 16)]
+)
+LM_ARCHS = ["group_lstm_lm", "group_lstm_lm_k1", "group_lstm_lm_k2", "group_lstm_lm_k4",
+            "restricted_lm", "restricted_rnn_lm", "restricted_gru_lm", "restricted_lstm_lm"]
+
+
+def test_registry_maps_every_arch_to_our_models():
+    for arch in RNNSEARCH_ARCHS + LM_ARCHS:
+        cls = RNNSearchModel if arch in RNNSEARCH_ARCHS else RecurrentLanguageModel
+        assert ARCH_MODEL_REGISTRY[arch] is cls, arch
+        assert ARCH_MODEL_NAME_REGISTRY[arch] in ("grnn_rnnsearch", "grnn_lm")
+        assert ARCH_CONFIG_REGISTRY[arch].__module__.startswith("grnn_fairseq."), arch
+    assert MODEL_REGISTRY["grnn_rnnsearch"] is RNNSearchModel
+    assert MODEL_REGISTRY["grnn_lm"] is RecurrentLanguageModel
+    ours = {a for a, m in ARCH_MODEL_REGISTRY.items() if m.__module__.startswith("grnn_fairseq")}
+    assert ours == set(RNNSEARCH_ARCHS + LM_ARCHS), "unexpected registered architectures"
+
+
+def test_no_clash_with_fairseq_names():
+    """fairseq's own models and archs keep their classes (we registered new names only)."""
+    fairseq_models = {n: m for n, m in MODEL_REGISTRY.items()
+                      if not m.__module__.startswith("grnn")}
+    assert "lstm" in fairseq_models and "transformer" in fairseq_models
+    assert ARCH_MODEL_REGISTRY["lstm"].__module__.startswith("fairseq.")
+    assert ARCH_MODEL_REGISTRY["lstm_lm"].__module__.startswith("fairseq.")
+    for arch, model in ARCH_MODEL_REGISTRY.items():
+        if arch not in RNNSEARCH_ARCHS + LM_ARCHS:
+            assert not model.__module__.startswith("grnn_fairseq"), arch
+            assert not ARCH_CONFIG_REGISTRY[arch].__module__.startswith("grnn_fairseq"), arch
+
+
+@pytest.mark.parametrize("arch", ["rnnsearch", "group_rnnsearch_k4",
+                                  "restricted_rnnsearch_gigaword", "group_lstm_lm_k4",
+                                  "restricted_gru_lm"])
+def test_named_architectures_build(arch):
+    if arch in LM_ARCHS:
+        model = build_architecture(arch, vocab=50, device="meta")
+    else:
+        model = build_architecture(arch, 60, 60, device="meta")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_rnnsearch_with_language_modeling_task_fails_naming_arch(tmp_path):
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(10)))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(tmp_path), "--task", "language_modeling", "--arch", "group_rnnsearch_k2"])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    with pytest.raises(ValueError, match="--arch") as err:
+        task.build_model(cfg.model)
+    assert "translation" in str(err.value)
+
+
+@pytest.mark.parametrize("arch,overrides,option", [
+    ("group_rnnsearch_k2", ["--encoder-groups", "3"], "--encoder-groups"),
+    ("group_rnnsearch_k2", ["--decoder-groups", "3"], "--decoder-groups"),
+    ("restricted_rnnsearch", ["--sharing-rate", "1.5"], "--sharing-rate"),
+    ("restricted_rnnsearch", ["--sharing-rate", "-0.1"], "--sharing-rate"),
+    ("group_lstm_lm", ["--decoder-groups", "7"], "--decoder-groups"),
+    ("restricted_lm", ["--sharing-rate", "1.5"], "--sharing-rate"),
+])
+def test_bad_options_name_the_option(arch, overrides, option):
+    vocab = dict(vocab=40) if arch in LM_ARCHS else dict(src_vocab=40, tgt_vocab=40)
+    with pytest.raises(ValueError, match=option):
+        build_architecture(arch, overrides=overrides, device="meta", **vocab)
