@@ -5,6 +5,21 @@ from ..cells import GATES
 from ..rearrangement import REARRANGEMENT_MODES
 
 
+def add_dropout_args(parser, out_help):
+    """--dropout and the three specific rates it defaults (embeddings, between layers, out)."""
+    a = parser.add_argument
+    a("--dropout", type=float, metavar="D", help="default of every dropout below")
+    a("--dropout-embed", type=float, metavar="D", help="dropout on embeddings")
+    a("--dropout-hidden", type=float, metavar="D", help="dropout between recurrent layers")
+    a("--dropout-out", type=float, metavar="D", help=out_help)
+
+
+def set_dropout_defaults(args, dropout):
+    set_defaults(args, dropout=dropout)
+    set_defaults(args, dropout_embed=args.dropout, dropout_hidden=args.dropout,
+                 dropout_out=args.dropout)
+
+
 def add_recurrent_args(parser, prefixes):
     """Recurrent options: cell, rearrangement, sharing rate, and per-part group counts."""
     parser.add_argument("--cell", choices=tuple(GATES), help="recurrent cell type")

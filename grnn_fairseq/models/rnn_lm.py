@@ -13,7 +13,16 @@ from fairseq.models import (
 from torch import nn
 
 from ..recurrent import RecurrentStack
-from .common import add_recurrent_args, check_recurrent_options, embedding, fail, linear, set_defaults
+from .common import (
+    add_dropout_args,
+    add_recurrent_args,
+    check_recurrent_options,
+    embedding,
+    fail,
+    linear,
+    set_defaults,
+    set_dropout_defaults,
+)
 
 MAX_POSITIONS = 100_000
 
@@ -23,10 +32,7 @@ class RecurrentLanguageModel(FairseqLanguageModel):
     @staticmethod
     def add_args(parser):
         a = parser.add_argument
-        a("--dropout", type=float, metavar="D", help="default of every dropout below")
-        a("--dropout-embed", type=float, metavar="D", help="dropout on embeddings")
-        a("--dropout-hidden", type=float, metavar="D", help="dropout between recurrent layers")
-        a("--dropout-out", type=float, metavar="D", help="dropout before the softmax layer")
+        add_dropout_args(parser, "dropout before the softmax layer")
         a("--decoder-embed-dim", type=int, metavar="N")
         a("--decoder-hidden-size", type=int, metavar="N")
         a("--decoder-layers", type=int, metavar="N")
@@ -112,9 +118,7 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
 
 
 def base_lm_architecture(args):
-    set_defaults(args, dropout=0.2)
-    set_defaults(args, dropout_embed=args.dropout, dropout_hidden=args.dropout,
-                 dropout_out=args.dropout)
+    set_dropout_defaults(args, 0.2)
     set_defaults(args, decoder_embed_dim=200, decoder_hidden_size=200, decoder_layers=3)
     set_defaults(args, decoder_out_embed_dim=args.decoder_hidden_size)
     set_defaults(args, share_decoder_input_output_embed=False, cell="lstm",

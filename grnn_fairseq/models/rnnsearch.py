@@ -24,12 +24,14 @@ from torch import nn
 from ..attention import AdditiveAttention
 from ..recurrent import RecurrentStack, from_grouped, to_grouped
 from .common import (
+    add_dropout_args,
     add_recurrent_args,
     check_recurrent_options,
     embedding,
     fail,
     linear,
     set_defaults,
+    set_dropout_defaults,
 )
 
 MAX_POSITIONS = 100_000
@@ -40,10 +42,7 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
     @staticmethod
     def add_args(parser):
         a = parser.add_argument
-        a("--dropout", type=float, metavar="D", help="default of every dropout below")
-        a("--dropout-embed", type=float, metavar="D", help="dropout on embeddings")
-        a("--dropout-hidden", type=float, metavar="D", help="dropout between recurrent layers")
-        a("--dropout-out", type=float, metavar="D", help="dropout on encoder outputs and readout")
+        add_dropout_args(parser, "dropout on encoder outputs and readout")
         a("--encoder-embed-dim", type=int, metavar="N")
         a("--encoder-hidden-size", type=int, metavar="N", help="per direction")
         a("--encoder-layers", type=int, metavar="N")
@@ -230,9 +229,7 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
 
 def base_architecture(args):
     """Defaults of every RNNSearch architecture; the named ones below change sizes only."""
-    set_defaults(args, dropout=0.2)
-    set_defaults(args, dropout_embed=args.dropout, dropout_hidden=args.dropout,
-                 dropout_out=args.dropout)
+    set_dropout_defaults(args, 0.2)
     set_defaults(args, encoder_embed_dim=256, encoder_hidden_size=256, encoder_layers=1,
                  decoder_embed_dim=256, decoder_hidden_size=256, decoder_layers=1)
     set_defaults(args, decoder_out_embed_dim=args.decoder_embed_dim,
