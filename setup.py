@@ -27,8 +27,10 @@ setup(
     ],
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1"],
-        "test": ["pytest>=7", "pytest-timeout"],
-        "triton": ["triton"],
+        # triton: the fused GPU kernels; CI tests them on CPU through TRITON_INTERPRET=1
+        "test": ["pytest>=7", "pytest-timeout",
+                 "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "triton": ["triton>=3.0"],
     },
     entry_points={
         "console_scripts": [

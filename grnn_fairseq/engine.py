@@ -1,7 +1,26 @@
 """Recurrence engines: the time loop over canonical grouped weights.
 
-``scan`` is the reference engine in plain PyTorch (the CPU path and the reference every
-other engine is tested against).  Efficiency rules of the hot loop:
+Three backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
+
+``reference``
+    The plain loop in PyTorch with autograd through every step.  It is the definition:
+    every other backend is tested against it, and it runs every cell (LSTM, GRU, RNN).
+``torch``
+    The LSTM as one autograd node over the whole sequence (:class:`LSTMScan`): the forward
+    loop runs without autograd on preallocated buffers, and the backward through time is
+    written by hand.  Default on CPU.
+``triton``
+    Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one launch
+    per time step that fuses the recurrent product, the time-step shuffle (read through
+    the permuted index) and the pointwise cell.  Default for CUDA tensors when Triton is
+    importable.
+
+``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is available,
+``torch`` otherwise, for the LSTM; the other cells always use ``reference``.  Force a
+backend with the ``backend=`` argument or the environment variable
+``GRNN_BACKEND=reference|torch|triton|auto`` (the argument wins).
+
+Efficiency rules of the reference loop (shared by the others):
 
 * the input projection of all T steps is one batched product, outside the loop
   (:func:`project_input`);
@@ -10,10 +29,17 @@ other engine is tested against).  Efficiency rules of the hot loop:
 * steps are visited with ``unbind`` and collected with ``stack``, so the backward pass
   allocates no full-size tensor per step.
 """
+import functools
+import os
+
 import torch
 
 from .cells import POINTWISE
 from .rearrangement import rearrange_grouped
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+FUSED_CELLS = ("lstm",)  # cells with a torch / triton implementation
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def project_input(x, weight_ih, bias_ih):
@@ -28,26 +54,109 @@ def project_input(x, weight_ih, bias_ih):
     return torch.baddbmm(bias_ih.unsqueeze(1), xk, weight_ih.transpose(1, 2))
 
 
-def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle):
+def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backend=None):
     """One step of the recurrence for every group.
 
     gx_t: [K, B, G*m]  state: tuple of [K, B, m]  weight_hh_t: [K, m, G*m] (transposed)
     bias_hh: [K, 1, G*m]  ->  (h_t [K, B, m], new state tuple)
+    Without autograd (decoding) and unless the backend resolves to ``reference``, the LSTM
+    takes an in-place path; single steps never launch the Triton kernels.
     """
+    if cell == "lstm" and (backend or os.environ.get("GRNN_BACKEND")) != "reference" and not (
+            torch.is_grad_enabled() and _any_requires_grad(gx_t, *state, weight_hh_t, bias_hh)):
+        return _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
     h_prev = rearrange_grouped(state[0]) if time_shuffle else state[0]
     gh = torch.baddbmm(bias_hh, h_prev, weight_hh_t)
     return POINTWISE[cell](gx_t, gh, state)
 
 
-def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, reverse=False):
+def _any_requires_grad(*tensors):
+    return any(t.requires_grad for t in tensors)
+
+
+def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
+    """``recurrent_step`` for the LSTM without autograd (decoding): in-place gate math on
+    one fresh buffer, tanh computed as 2 sigmoid(2x) - 1 (see ``_gate_scale``)."""
+    h_prev, c_prev = state
+    m = h_prev.shape[-1]
+    if time_shuffle:
+        h_prev = rearrange_grouped(h_prev)
+    gates = torch.baddbmm(bias_hh, h_prev, weight_hh_t)
+    gates += gx_t
+    gates[..., 2 * m:3 * m] *= 2
+    gates.sigmoid_()
+    i, f, g, o = gates.split(m, -1)
+    g.mul_(2).sub_(1)
+    c = f * c_prev
+    c.addcmul_(i, g)
+    h = _tanh_via_sigmoid(c, torch.empty_like(c))
+    h *= o
+    return h, (h, c)
+
+
+# --------------------------------------------------------------------------- dispatch
+@functools.lru_cache(maxsize=None)
+def triton_available():
+    """True when the Triton kernels can be imported (Triton installed and working)."""
+    try:
+        from .kernels import triton_lstm  # noqa: F401
+    except Exception:  # not installed, or an installation that fails at import
+        return False
+    return True
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend, cell, device, dtype=None):
+    """The backend that runs ``cell`` on ``device``: ``backend`` (or $GRNN_BACKEND, or
+    ``auto``) resolved to ``reference``, ``torch`` or ``triton``."""
+    name = backend or os.environ.get("GRNN_BACKEND") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
+                         "(argument backend= or environment variable GRNN_BACKEND)")
+    if cell not in FUSED_CELLS:
+        return "reference"
+    if name == "auto":
+        if device.type == "cuda" and dtype in TRITON_DTYPES and triton_available():
+            return "triton"
+        return "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs Triton: pip install triton")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"backend='triton' runs on CUDA tensors (got {device.type}); "
+                               "set TRITON_INTERPRET=1 to run it through Triton's interpreter")
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {dtype}")
+    return name
+
+
+def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, reverse=False,
+         backend=None):
     """Run the recurrence over T steps.
 
     gx: [T, K, B, G*m] input projections (bias included)   state: tuple of [K, B, m]
     weight_hh: [K, G*m, m]   bias_hh: [K, G*m]   mask: [T, B] bool, True at real tokens
-    (None: no padding)   reverse: visit t = T-1 .. 0.
+    (None: no padding)   reverse: visit t = T-1 .. 0.   backend: see :func:`resolve_backend`.
     Returns (out [T, K, B, m], final state).  Padded steps keep the state unchanged and
     output zeros, so padding on either side never changes the results of real tokens.
     """
+    name = resolve_backend(backend, cell, gx.device, gx.dtype)
+    if name == "reference":
+        return scan_reference(gx, state, weight_hh, bias_hh, cell, time_shuffle, mask, reverse)
+    if name == "triton":
+        from .kernels.triton_lstm import lstm_scan_triton
+        out, h, c = lstm_scan_triton(gx, state[0], state[1], weight_hh, bias_hh, mask,
+                                     time_shuffle, reverse)
+        return out, (h, c)
+    return lstm_scan_torch(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle, reverse)
+
+
+def scan_reference(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None,
+                   reverse=False):
+    """The reference loop (arguments and results as :func:`scan`)."""
     w_t = weight_hh.transpose(1, 2)
     b = bias_hh.unsqueeze(1)
     steps = gx.unbind(0)
@@ -55,7 +164,8 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
     order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     outs = [None] * len(steps)
     for t in order:
-        h, new_state = recurrent_step(steps[t], state, w_t, b, cell, time_shuffle)
+        h_prev = rearrange_grouped(state[0]) if time_shuffle else state[0]
+        h, new_state = POINTWISE[cell](steps[t], torch.baddbmm(b, h_prev, w_t), state)
         if masks is not None:
             keep = masks[t]
             new_state = tuple(torch.where(keep, n, s) for n, s in zip(new_state, state))
@@ -63,3 +173,231 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
         state = new_state
         outs[t] = h
     return torch.stack(outs), state
+
+
+# --------------------------------------------------------------------------- torch LSTM
+# Layout.  Per step, the states of a batch are *flat* [B, H] buffers (H = K*m); their
+# grouped [K, B, m] views (``_grouped``) are what the batched products and the pointwise
+# ops read and write, with unit stride along m.  With the time-step shuffle, h_t exists in
+# two channel orders: unit order (the cell's output) and shuffled order (the operand of the
+# next product, ``rearrange``'s order); one ``index_select`` over the flat [B, H] buffer
+# maps one to the other (contiguous rows, a precomputed index; much faster than writing
+# through a strided transposed view).  Gradients go back through the inverse index.
+def _grouped(buf, k):
+    """[B, H] (or [T, B, H]) -> [K, B, m] (or [K, T, B, m]) strided view."""
+    *lead, h = buf.shape
+    return buf.view(*lead, k, h // k).movedim(-2, 0)
+
+
+def _shuffle_index(width, k, device, inverse=False):
+    """Index p with rearrange(x)[..., q] = x[..., p[q]] (or the inverse permutation)."""
+    p = torch.arange(width, device=device).view(k, width // k).t().reshape(-1)
+    return torch.argsort(p) if inverse else p
+
+
+def _gate_scale(bias_hh, m):
+    """[4m] = (1, 1, 2, 1) per gate: the g gate is computed as tanh(x) = 2 sigmoid(2x) - 1,
+    so one sigmoid covers all four gates (torch's CPU tanh is several times slower)."""
+    s = bias_hh.new_ones(4, m)
+    s[2] = 2
+    return s.view(-1)
+
+
+def _tanh_via_sigmoid(x, out):
+    """out <- tanh(x) = 2 sigmoid(2x) - 1."""
+    return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
+
+
+def _lstm_forward(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse, save):
+    """The forward loop without autograd.  Returns (out [T, B, H], h_T, c_T [K, B, m],
+    saved): ``saved`` is None, or the buffers the backward needs if ``save``."""
+    t_len, k, b, gm = gx.shape
+    m = gm // 4
+    width = k * m
+    scale = _gate_scale(bias_hh, m)
+    b_scaled = (bias_hh * scale).unsqueeze(1)   # [K, 1, 4m]
+    w_t = weight_hh.transpose(1, 2)
+    # h in time order, unit order: slot t+1 holds the state after time t, slot 0 (forward)
+    # or T+1 (reverse) the initial one; hs: the same in shuffled order (product operands).
+    slots = t_len + 2
+    hu = gx.new_empty(slots, b, width)
+    hs = gx.new_empty(slots, b, width) if time_shuffle else hu
+    perm = _shuffle_index(width, k, gx.device) if time_shuffle else None
+    cs = gx.new_empty(2, b, width)              # c: two slots, alternating
+    first = t_len + 1 if reverse else 0
+    last = 1 if reverse else t_len
+    _grouped(hu[first], k).copy_(h0)
+    if time_shuffle:
+        torch.index_select(hu[first], 1, perm, out=hs[first])
+    _grouped(cs[first % 2], k).copy_(c0)
+    pre = gx.new_empty(k, b, gm)      # one step's gates
+    tc = gx.new_empty(k, b, m)        # tanh(c_t)
+    p_i, p_f, p_g, p_o = pre.split(m, -1)
+    if save:
+        # what the backward needs of each step:
+        #   fac   = (g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c_t) o(1-o)): (dh, dc) -> dgates
+        #   dhdc  = o (1 - tanh(c_t)^2)                                     dh -> dc
+        #   fgate = f                                                       dc_t -> dc_{t-1}
+        fac = gx.new_empty(k, t_len, b, gm)
+        dhdc = gx.new_empty(k, t_len, b, m)
+        fgate = gx.new_empty(k, t_len, b, m)
+        sd = gx.new_empty(k, b, gm)   # s (1 - s) of every gate
+        sd_i, sd_f, _, sd_o = sd.split(m, -1)
+    keep = mask.unsqueeze(-1) if mask is not None else None  # [T, B, 1] bool
+    hs_g = [_grouped(hs[s], k) for s in range(slots)]
+    hu_g = [_grouped(hu[s], k) for s in range(slots)]
+    cs_g = [_grouped(cs[s], k) for s in range(2)]
+    steps = gx.unbind(0)
+    order = range(t_len - 1, -1, -1) if reverse else range(t_len)
+    for t in order:
+        s_in, s_out = (t + 2, t + 1) if reverse else (t, t + 1)
+        c_prev, c_new = cs_g[s_in % 2], cs_g[s_out % 2]
+        torch.baddbmm(steps[t], hs_g[s_in], w_t, out=pre)
+        torch.addcmul(b_scaled, pre, scale, out=pre)
+        pre.sigmoid_()
+        p_g.mul_(2).sub_(1)
+        torch.mul(p_f, c_prev, out=c_new)
+        c_new.addcmul_(p_i, p_g)
+        _tanh_via_sigmoid(c_new, tc)
+        torch.mul(p_o, tc, out=hu_g[s_out])
+        if save:
+            f_i, f_f, f_g, f_o = fac[:, t].split(m, -1)
+            torch.mul(pre, pre, out=sd)
+            torch.sub(pre, sd, out=sd)
+            torch.mul(p_g, sd_i, out=f_i)
+            torch.mul(c_prev, sd_f, out=f_f)
+            torch.mul(p_i, p_g, out=f_g)
+            torch.addcmul(p_i, f_g, p_g, value=-1, out=f_g)
+            torch.mul(tc, sd_o, out=f_o)
+            a = dhdc[:, t]
+            torch.mul(p_o, tc, out=a)
+            torch.addcmul(p_o, a, tc, value=-1, out=a)
+            fgate[:, t].copy_(p_f)
+        if keep is not None:
+            kt = keep[t]
+            torch.where(kt, hu[s_out], hu[s_in], out=hu[s_out])
+            torch.where(kt, cs[s_out % 2], cs[s_in % 2], out=cs[s_out % 2])
+        if time_shuffle:
+            torch.index_select(hu[s_out], 1, perm, out=hs[s_out])
+    # outputs in unit order, [T, B, H] (from_grouped of its [T, K, B, m] view is free)
+    out = hu[1:t_len + 1]
+    if mask is not None:
+        out = out * keep
+    h_t = hu_g[last].clone(memory_format=torch.contiguous_format)
+    c_t = cs_g[last % 2].clone(memory_format=torch.contiguous_format)
+    saved = (fac, dhdc, fgate, hs) if save else None
+    return out, h_t, c_t, saved
+
+
+def _lstm_backward(ctx, d_out, d_h, d_c):
+    fac, dhdc, fgate = ctx.buffers
+    weight_hh, hs = ctx.saved_tensors
+    k, t_len, b, gm = fac.shape
+    m = gm // 4
+    width = k * m
+    mask, time_shuffle, reverse = ctx.mask, ctx.time_shuffle, ctx.reverse
+    dg = torch.empty_like(fac)                       # gate pre-activation gradients
+    fac_i, fac_f, fac_g, fac_o = (x.unbind(1) for x in fac.split(m, -1))
+    dg_t = dg.unbind(1)
+    dg_i, dg_f, dg_g, dg_o = (x.unbind(1) for x in dg.split(m, -1))
+    a_t, f_t = dhdc.unbind(1), fgate.unbind(1)
+    if d_out is not None:
+        d_out = d_out.reshape(t_len, b, width)
+    dh = fac.new_empty(k, b, m)
+    dc = fac.new_empty(k, b, m)
+    gc = fac.new_zeros(k, b, m) if d_c is None else d_c.clone()   # gradient of c_t
+    # gradient of the product operand: shuffled order (m_flat), and unit order (m_unit)
+    m_flat = fac.new_zeros(b, width)
+    m_grouped = _grouped(m_flat, k)
+    if time_shuffle:
+        inv = _shuffle_index(width, k, fac.device, inverse=True)
+        m_unit_flat = fac.new_zeros(b, width)
+    else:
+        m_unit_flat = m_flat
+    m_unit = _grouped(m_unit_flat, k)
+    order = range(t_len) if reverse else range(t_len - 1, -1, -1)
+
+    def gates_and_product(t, dh_t):
+        torch.mul(dh_t, fac_o[t], out=dg_o[t])
+        torch.mul(dc, fac_i[t], out=dg_i[t])
+        torch.mul(dc, fac_f[t], out=dg_f[t])
+        torch.mul(dc, fac_g[t], out=dg_g[t])
+        torch.bmm(dg_t[t], weight_hh, out=m_grouped)
+        if time_shuffle:
+            torch.index_select(m_flat, 1, inv, out=m_unit_flat)
+
+    if mask is None:
+        # m_unit enters each step as the gradient of h_t from the steps after it: at the
+        # first one, the gradient of the final state.
+        if d_h is not None:
+            m_unit.copy_(d_h)
+        for t in order:
+            if d_out is not None:
+                torch.add(m_unit, _grouped(d_out[t], k), out=dh)
+                dh_t = dh
+            else:
+                dh_t = m_unit  # read before the product below overwrites it
+            torch.addcmul(gc, dh_t, a_t[t], out=dc)
+            torch.mul(dc, f_t[t], out=gc)
+            gates_and_product(t, dh_t)
+        d_h0 = m_unit.clone(memory_format=torch.contiguous_format)
+    else:
+        keep = mask.view(t_len, 1, b, 1).to(fac.dtype)
+        notkeep = 1 - keep
+        ph = fac.new_zeros(k, b, m) if d_h is None else d_h.clone()  # pass-through of dh
+        for t in order:
+            kt, nk = keep[t], notkeep[t]
+            torch.add(m_unit, ph, out=dh)       # gradient of the state h_t
+            torch.mul(dh, nk, out=ph)           # padded step: it passes to h_{t-1}
+            if d_out is not None:
+                dh.add_(_grouped(d_out[t], k))
+            dh.mul_(kt)                         # real step: it enters the cell
+            torch.addcmul(gc, dh, a_t[t], out=dc)
+            dc.mul_(kt)
+            gc.mul_(nk)
+            gc.addcmul_(dc, f_t[t])
+            gates_and_product(t, dh)
+        d_h0 = m_unit + ph
+    # dW_hh[k] = sum_t dG_t[k]^T h_in_t[k], h_in_t the operand slot (t, or t+2 in reverse):
+    # consecutive slots are a [T*B, H] matrix, whose grouped view BLAS reads in place
+    h_in = (hs[2:] if reverse else hs[:t_len]).view(t_len * b, width)
+    d_w = torch.bmm(dg.view(k, t_len * b, gm).transpose(1, 2), _grouped(h_in, k))
+    return dg.transpose(0, 1), d_h0, gc, d_w, dg.sum((1, 2))
+
+
+class LSTMScan(torch.autograd.Function):
+    """The whole LSTM recurrence as one autograd node (backend ``torch``)."""
+
+    @staticmethod
+    def forward(ctx, gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse):
+        out, h_t, c_t, saved = _lstm_forward(gx, h0, c0, weight_hh, bias_hh, mask,
+                                             time_shuffle, reverse, save=True)
+        fac, dhdc, fgate, hs = saved
+        ctx.buffers = (fac, dhdc, fgate)
+        # hs through save_for_backward: ``out`` may be a view of it, and an in-place change
+        # of ``out`` must fail the backward rather than corrupt dW_hh
+        ctx.save_for_backward(weight_hh, hs)
+        ctx.mask, ctx.time_shuffle, ctx.reverse = mask, time_shuffle, reverse
+        return out, h_t, c_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_h, d_c):
+        grads = _lstm_backward(ctx, d_out, d_h, d_c)
+        return grads + (None, None, None)
+
+
+def lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=False,
+                    reverse=False):
+    """``scan`` for the LSTM, backend ``torch``: -> (out [T, K, B, m], (h_T, c_T))."""
+    t_len, k, b, _ = gx.shape
+    if t_len == 0:
+        return gx.new_zeros(0, k, b, gx.shape[-1] // 4), (h0, c0)
+    need_grad = torch.is_grad_enabled() and _any_requires_grad(gx, h0, c0, weight_hh, bias_hh)
+    if need_grad:
+        out, h_t, c_t = LSTMScan.apply(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse)
+    else:
+        with torch.no_grad():
+            out, h_t, c_t, _ = _lstm_forward(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle,
+                                             reverse, save=False)
+    return out.view(t_len, b, k, -1).transpose(1, 2), (h_t, c_t)

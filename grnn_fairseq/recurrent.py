@@ -59,9 +59,10 @@ class RecurrentLayer(nn.Module):
     """One layer, one or two directions.  Each direction has its own weight structure."""
 
     def __init__(self, input_size, hidden_size, cell="lstm", groups=1, sharing_rate=0.0,
-                 time_shuffle=True, bidirectional=False):
+                 time_shuffle=True, bidirectional=False, backend=None):
         super().__init__()
         self.cell, self.groups, self.hidden_size = check_cell(cell), groups, hidden_size
+        self.backend = backend  # engine backend (None: $GRNN_BACKEND or auto)
         self.time_shuffle = bool(time_shuffle) and groups > 1
         self.directions = nn.ModuleList(
             make_weights(input_size, hidden_size, cell, groups, sharing_rate)
@@ -78,7 +79,7 @@ class RecurrentLayer(nn.Module):
             w_ih, w_hh, b_ih, b_hh = weights()
             gx = engine.project_input(flat, w_ih, b_ih).view(self.groups, t, b, -1).transpose(0, 1)
             out, final = engine.scan(gx, state[d], w_hh, b_hh, self.cell,
-                                     self.time_shuffle, mask, reverse=d == 1)
+                                     self.time_shuffle, mask, reverse=d == 1, backend=self.backend)
             outs.append(from_grouped(out))
             finals.append(final)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -90,7 +91,7 @@ class RecurrentLayer(nn.Module):
         w_ih, w_hh, b_ih, b_hh = self.directions[0]()
         gx = engine.project_input(x_t, w_ih, b_ih)
         h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
-                                             self.cell, self.time_shuffle)
+                                             self.cell, self.time_shuffle, self.backend)
         return from_grouped(h), new_state
 
 
@@ -106,11 +107,17 @@ class RecurrentStack(nn.Module):
         sharing_rate: r in [0, 1], one value or one per layer (0 = no restriction).
         bidirectional: D = 2 if set.
         dropout: dropout on the outputs of every layer but the last.
+        backend: recurrence engine, ``auto`` | ``reference`` | ``torch`` | ``triton``
+            (None: $GRNN_BACKEND, else ``auto``; see :mod:`grnn_fairseq.engine`).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, cell="lstm", groups=1,
-                 rearrangement="both", sharing_rate=0.0, bidirectional=False, dropout=0.0):
+                 rearrangement="both", sharing_rate=0.0, bidirectional=False, dropout=0.0,
+                 backend=None):
         super().__init__()
+        if backend is not None and backend not in engine.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not a recurrence backend; use one of "
+                             f"{engine.BACKENDS} or None")
         check_cell(cell)
         check_mode(rearrangement)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -133,7 +140,7 @@ class RecurrentStack(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             RecurrentLayer(input_size if i == 0 else out_size, hidden_size, cell, groups, rates[i],
-                           uses_time(rearrangement), bidirectional)
+                           uses_time(rearrangement), bidirectional, backend)
             for i in range(num_layers)
         )
 

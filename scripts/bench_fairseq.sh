@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# End-to-end throughput through fairseq's own commands, every model on the same data:
+#
+#   training    fairseq-train for a fixed number of updates; target tokens/s = the log's
+#               wps (words per second = target tokens per second), median over the log
+#               intervals after the first (start-up and warm-up excluded); wpb alongside
+#   generation  fairseq-generate --beam 5 on the checkpoint just trained; tokens/s and
+#               sentences/s from its final "Translated ..." line
+#
+# Models: WMT14 En-De sizes   grnn  group_rnnsearch_wmt_en_de_k4, rnnsearch_wmt_en_de
+#                              fairseq lstm_luong_wmt_en_de
+#         IWSLT14 sizes        grnn  group_rnnsearch_k4, rnnsearch
+#                              fairseq lstm_wiseman_iwslt_de_en
+#
+#   scripts/bench_fairseq.sh --data data-bin/wmt14_en_de --src en --tgt de     # a GPU run
+#   scripts/bench_fairseq.sh --quick      # smoke test: synthetic data in a temp dir, tiny
+#                                         # models, a few updates, CPU (numbers meaningless)
+#
+# The data must be binarized with a joined dictionary (--joined-dictionary), which the
+# WMT sizes need (they share all embeddings).  Options:
+#   --data DIR --src L --tgt L   binarized data (default: synthetic, generated here)
+#   --updates N                  training updates per model (default 300; --quick 6)
+#   --max-tokens N               tokens per batch, training and generation (default 4096)
+#   --models "a b c"             architectures (default: the six above)
+#   --backends "auto triton"     grnn engine backends to compare (GRNN_BACKEND; default auto)
+#   --cpu                        run on CPU (default: GPU when torch sees one)
+#   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
+#   --gen-args "..."             extra fairseq-generate arguments
+#   --workdir DIR                keep checkpoints and logs there (default: a temp dir, removed)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+py="${PYTHON:-}"
+if [[ -z "$py" ]]; then
+  for cand in "$root/.venv/bin/python" /work/venv/bin/python; do
+    if [[ -x "$cand" ]]; then py="$cand"; break; fi
+  done
+fi
+py="${py:-python3}"
+bindir="$(dirname "$py")"
+# fairseq's console scripts next to the interpreter, else python -m fairseq_cli.X
+for name in preprocess train generate; do
+  if [[ -x "$bindir/fairseq-$name" ]]; then eval "cmd_$name=(\"\$bindir/fairseq-$name\")"
+  else eval "cmd_$name=(\"\$py\" -m fairseq_cli.$name)"; fi
+done
+command_line="$0 $*"
+
+data="" src="" tgt="" updates="" max_tokens=4096 quick=0 cpu=0 workdir="" keep=0
+models="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
+backends="auto" train_args="" gen_args=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --data) data="$2"; shift 2 ;;
+    --src) src="$2"; shift 2 ;;
+    --tgt) tgt="$2"; shift 2 ;;
+    --updates) updates="$2"; shift 2 ;;
+    --max-tokens) max_tokens="$2"; shift 2 ;;
+    --models) models="$2"; shift 2 ;;
+    --backends) backends="$2"; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    --quick) quick=1; shift ;;
+    --train-args) train_args="$2"; shift 2 ;;
+    --gen-args) gen_args="$2"; shift 2 ;;
+    --workdir) workdir="$2"; keep=1; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [[ -z "$workdir" ]]; then
+  workdir="$(mktemp -d "${TMPDIR:-/tmp}/bench_fairseq.XXXXXX")"
+  trap 'rm -rf "$workdir"' EXIT
+fi
+mkdir -p "$workdir"
+
+gpu=0
+if [[ $cpu -eq 0 ]] && "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  gpu=1
+fi
+device_flags=()
+if [[ $gpu -eq 0 ]]; then device_flags=(--cpu); fi
+
+tiny_grnn=() tiny_lstm=()
+if [[ $quick -eq 1 ]]; then
+  updates="${updates:-6}"
+  max_tokens=400
+  tiny_grnn=(--encoder-embed-dim 16 --encoder-hidden-size 16 --decoder-embed-dim 16
+             --decoder-hidden-size 16 --decoder-out-embed-dim 16 --attention-dim 16
+             --encoder-layers 1 --decoder-layers 1)
+  tiny_lstm=(--encoder-embed-dim 16 --encoder-hidden-size 16 --decoder-embed-dim 16
+             --decoder-hidden-size 16 --decoder-out-embed-dim 16
+             --encoder-layers 1 --decoder-layers 1)
+  # shared cores: one thread per process
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+fi
+updates="${updates:-300}"
+log_interval=$(( updates >= 50 ? 25 : 2 ))
+
+if [[ -z "$data" ]]; then
+  echo "== synthetic data in $workdir/data (target = source reversed and renamed)"
+  "$py" - "$workdir/raw" <<'EOF'
+import os, random, sys
+raw = sys.argv[1]
+os.makedirs(raw, exist_ok=True)
+rng = random.Random(0)
+words = [f"w{i}" for i in range(200)]
+for split, n in (("train", 2000), ("valid", 100), ("test", 100)):
+    src = [[rng.choice(words) for _ in range(rng.randint(4, 20))] for _ in range(n)]
+    with open(f"{raw}/{split}.src", "w") as fs, open(f"{raw}/{split}.tgt", "w") as ft:
+        for s in src:
+            fs.write(" ".join(s) + "\n")
+            ft.write(" ".join("v" + w[1:] for w in reversed(s)) + "\n")
+EOF
+  "${cmd_preprocess[@]}" --source-lang src --target-lang tgt --joined-dictionary \
+    --trainpref "$workdir/raw/train" --validpref "$workdir/raw/valid" \
+    --testpref "$workdir/raw/test" --destdir "$workdir/data" --workers 1 \
+    > "$workdir/preprocess.log" 2>&1 || { tail -20 "$workdir/preprocess.log"; exit 1; }
+  data="$workdir/data" src=src tgt=tgt
+fi
+lang_flags=()
+if [[ -n "$src" ]]; then lang_flags+=(--source-lang "$src"); fi
+if [[ -n "$tgt" ]]; then lang_flags+=(--target-lang "$tgt"); fi
+
+echo "== command: $command_line"
+"$py" - <<'EOF'
+import platform, torch
+dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+print(f"== device: {dev}; torch {torch.__version__}")
+EOF
+echo "== data: $data; updates: $updates; max tokens: $max_tokens; gpu: $gpu"
+
+results="$workdir/results.tsv"
+: > "$results"
+parse() {  # parse TRAIN_LOG GEN_LOG -> "wps wpb gen_tok_s gen_sent_s"
+  "$py" - "$1" "$2" <<'EOF'
+import re, statistics, sys
+train, gen = (open(p, errors="replace").read() for p in sys.argv[1:3])
+wps = [float(x) for x in re.findall(r"\bwps=([\d.]+)", train)]
+wpb = [float(x) for x in re.findall(r"\bwpb=([\d.]+)", train)]
+steady = wps[1:] or wps
+m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+              r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", gen)
+print(f"{statistics.median(steady) if steady else float('nan'):.1f}",
+      f"{statistics.median(wpb) if wpb else float('nan'):.1f}",
+      m.group(5) if m else "nan", m.group(4) if m else "nan")
+EOF
+}
+
+for arch in $models; do
+  case "$arch" in
+    lstm_*) arch_backends="-"; tiny=("${tiny_lstm[@]}") ;;
+    *)      arch_backends="$backends"; tiny=("${tiny_grnn[@]}") ;;
+  esac
+  # --user-dir for fairseq's own models too: it only adds models, and its compatibility
+  # fixes (torch >= 2.6 checkpoint loading) are needed by fairseq-generate
+  model_flags=(--user-dir "$root/grnn_fairseq" --arch "$arch")
+  for backend in $arch_backends; do
+    tag="$arch${backend/#-/}"; [[ "$backend" != "-" ]] && tag="$arch.$backend"
+    save="$workdir/ckpt.$tag"
+    echo "-- $tag: training $updates updates"
+    env_backend=()
+    [[ "$backend" != "-" ]] && env_backend=(GRNN_BACKEND="$backend")
+    set +e
+    env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
+      "${tiny[@]}" "${device_flags[@]}" --task translation \
+      --optimizer adam --lr 0.001 --clip-norm 1.0 --criterion cross_entropy \
+      --max-tokens "$max_tokens" --max-update "$updates" --log-format simple \
+      --log-interval "$log_interval" --no-progress-bar --seed 1 --num-workers 0 \
+      --save-dir "$save" --no-epoch-checkpoints --save-interval-updates 0 \
+      --disable-validation $train_args > "$workdir/train.$tag.log" 2>&1
+    rc=$?
+    set -e
+    if [[ $rc -ne 0 ]]; then
+      echo "   fairseq-train failed ($rc):"; tail -15 "$workdir/train.$tag.log"
+      printf '%s\t%s\t%s\t%s\t%s\n' "$tag" nan nan nan nan >> "$results"; continue
+    fi
+    echo "-- $tag: generating (beam 5)"
+    set +e
+    env "${env_backend[@]}" "${cmd_generate[@]}" "$data" "${lang_flags[@]}" --user-dir "$root/grnn_fairseq" \
+      "${device_flags[@]}" --task translation --path "$save/checkpoint_last.pt" \
+      --gen-subset test --beam 5 --max-tokens "$max_tokens" --num-workers 0 \
+      $gen_args > "$workdir/generate.$tag.log" 2>&1
+    rc=$?
+    set -e
+    if [[ $rc -ne 0 ]]; then
+      echo "   fairseq-generate failed ($rc):"; tail -15 "$workdir/generate.$tag.log"
+    fi
+    printf '%s\t%s\n' "$tag" "$(parse "$workdir/train.$tag.log" "$workdir/generate.$tag.log" | tr ' ' '\t')" >> "$results"
+  done
+done
+
+echo
+printf '%-40s %14s %10s %14s %12s\n' model "train tok/s" wpb "gen tok/s" "gen sent/s"
+while IFS=$'\t' read -r tag wps wpb gtok gsent; do
+  printf '%-40s %14s %10s %14s %12s\n' "$tag" "$wps" "$wpb" "$gtok" "$gsent"
+done < "$results"
+echo "(train tok/s: median of the log's wps over the intervals after the first)"
+[[ $keep -eq 1 ]] && echo "(logs and checkpoints in $workdir)"
+[[ $keep -eq 1 ]] || echo "(temp dir removed at exit; pass --workdir DIR to keep logs and checkpoints)"

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Layer-level benchmark: group LSTM (RecurrentStack) against torch.nn.LSTM / LSTMCell.
+
+Every case of a mode is timed side by side in one run: the repetitions visit the cases
+round-robin (so slow drifts of a shared machine hit all of them alike) and the table
+gives the median time per call and its ratio to torch.nn of the same width.
+
+Modes:
+  train   forward + backward of one layer over [T, B, H] (input gradient included)
+  infer   forward without autograd
+  decode  --decode-steps single steps at batch --decode-batch without autograd
+          (RecurrentStack.step vs torch.nn.LSTMCell), the input projection included
+
+Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024.
+
+  python scripts/bench_layer.py                                  # CPU, auto backend
+  python scripts/bench_layer.py --backend reference,torch        # before / after
+  python scripts/bench_layer.py --device cuda --backend triton,torch
+  python scripts/bench_layer.py --quick                          # smoke test
+"""
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+from grnn_fairseq.recurrent import RecurrentStack
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
+    p.add_argument("--T", type=int, default=50, help="sequence length")
+    p.add_argument("--B", type=int, help="batch size (default: 32 on cpu, 64 on cuda)")
+    p.add_argument("--H", type=int, default=1024, help="input and hidden width")
+    p.add_argument("--groups", default="1,2,4,8,16", help="comma-separated K values")
+    p.add_argument("--rearrangement", default="none,time",
+                   help="comma-separated modes (none|time|both|layer)")
+    p.add_argument("--backend", default="auto",
+                   help="comma-separated engine backends (auto|reference|torch|triton)")
+    p.add_argument("--modes", default="train,infer,decode", help="comma-separated modes")
+    p.add_argument("--padding", type=float, default=0.0,
+                   help="fraction of the batch padded to half length (exercises masks)")
+    p.add_argument("--decode-batch", type=int, default=320)
+    p.add_argument("--decode-steps", type=int, default=10, help="steps per timed decode call")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (cuda events on the GPU); cpu: CPU time of this "
+                        "process (CPU only; with --threads 1 it is robust to other load on "
+                        "a shared machine, which makes wall times of small ops erratic)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny sizes, 1 repetition (numbers are meaningless)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.T, args.H, args.decode_batch, args.decode_steps = 5, 32, 8, 2
+        args.B = args.B or 4
+        args.reps = args.reps or 1
+        args.warmup = 1 if args.warmup is None else args.warmup
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.B = args.B or (64 if cuda else 32)
+    args.reps = args.reps or (20 if cuda else 5)
+    args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
+    args.groups = [int(k) for k in args.groups.split(",")]
+    args.rearrangement = args.rearrangement.split(",")
+    args.backend = args.backend.split(",")
+    args.modes = args.modes.split(",")
+    return args
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+class Timer:
+    """Time one call (ms): cuda events on the GPU; on the CPU perf_counter, or process_time
+    with ``cpu=True``."""
+
+    def __init__(self, device, cpu=False):
+        self.cuda = device.type == "cuda"
+        self.clock = time.process_time if cpu else time.perf_counter
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = self.clock()
+        fn()
+        return (self.clock() - t0) * 1e3
+
+
+def make_cases(args, mode, device, dtype):
+    """-> list of (label dict, callable) for one mode; the torch.nn case first."""
+    T, B, H = args.T, args.B, args.H
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    cases = []
+    if mode == "decode":
+        bd = args.decode_batch
+        x = rand(bd, H)
+        cell = torch.nn.LSTMCell(H, H).to(device=device, dtype=dtype)
+        h, c = rand(bd, H), rand(bd, H)
+
+        def run_cell():
+            with torch.no_grad():
+                s = (h, c)
+                for _ in range(args.decode_steps):
+                    s = cell(x, s)
+        cases.append((dict(model="nn.LSTMCell", K="-", rearr="-", backend="-"), run_cell))
+        for k in args.groups:
+            for rearr in args.rearrangement:
+                for backend in args.backend:
+                    stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
+                                           backend=backend).to(device, dtype)
+                    states = [s[0] for s in stack.zero_state(bd, x)]
+
+                    def run_step(stack=stack, states=states):
+                        with torch.no_grad():
+                            s = states
+                            for _ in range(args.decode_steps):
+                                _, s = stack.step(x, s)
+                    cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
+                                  run_step))
+        return cases
+
+    x = rand(T, B, H)
+    pad = None
+    if args.padding > 0:
+        n = max(1, int(round(args.padding * B)))
+        pad = torch.zeros(T, B, dtype=torch.bool, device=device)
+        pad[T // 2:, :n] = True
+    grad_out = rand(T, B, H)
+    train = mode == "train"
+
+    def runner(module, is_torch):
+        xi = x.detach().requires_grad_(train)
+
+        def run():
+            if train:
+                out = module(xi)[0] if is_torch else module(xi, padding_mask=pad)[0]
+                out.backward(grad_out)
+            else:
+                with torch.no_grad():
+                    module(xi) if is_torch else module(xi, padding_mask=pad)
+        return run
+
+    ref = torch.nn.LSTM(H, H).to(device=device, dtype=dtype)
+    cases.append((dict(model="nn.LSTM", K="-", rearr="-", backend="-"), runner(ref, True)))
+    for k in args.groups:
+        for rearr in args.rearrangement:
+            for backend in args.backend:
+                stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
+                                       backend=backend).to(device, dtype)
+                cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
+                              runner(stack, False)))
+    return cases
+
+
+def bench_mode(args, mode, device, dtype):
+    cases = make_cases(args, mode, device, dtype)
+    timer = Timer(device, cpu=args.timer == "cpu")
+    for _, fn in cases:
+        for _ in range(args.warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = [[] for _ in cases]
+    for _ in range(args.reps):
+        for i, (_, fn) in enumerate(cases):
+            times[i].append(timer(fn))
+    base, base_min = statistics.median(times[0]), min(times[0])
+    rows = []
+    for (label, _), ts in zip(cases, times):
+        med = statistics.median(ts)
+        rows.append(dict(label, mode=mode, ms=med, min=min(ts), speedup=base / med,
+                         speedup_min=base_min / min(ts)))
+    return rows
+
+
+def print_table(rows):
+    head = (f"{'mode':<7} {'model':<11} {'K':>3} {'rearr':<6} {'backend':<10} {'median ms':>10} "
+            f"{'min ms':>9} {'x median':>9} {'x min':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['mode']:<7} {r['model']:<11} {str(r['K']):>3} {r['rearr']:<6} {r['backend']:<10} "
+              f"{r['ms']:>10.2f} {r['min']:>9.2f} {r['speedup']:>9.2f} {r['speedup_min']:>7.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch")
+    if device.type == "cuda" and args.timer == "cpu":
+        sys.exit("--timer cpu measures CPU work: use it with --device cpu")
+    dtype = DTYPES[args.dtype]
+    print("command:", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
+    print(f"device:  {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
+          f"T={args.T} B={args.B} H={args.H}; decode batch {args.decode_batch} x "
+          f"{args.decode_steps} steps; padding {args.padding}; reps {args.reps} (median), "
+          f"warmup {args.warmup}; timer {args.timer}; "
+          f"GRNN_BACKEND={os.environ.get('GRNN_BACKEND', '(unset)')}")
+    rows = []
+    for mode in args.modes:
+        if mode not in ("train", "infer", "decode"):
+            sys.exit(f"--modes: unknown mode {mode!r} (train|infer|decode)")
+        rows += bench_mode(args, mode, device, dtype)
+    print_table(rows)
+    print("x median / x min = torch.nn's median / min time (first row of each mode) over the "
+          "row's; above 1: faster than torch.nn")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

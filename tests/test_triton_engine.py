@@ -1,0 +1,196 @@
+"""The Triton LSTM kernels against the reference engine.
+
+Without a GPU the kernels run through Triton's interpreter on CPU tensors and tiny sizes.
+Outputs, final states and every gradient (x and W_ih through the input projection, W_hh,
+both biases, h0, c0) are compared for K in {1, 4}, with and without the time-step
+shuffle, with and without padding, in both directions.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+KERNELS = "grnn_fairseq.kernels.triton_lstm"
+# Triton picks the interpreter when a function is decorated, its own helpers (tl.zeros, ...)
+# included: the variable must be set before Triton is first imported.
+_SET_INTERPRET = not CUDA and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton); "
+                                               "the fused GPU kernels cannot be tested")
+if not CUDA:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.zeros, InterpretedFunction):
+        pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1 before this "
+                    "module: run it with TRITON_INTERPRET=1 (or on its own)",
+                    allow_module_level=True)
+
+from grnn_fairseq import engine  # noqa: E402
+from grnn_fairseq.recurrent import RecurrentStack  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_mode():
+    """On CPU: the kernels through the interpreter (re-decorated if imported before)."""
+    if CUDA:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    if KERNELS in sys.modules:
+        importlib.reload(sys.modules[KERNELS])
+    else:
+        importlib.import_module(KERNELS)
+    yield
+    if _SET_INTERPRET or old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _problem(k, m, t_len, b, i_size, padding, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
+
+    p = dict(
+        x=rand(t_len * b, i_size),
+        w_ih=rand(k, 4 * m, i_size // k, scale=0.5), b_ih=rand(k, 4 * m, scale=0.5),
+        w_hh=rand(k, 4 * m, m, scale=0.5), b_hh=rand(k, 4 * m, scale=0.5),
+        h0=rand(k, b, m), c0=rand(k, b, m),
+    )
+    mask = None
+    if padding:
+        mask = torch.ones(t_len, b, dtype=torch.bool)
+        mask[t_len - 2:, 0] = False   # right padding
+        mask[:2, b - 1] = False       # left padding
+        mask = mask.to(DEVICE)
+    upstream = [torch.randn(t_len, k, b, m, generator=g).to(DEVICE),
+                torch.randn(k, b, m, generator=g).to(DEVICE),
+                torch.randn(k, b, m, generator=g).to(DEVICE)]
+    return p, mask, upstream
+
+
+def _run(backend, p, mask, upstream, shuffle, reverse, t_len, b):
+    k = p["w_hh"].shape[0]
+    gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
+    out, (h, c) = engine.scan(gx, (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm",
+                              time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
+    loss = sum((a * w).sum() for a, w in zip((out, h, c), upstream))
+    names = list(p)
+    grads = torch.autograd.grad(loss, [p[n] for n in names])
+    return {"out": out, "h_T": h, "c_T": c, **{"d_" + n: gr for n, gr in zip(names, grads)}}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_scan_matches_reference(k, shuffle, padding, reverse):
+    m, t_len, b = 4, 5, 3
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=8, padding=padding)
+    ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
+    got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_tiles_uneven_widths_and_batch():
+    """m not a multiple of K (the shuffle crosses groups unevenly), several batch and unit
+    tiles (B > BLOCK_B, m > BLOCK_J), padding, reverse."""
+    k, m, t_len, b = 2, 40, 3, 37
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=6, padding=True, seed=1)
+    ref = _run("reference", p, mask, upstream, True, True, t_len, b)
+    got = _run("triton", p, mask, upstream, True, True, t_len, b)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_stack_bidirectional_padded_matches_reference():
+    torch.manual_seed(0)
+    ref = RecurrentStack(8, 8, num_layers=2, groups=2, bidirectional=True, backend="reference")
+    fused = RecurrentStack(8, 8, num_layers=2, groups=2, bidirectional=True, backend="triton")
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    x = torch.randn(4, 3, 8, device=DEVICE, requires_grad=True)
+    pad = torch.zeros(4, 3, dtype=torch.bool, device=DEVICE)
+    pad[3:, 1] = True
+    outs = []
+    for stack in (ref, fused):
+        out, (h, c) = stack(x, padding_mask=pad)
+        loss = out.square().sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, [x] + list(stack.parameters()))
+        outs.append((out, h, c) + grads)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+def test_inference_path_matches_reference():
+    k, m, t_len, b = 4, 4, 4, 2
+    p, mask, _ = _problem(k, m, t_len, b, i_size=8, padding=True)
+    with torch.no_grad():
+        gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
+        res = [engine.scan(gx, (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True, mask,
+                           backend=be) for be in ("reference", "triton")]
+    (o1, (h1, c1)), (o2, (h2, c2)) = res
+    for a, b_ in ((o1, o2), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(b_, a, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="compilation caches exist on a GPU only")
+def test_no_recompilation_for_new_lengths_or_batch_sizes():
+    from grnn_fairseq.kernels import triton_lstm
+
+    def compiled():
+        return sum(len(c[0]) for c in triton_lstm._lstm_fwd_step.device_caches.values())
+
+    stack = RecurrentStack(64, 64, groups=4, backend="triton").cuda()
+    stack(torch.randn(5, 17, 64, device="cuda"))
+    n = compiled()
+    for t_len, b in ((7, 17), (11, 19), (3, 20)):  # same batch bucket (BLOCK_B = 32)
+        stack(torch.randn(t_len, b, 64, device="cuda"))
+    assert compiled() == n
+
+
+def test_dispatch(monkeypatch):
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.resolve_backend(None, "lstm", cpu, torch.float32) == "torch"
+    assert engine.resolve_backend(None, "lstm", cuda, torch.bfloat16) == "triton"
+    assert engine.resolve_backend(None, "lstm", cuda, torch.float64) == "torch"
+    assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend("reference", "lstm", cuda, torch.float32) == "reference"
+    monkeypatch.setenv("GRNN_BACKEND", "reference")
+    assert engine.resolve_backend(None, "lstm", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend("torch", "lstm", cuda, torch.float32) == "torch"
+    monkeypatch.setenv("GRNN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="GRNN_BACKEND"):
+        engine.resolve_backend(None, "lstm", cpu)
+    monkeypatch.delenv("GRNN_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        engine.resolve_backend("triton", "lstm", cpu, torch.float32)
+
+
+def test_kernels_compile_for_h100():
+    """Ahead-of-time compilation for sm_90 (no GPU needed), in a fresh process without the
+    interpreter: the lowering to PTX and SASS that the interpreter never exercises."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    code = ("from grnn_fairseq.kernels.triton_lstm import compile_check; "
+            "print('compiled', compile_check(90))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 4" in proc.stdout
