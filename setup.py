@@ -24,6 +24,7 @@ setup(
         "sentencepiece",
         "sacrebleu>=2.0",
         "rouge-score",
+        "pyyaml",
     ],
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1"],
@@ -31,6 +32,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout",
                  "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
+        # scripts/report.py plots; sacremoses: Moses-tokenized BLEU as Gao et al. report it
+        "report": ["matplotlib", "sacremoses"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,428 @@
+"""Experiment configs, scripts/run_experiment.py and scripts/report.py.
+
+One real end-to-end run (tiny model, one epoch on part of the shipped Debian sample)
+checks the row that run_experiment.py appends; everything else is config expansion,
+--dry-run output and report generation on made-up rows.
+"""
+import csv
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+HAVE_FAIRSEQ = importlib.util.find_spec("fairseq") is not None
+HAVE_SPM = importlib.util.find_spec("sentencepiece") is not None
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rx = _load("run_experiment_under_test", SCRIPTS / "run_experiment.py")
+report = _load("report_under_test", SCRIPTS / "report.py")
+
+RATES = [1, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1, 0]
+
+
+def runs_of(name):
+    return rx.expand_runs(rx.load_config(ROOT / "configs" / f"{name}.yaml"))
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def test_every_family_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    assert {"iwslt14_group_rnnsearch", "wmt14_group_rnnsearch", "gigaword_group_rnnsearch",
+            "ptb_group_lstm_lm", "restricted_rnn_lm", "debian_deen", "debian_summ",
+            "debian_lm", "quickstart"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_every_run_has_its_commands(path, tmp_path):
+    cfg = rx.load_config(path)
+    assert cfg["data"].get("prepare"), "every config names the command that prepares its data"
+    specs = rx.expand_runs(cfg)
+    assert specs
+    for name, spec in specs.items():
+        run = rx.Run(cfg["experiment"], name, spec, tmp_path, None)
+        cmds = dict((label, cmd) for label, cmd, _ in run.commands())
+        train = cmds["train"]
+        assert train[train.index("--arch") + 1] == run.arch
+        assert "--user-dir" in train and "--save-dir" in train
+        assert str(tmp_path / cfg["experiment"] / name / "seed1") in " ".join(train) or \
+            rx.rel(run.save_dir) in train
+        assert "--required-batch-size-multiple" in cmds["evaluate"]
+        tool = Path(cmds["evaluate"][0]).name
+        assert tool == ("fairseq-eval-lm" if cfg["task"] == "lm" else "fairseq-generate")
+        if cfg["task"] == "summarization":
+            assert cmds["evaluate"][cmds["evaluate"].index("--scoring") + 1] == "rouge"
+        if cfg["task"] == "translation":
+            assert cmds["evaluate"][cmds["evaluate"].index("--scoring") + 1] == "sacrebleu"
+            # tokenized BLEU with fairseq-score where the config asks for it
+            assert ("score" in cmds) == ("tokenized_bleu" in cfg["metrics"])
+    if cfg["experiment"] != "quickstart" and cfg["task"] == "translation":
+        assert "tokenized_bleu" in cfg["metrics"]
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_every_command_parses_with_fairseqs_own_parsers(monkeypatch, tmp_path):
+    """A misspelled option in a config fails here, not hours into a run."""
+    import grnn_fairseq  # noqa: F401
+    from fairseq import options
+
+    parsers = {"fairseq-train": options.get_training_parser,
+               "fairseq-generate": options.get_generation_parser,
+               "fairseq-interactive": options.get_interactive_generation_parser,
+               "fairseq-eval-lm": options.get_eval_lm_parser}
+    monkeypatch.chdir(ROOT)  # the commands run in the repository root (--user-dir grnn_fairseq)
+    for path in CONFIGS:
+        cfg = rx.load_config(path)
+        seen = set()
+        for name, spec in rx.expand_runs(cfg).items():
+            run = rx.Run(cfg["experiment"], name, spec, tmp_path, None)
+            key = (run.arch, tuple(sorted(run.train_opts)))
+            if key in seen:
+                continue
+            seen.add(key)
+            for label, cmd, _ in run.commands():
+                tool = Path(cmd[0]).name
+                if tool in parsers:
+                    try:
+                        options.parse_args_and_arch(parsers[tool](), cmd[1:])
+                    except SystemExit:
+                        pytest.fail(f"{path.name} {name}: {tool} rejects {' '.join(cmd[1:])}")
+
+
+def test_group_families_cover_the_papers_runs():
+    archs = lambda name: {s["train"]["arch"] for s in runs_of(name).values()}  # noqa: E731
+    assert archs("iwslt14_group_rnnsearch") == {"rnnsearch"} | {f"group_rnnsearch_k{k}" for k in (2, 4, 8, 16)}
+    assert archs("wmt14_group_rnnsearch") == {"rnnsearch_wmt_en_de", "group_rnnsearch_wmt_en_de_k2",
+                                              "group_rnnsearch_wmt_en_de_k4"}
+    assert archs("gigaword_group_rnnsearch") == {"rnnsearch_gigaword"} | {
+        f"group_rnnsearch_gigaword_k{k}" for k in (2, 4, 8, 16)}
+    ptb = runs_of("ptb_group_lstm_lm")
+    assert {s["train"]["arch"] for s in ptb.values()} == {"group_lstm_lm_k1", "group_lstm_lm_k2",
+                                                          "group_lstm_lm_k4"}
+    for k in (2, 4):
+        assert ptb[f"k{k}_no_rearrangement"]["train"]["rearrangement"] == "none"
+        assert "rearrangement" not in ptb[f"k{k}"]["train"]  # the architecture's default: both
+    deen = runs_of("debian_deen")
+    assert deen["restricted_r0.5"]["train"]["arch"] == "restricted_rnnsearch"
+    assert len(runs_of("debian_summ")) == 5
+    lm = runs_of("debian_lm")
+    assert len([n for n in lm if n.startswith("restricted_")]) == 3 * 8
+
+
+def test_restricted_grid_expands_to_cells_rates_and_embeddings():
+    specs = runs_of("restricted_rnn_lm")
+    assert len(specs) == 2 * 3 * 8 * 2
+    for data, path in (("ptb", "data-bin/ptb"), ("wt2", "data-bin/wikitext-2")):
+        mine = {n: s for n, s in specs.items() if n.startswith(data + "_")}
+        assert len(mine) == 3 * 8 * 2
+        assert {s["data"]["path"] for s in mine.values()} == {path}
+        for cell in ("rnn", "gru", "lstm"):
+            for r in RATES:
+                for emb in ("untied", "tied"):
+                    s = mine[f"{data}_{cell}_r{r}_{emb}"]
+                    t = s["train"]
+                    assert t["arch"] == f"restricted_{cell}_lm"
+                    assert t["sharing-rate"] == r
+                    if emb == "tied":
+                        assert t["share-decoder-input-output-embed"] is True and t["dropout"] == 0.2
+                    else:
+                        assert not t.get("share-decoder-input-output-embed") and t["dropout"] == 0.0
+    run = rx.Run("restricted_rnn_lm", "wt2_gru_r0.3_tied", specs["wt2_gru_r0.3_tied"], "/tmp/w", 3)
+    cmd = run.train_cmd()
+    assert cmd[cmd.index("--sharing-rate") + 1] == "0.3"
+    assert "--share-decoder-input-output-embed" in cmd
+    assert cmd[cmd.index("--seed") + 1] == "3" and cmd[1] == "data-bin/wikitext-2"
+
+
+def test_grid_forms_and_overrides():
+    cfg = {"experiment": "x", "task": "lm", "data": {"path": "d", "prepare": "p"},
+           "train": {"lr": 1.0, "task": "language_modeling"},
+           "runs": {"base": {"arch": "a0"}},
+           "grid": {"size": {"small": {"arch": "a1"}, "big": {"arch": "a2", "train": {"lr": 2.0}}},
+                    "r": {"values": [0, 0.5], "set": ["train.sharing-rate"], "label": "r{}"}}}
+    specs = rx.expand_runs(cfg)
+    assert list(specs) == ["base", "small_r0", "small_r0.5", "big_r0", "big_r0.5"]
+    assert specs["big_r0.5"]["train"] == {"lr": 2.0, "task": "language_modeling", "arch": "a2",
+                                          "sharing-rate": 0.5}
+    assert specs["base"]["train"]["lr"] == 1.0
+    for key, value in rx.parse_override("train.lr=0.25 train.cpu=true data.path=/x/y"):
+        rx.set_dotted(specs["base"], key, value)
+    assert specs["base"]["train"]["lr"] == 0.25 and specs["base"]["train"]["cpu"] is True
+    assert specs["base"]["data"]["path"] == "/x/y"
+    assert rx.options({"a": 1, "b": True, "c": False, "d": None, "e": [1, 2]}) == \
+        ["--a", "1", "--b", "--e", "1", "2"]
+    cfg["runs"]["small_r0"] = {"arch": "dup"}
+    with pytest.raises(rx.ConfigError, match="twice"):
+        rx.expand_runs(cfg)
+
+
+# ------------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_the_commands(capsys, tmp_path):
+    rc = rx.main([str(ROOT / "configs" / "iwslt14_group_rnnsearch.yaml"), "--dry-run",
+                  "--only", "k2", "k1?", "--seed", "7", "--work-dir", str(tmp_path),
+                  "--override", "train.max-epoch=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    train = [line for line in lines if "fairseq-train" in line]
+    assert len(train) == 2  # k2 and k16
+    assert "--arch group_rnnsearch_k2" in train[0] and "--arch group_rnnsearch_k16" in train[1]
+    assert all("--max-epoch 3" in t and "--seed 7" in t and "--keep-last-epochs 5" in t for t in train)
+    assert "seed7" in train[0]
+    assert sum("grnn_fairseq.average_checkpoints" in line and "--num-epoch-checkpoints 5" in line
+               for line in lines) == 2
+    gen = [line for line in lines if "fairseq-generate" in line]
+    assert len(gen) == 2 and all("--scoring sacrebleu" in g and "--beam 5" in g
+                                 and "--post-process sentencepiece" in g for g in gen)
+    assert sum("fairseq-score" in line for line in lines) == 2
+
+
+def test_unknown_run_is_an_error(capsys):
+    rc = rx.main([str(ROOT / "configs" / "quickstart.yaml"), "--dry-run", "--only", "nope"])
+    assert rc == 2
+    assert "no run matches nope" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_prepare_script(capsys, tmp_path):
+    rc = rx.main([str(ROOT / "configs" / "ptb_group_lstm_lm.yaml"), "--only", "k2",
+                  "--work-dir", str(tmp_path), "--results", str(tmp_path / "r.tsv"),
+                  "--override", f"data.path={tmp_path / 'no-such-data'}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no-such-data" in err and "does not exist" in err
+    assert "bash scripts/prepare-ptb.sh" in err
+    assert not (tmp_path / "r.tsv").exists() and not (tmp_path / "ptb_group_lstm_lm").exists()
+
+
+# ------------------------------------------------------------------------- a real run
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAVE_FAIRSEQ and HAVE_SPM), reason="needs fairseq and sentencepiece")
+def test_tiny_run_appends_a_well_formed_row(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sample = ROOT / "data" / "debian-sample" / "deen"
+    for split, n in (("train", 300), ("valid", 16), ("test", 12)):
+        for lang in ("de", "en"):
+            lines = (sample / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+            (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, str(SCRIPTS / "spm_binarize.py"), str(raw), str(tmp_path / "bin"),
+                    "--src", "de", "--tgt", "en", "--vocab-size", "400"], check=True,
+                   capture_output=True, env=_env())
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+experiment: tiny
+task: translation
+data: {{path: {tmp_path / 'bin' / 'data-bin'}, prepare: python scripts/spm_binarize.py ...}}
+env: {{OMP_NUM_THREADS: 1}}
+train:
+  arch: group_rnnsearch_k2
+  encoder-layers: 1
+  decoder-layers: 1
+  encoder-embed-dim: 16
+  decoder-embed-dim: 16
+  encoder-hidden-size: 16
+  decoder-hidden-size: 16
+  attention-dim: 16
+  task: translation
+  source-lang: de
+  target-lang: en
+  optimizer: adam
+  lr: 0.005
+  max-tokens: 2000
+  max-epoch: 1
+  cpu: true
+  num-workers: 0
+average: 2
+generate: {{beam: 2, batch-size: 8, post-process: sentencepiece, max-len-b: 10}}
+metrics: [sacrebleu, tokenized_bleu]
+tokenized_bleu: {{tokenizer: 13a}}
+interactive:
+  inputs: [Bibliothek für XML]
+  options: {{bpe: sentencepiece, sentencepiece-model: {tmp_path / 'bin' / 'spm.model'}, max-len-b: 10}}
+runs:
+  k2: {{}}
+""", encoding="utf-8")
+    results = tmp_path / "results.tsv"
+    rc = rx.main([str(config), "--work-dir", str(tmp_path / "work"), "--results", str(results),
+                  "--seed", "3", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "Bibliothek für XML" in out and "->" in out  # the interactive translation
+    with open(results, encoding="utf-8", newline="") as f:
+        assert f.readline().rstrip("\n").split("\t") == list(rx.COLUMNS)
+    with open(results, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["experiment"], row["run"], row["task"], row["seed"]) == ("tiny", "k2", "translation", "3")
+    assert row["arch"] == "group_rnnsearch_k2" and row["groups"] == "2" and row["cell"] == "lstm"
+    assert 0 <= float(row["bleu"]) <= 100 and 0 <= float(row["bleu_tok"]) <= 100
+    assert row["epochs"] == "1" and int(row["updates"]) > 0
+    assert float(row["train_wps"]) > 0 and float(row["train_wall_s"]) > 0
+    assert row["device"].startswith("cpu") and row["date"]
+    for tool in ("fairseq-train", "average_checkpoints", "fairseq-generate", "fairseq-score",
+                 "fairseq-interactive"):
+        assert tool in row["commands"]
+    assert "averaged 1 of 2" in row["notes"]
+    assert row["rouge1"] == row["ppl"] == ""
+
+    # params: exactly the trainable parameters of the averaged checkpoint's model
+    import grnn_fairseq  # noqa: F401
+    from fairseq import checkpoint_utils
+    from grnn_fairseq.params import count_parameters
+
+    save = tmp_path / "work" / "tiny" / "k2" / "seed3"
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save / "averaged.pt")], arg_overrides={"data": str(tmp_path / "bin" / "data-bin")})
+    assert int(row["params"]) == count_parameters(models[0])["total"]
+    assert (save / "train.log").is_file() and (save / "generate-test.txt").is_file()
+
+    # the report reads the real row
+    report.write_report([str(results)], tmp_path / "report")
+    assert "| k2 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_tiny_lm_run_reports_perplexity(tmp_path, capsys):
+    text = (ROOT / "data" / "debian-sample" / "deen" / "train.en").read_text(encoding="utf-8").splitlines()
+    for split, lines in (("train", text[:200]), ("valid", text[200:230]), ("test", text[230:260])):
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    subprocess.run([str(Path(sys.executable).parent / "fairseq-preprocess"), "--only-source",
+                    "--trainpref", str(tmp_path / "train.txt"), "--validpref", str(tmp_path / "valid.txt"),
+                    "--testpref", str(tmp_path / "test.txt"), "--destdir", str(tmp_path / "bin")],
+                   check=True, capture_output=True, env=_env())
+    config = tmp_path / "lm.yaml"
+    config.write_text(f"""
+experiment: tinylm
+task: lm
+data: {{path: {tmp_path / 'bin'}, prepare: bash scripts/prepare-ptb.sh}}
+env: {{OMP_NUM_THREADS: 1}}
+train: {{task: language_modeling, tokens-per-sample: 20, sample-break-mode: none, batch-size: 16,
+        optimizer: sgd, lr: 5, clip-norm: 0.25, max-epoch: 1, criterion: cross_entropy, cpu: true,
+        num-workers: 0, decoder-embed-dim: 8, decoder-hidden-size: 8, decoder-layers: 2}}
+average: 1
+eval_lm: {{gen-subset: test, batch-size: 16}}
+grid:
+  cell: {{gru: {{arch: restricted_gru_lm}}}}
+  r: {{values: [0.5], set: train.sharing-rate, label: "r{{}}"}}
+""", encoding="utf-8")
+    results = tmp_path / "r.tsv"
+    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results", str(results),
+                    "--quiet"]) == 0, capsys.readouterr()
+    with open(results, encoding="utf-8", newline="") as f:
+        (row,) = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert row["run"] == "gru_r0.5" and row["task"] == "lm" and row["cell"] == "gru"
+    assert float(row["sharing_rate"]) == 0.5 and row["tied"] == "no"
+    assert float(row["ppl"]) > 1 and abs(2 ** float(row["loss"]) - float(row["ppl"])) < 0.01 * float(row["ppl"])
+    assert "fairseq-eval-lm" in row["commands"] and row["bleu"] == ""
+    from grnn_fairseq.params import build_architecture, count_parameters
+
+    vocab = len((tmp_path / "bin" / "dict.txt").read_text().splitlines()) + 4  # + bos, pad, eos, unk
+    vocab += (-vocab) % 8  # fairseq-preprocess pads the dictionary to a multiple of 8
+    model = build_architecture("restricted_gru_lm", vocab=vocab, overrides=[
+        "--decoder-embed-dim", "8", "--decoder-hidden-size", "8", "--decoder-layers", "2",
+        "--sharing-rate", "0.5"])
+    assert int(row["params"]) == count_parameters(model)["total"]
+
+
+def _env():
+    import os
+
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def _fake_results(path):
+    rows = []
+    for k, params, wps, bleu in ((1, 6244712, 3000, 30.1), (2, 4344168, 3600, 29.5),
+                                 (4, 3393896, 4100, 28.7)):
+        rows.append({"experiment": "groups", "run": f"k{k}", "task": "translation",
+                     "data": "data-bin/iwslt14.de-en", "arch": "a", "cell": "lstm", "groups": k,
+                     "rearrangement": "both", "sharing_rate": 0.0, "tied": "decoder",
+                     "params": params, "bleu": bleu, "bleu_tok": bleu + 1, "train_wall_s": 100,
+                     "train_wps": wps, "epochs": 3, "updates": 30, "device": "cpu", "seed": 1})
+    for cell in ("rnn", "lstm"):
+        for r, params, ppl in ((0, 964800, 120.0), (0.5, 542700, 125.0), (1, 120600, 140.0)):
+            rows.append({"experiment": "rates", "run": f"ptb_{cell}_r{r}_tied", "task": "lm",
+                         "data": "data-bin/ptb", "arch": f"restricted_{cell}_lm", "cell": cell,
+                         "groups": 1, "rearrangement": "none", "sharing_rate": r, "tied": "yes",
+                         "params": params, "ppl": ppl, "seed": 1})
+    rows.append(dict(rows[-1], ppl=150.0, seed=2))  # a second seed of one run: averaged
+    for row in rows:
+        rx.append_row(path, row)
+
+
+def test_report_writes_markdown_and_plots(tmp_path, capsys):
+    tsv = tmp_path / "results.tsv"
+    _fake_results(tsv)
+    assert report.main([str(tsv), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## groups" in md and "## rates" in md
+    assert "| k4 |" in md and "4,344,168" in md and "29.50" in md
+    assert "145.00 ± 7.07" in md  # two seeds: mean and standard deviation
+    if HAVE_MPL:
+        assert (tmp_path / "out" / "groups_groups.png").stat().st_size > 0
+        assert (tmp_path / "out" / "rates_sharing_rate.png").stat().st_size > 0
+        assert "![groups_groups](groups_groups.png)" in md
+
+
+def test_report_without_matplotlib_still_writes_markdown(tmp_path, capsys, monkeypatch):
+    tsv = tmp_path / "results.tsv"
+    _fake_results(tsv)
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    assert report.main([str(tsv), "--out", str(tmp_path / "out")]) == 0
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert "| ptb_rnn_r0.5_tied |" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_log_parsers():
+    log = "\n".join([
+        "2026-01-01 | INFO | train | epoch 001 | loss 9 | wps 1000 | num_updates 10 | train_wall 10 | wall 12",
+        "2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8 | wps 5000",
+        "2026-01-01 | INFO | train | epoch 002 | loss 8 | wps 3000 | num_updates 20 | train_wall 10 | wall 25",
+        "==== resumed",  # a finished run started again: a one-second stub of epoch 2
+        "2026-01-01 | INFO | train | epoch 002 | loss 8 | wps 10 | num_updates 20 | train_wall 0 | wall 1",
+    ])
+    assert rx.parse_train_log(log) == {"epochs": 2, "updates": 20, "wps": 2000.0}
+    gen = "S-1\tquelle\nT-1\tref one\nH-1\t-0.5\tpiece s\nD-1\t-0.5\thyp one\nT-0\tref zero\nD-0\t-1\t\n" \
+          "Generate test with beam=5: BLEU = 12.34 40/20/10/5 (BP = 1.0)\n"
+    hyps, refs, scores = rx.parse_generate(gen)
+    assert (hyps, refs, scores["bleu"]) == (["", "hyp one"], ["ref zero", "ref one"], 12.34)
+    scores = rx.parse_generate("Generate test with beam=5: ROUGE-1 35.12 ROUGE-2 16.40 ROUGE-L 32.90")[2]
+    assert (scores["rouge1"], scores["rouge2"], scores["rougeL"]) == (35.12, 16.40, 32.90)
+    assert rx.parse_eval_lm("x | Loss (base 2): 6.6439, Perplexity: 100.02") == {"loss": 6.6439, "ppl": 100.02}
+
+
+def test_append_row_keeps_one_header(tmp_path):
+    tsv = tmp_path / "r.tsv"
+    rx.append_row(tsv, {"experiment": "e", "run": "a", "commands": "x\ty\nz"})
+    rx.append_row(tsv, {"experiment": "e", "run": "b"})
+    lines = tsv.read_text().splitlines()
+    assert len(lines) == 3 and lines[0].split("\t") == list(rx.COLUMNS)
+    assert all(len(line.split("\t")) == len(rx.COLUMNS) for line in lines)
