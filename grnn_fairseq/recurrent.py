@@ -85,10 +85,12 @@ class RecurrentLayer(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out, finals
 
-    def step(self, x_t, state):
+    def step(self, x_t, state, weights=None):
         """One step of a unidirectional layer (incremental decoding).
-        x_t: [B, I]; state: tuple of [K, B, m] -> (h_t [B, H], new state)."""
-        w_ih, w_hh, b_ih, b_hh = self.directions[0]()
+        x_t: [B, I]; state: tuple of [K, B, m]; weights: this layer's assembled weights
+        (``self.directions[0]()``, computed once for many steps) or None
+        -> (h_t [B, H], new state)."""
+        w_ih, w_hh, b_ih, b_hh = weights if weights is not None else self.directions[0]()
         gx = engine.project_input(x_t, w_ih, b_ih)
         h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
                                              self.cell, self.time_shuffle, self.backend)
@@ -191,16 +193,22 @@ class RecurrentStack(nn.Module):
             finals.append(final)
         return x, self._join_state(finals)
 
-    def step(self, x_t, states):
+    def step_weights(self):
+        """Every layer's assembled weights, for :meth:`step`: a loop over time steps gathers
+        the restricted pools once instead of at every step."""
+        return [layer.directions[0]() for layer in self.layers]
+
+    def step(self, x_t, states, weights=None):
         """One time step of a unidirectional stack (incremental decoding).
         x_t: [B, I]; states: per layer a tuple of [K, B, m] (``zero_state`` layout without
-        the direction level) -> (h_t of the top layer [B, H], new states)."""
+        the direction level); weights: ``step_weights()`` or None
+        -> (h_t of the top layer [B, H], new states)."""
         new_states = []
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x_t = self.dropout(x_t)
                 if self.layer_shuffle:
                     x_t = rearrange(x_t, self.groups)
-            x_t, s = layer.step(x_t, states[i])
+            x_t, s = layer.step(x_t, states[i], None if weights is None else weights[i])
             new_states.append(s)
         return x_t, new_states

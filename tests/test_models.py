@@ -543,3 +543,22 @@ def test_bad_options_name_the_option(arch, overrides, option):
     vocab = dict(vocab=40) if arch in LM_ARCHS else dict(src_vocab=40, tgt_vocab=40)
     with pytest.raises(ValueError, match=option):
         build_architecture(arch, overrides=overrides, device="meta", **vocab)
+
+
+def test_decoder_gathers_restricted_weights_once_per_forward(monkeypatch):
+    """The decoder's time loop reuses the assembled restricted weights of every layer."""
+    from grnn_fairseq.params import build_architecture
+    from grnn_fairseq.restricted import RestrictedWeights
+
+    model = build_architecture("restricted_rnnsearch", 30, 30, device="cpu", overrides=[
+        "--encoder-embed-dim", "8", "--decoder-embed-dim", "8", "--encoder-hidden-size", "8",
+        "--decoder-hidden-size", "8", "--attention-dim", "8"])
+    calls = []
+    orig = RestrictedWeights.forward
+    monkeypatch.setattr(RestrictedWeights, "forward", lambda self: calls.append(1) or orig(self))
+    src = torch.randint(4, 30, (2, 5))
+    prev = torch.randint(4, 30, (2, 9))
+    model(src, torch.tensor([5, 5]), prev)
+    enc = 2 * 2  # 2 encoder layers x 2 directions, once each
+    dec = 2      # 2 decoder layers, once for all 9 steps
+    assert len(calls) == enc + dec

@@ -201,9 +201,10 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         values, keys, pad = encoder_out["values"], encoder_out["keys"], encoder_out["padding_mask"]
         emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
         tops, contexts, attns = [], [], []
+        rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
         for y in emb.unbind(0):
             context, weights = self.attention(from_grouped(states[-1][0]), keys, values, pad)
-            top, states = self.rnn.step(torch.cat([y, context], dim=-1), states)
+            top, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
             tops.append(top)
             contexts.append(context)
             attns.append(weights)
