@@ -29,7 +29,7 @@ setup(
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1"],
         # triton: the fused GPU kernels; CI tests them on CPU through TRITON_INTERPRET=1
-        "test": ["pytest>=7", "pytest-timeout",
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib",
                  "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
         # scripts/report.py plots; sacremoses: Moses-tokenized BLEU as Gao et al. report it

@@ -426,3 +426,61 @@ def test_append_row_keeps_one_header(tmp_path):
     lines = tsv.read_text().splitlines()
     assert len(lines) == 3 and lines[0].split("\t") == list(rx.COLUMNS)
     assert all(len(line.split("\t")) == len(rx.COLUMNS) for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAVE_FAIRSEQ and HAVE_SPM), reason="needs fairseq and sentencepiece")
+def test_tiny_summarization_run_on_the_real_sample_reports_rouge(tmp_path, capsys):
+    """Summarization on the shipped Debian sample (description -> synopsis): a tiny
+    group_rnnsearch_k2, one epoch, fairseq-generate --scoring rouge, one row with ROUGE."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sample = ROOT / "data" / "debian-sample" / "summ"
+    for split, n in (("train", 300), ("valid", 16), ("test", 12)):
+        for side in ("src", "tgt"):
+            lines = (sample / f"{split}.{side}").read_text(encoding="utf-8").splitlines()[:n]
+            (raw / f"{split}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, str(SCRIPTS / "spm_binarize.py"), str(raw), str(tmp_path / "bin"),
+                    "--src", "src", "--tgt", "tgt", "--vocab-size", "400"], check=True,
+                   capture_output=True, env=_env())
+    config = tmp_path / "summ.yaml"
+    config.write_text(f"""
+experiment: tinysumm
+task: summarization
+data: {{path: {tmp_path / 'bin' / 'data-bin'}, prepare: python scripts/spm_binarize.py ...}}
+env: {{OMP_NUM_THREADS: 1}}
+train:
+  arch: group_rnnsearch_gigaword_k2
+  encoder-layers: 1
+  decoder-layers: 1
+  encoder-embed-dim: 16
+  decoder-embed-dim: 16
+  encoder-hidden-size: 16
+  decoder-hidden-size: 16
+  attention-dim: 16
+  task: translation
+  source-lang: src
+  target-lang: tgt
+  optimizer: adam
+  lr: 0.005
+  max-tokens: 3000
+  max-epoch: 1
+  cpu: true
+  num-workers: 0
+average: 1
+generate: {{beam: 2, batch-size: 8, post-process: sentencepiece, max-len-b: 12}}
+metrics: [rouge]
+runs:
+  k2: {{}}
+""", encoding="utf-8")
+    results = tmp_path / "results.tsv"
+    rc = rx.main([str(config), "--work-dir", str(tmp_path / "work"), "--results", str(results),
+                  "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    with open(results, encoding="utf-8", newline="") as f:
+        row = next(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert row["task"] == "summarization" and row["bleu"] == ""
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert 0 <= float(row[key]) <= 100
+    assert "--scoring rouge" in row["commands"]
