@@ -215,19 +215,25 @@ def test_missing_data_names_the_prepare_script(capsys, tmp_path):
 # ------------------------------------------------------------------------- a real run
 
 
+def binarize_sample_subset(tmp_path, corpus, src, tgt):
+    """The first 300 / 16 / 12 pairs of the shipped sample, sentencepiece + fairseq-preprocess
+    into tmp_path/bin (data-bin and spm.model)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sample = ROOT / "data" / "debian-sample" / corpus
+    for split, n in (("train", 300), ("valid", 16), ("test", 12)):
+        for side in (src, tgt):
+            lines = (sample / f"{split}.{side}").read_text(encoding="utf-8").splitlines()[:n]
+            (raw / f"{split}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, str(SCRIPTS / "spm_binarize.py"), str(raw), str(tmp_path / "bin"),
+                    "--src", src, "--tgt", tgt, "--vocab-size", "400"], check=True,
+                   capture_output=True, env=_env())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAVE_FAIRSEQ and HAVE_SPM), reason="needs fairseq and sentencepiece")
 def test_tiny_run_appends_a_well_formed_row(tmp_path, capsys):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    sample = ROOT / "data" / "debian-sample" / "deen"
-    for split, n in (("train", 300), ("valid", 16), ("test", 12)):
-        for lang in ("de", "en"):
-            lines = (sample / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
-            (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    subprocess.run([sys.executable, str(SCRIPTS / "spm_binarize.py"), str(raw), str(tmp_path / "bin"),
-                    "--src", "de", "--tgt", "en", "--vocab-size", "400"], check=True,
-                   capture_output=True, env=_env())
+    binarize_sample_subset(tmp_path, "deen", "de", "en")
     config = tmp_path / "tiny.yaml"
     config.write_text(f"""
 experiment: tiny
@@ -433,16 +439,7 @@ def test_append_row_keeps_one_header(tmp_path):
 def test_tiny_summarization_run_on_the_real_sample_reports_rouge(tmp_path, capsys):
     """Summarization on the shipped Debian sample (description -> synopsis): a tiny
     group_rnnsearch_k2, one epoch, fairseq-generate --scoring rouge, one row with ROUGE."""
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    sample = ROOT / "data" / "debian-sample" / "summ"
-    for split, n in (("train", 300), ("valid", 16), ("test", 12)):
-        for side in ("src", "tgt"):
-            lines = (sample / f"{split}.{side}").read_text(encoding="utf-8").splitlines()[:n]
-            (raw / f"{split}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    subprocess.run([sys.executable, str(SCRIPTS / "spm_binarize.py"), str(raw), str(tmp_path / "bin"),
-                    "--src", "src", "--tgt", "tgt", "--vocab-size", "400"], check=True,
-                   capture_output=True, env=_env())
+    binarize_sample_subset(tmp_path, "summ", "src", "tgt")
     config = tmp_path / "summ.yaml"
     config.write_text(f"""
 experiment: tinysumm
