@@ -185,13 +185,17 @@ class RecurrentStack(nn.Module):
         states = self._split_state(state, x.shape[1], x)
         finals = []
         for i, layer in enumerate(self.layers):
-            if i > 0:
-                x = self.dropout(x)
-                if self.layer_shuffle:
-                    x = rearrange(x, self.groups)
-            x, final = layer(x, states[i], mask)
+            x, final = layer(self._layer_input(i, x), states[i], mask)
             finals.append(final)
         return x, self._join_state(finals)
+
+    def _layer_input(self, i, x):
+        """What layer i reads: the previous layer's output after dropout and, with
+        ``layer`` / ``both`` rearrangement, the channel shuffle (the first layer: x)."""
+        if i == 0:
+            return x
+        x = self.dropout(x)
+        return rearrange(x, self.groups) if self.layer_shuffle else x
 
     def step_weights(self):
         """Every layer's assembled weights, for :meth:`step`: a loop over time steps gathers
@@ -205,10 +209,7 @@ class RecurrentStack(nn.Module):
         -> (h_t of the top layer [B, H], new states)."""
         new_states = []
         for i, layer in enumerate(self.layers):
-            if i > 0:
-                x_t = self.dropout(x_t)
-                if self.layer_shuffle:
-                    x_t = rearrange(x_t, self.groups)
-            x_t, s = layer.step(x_t, states[i], None if weights is None else weights[i])
+            x_t, s = layer.step(self._layer_input(i, x_t), states[i],
+                                None if weights is None else weights[i])
             new_states.append(s)
         return x_t, new_states

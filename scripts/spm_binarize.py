@@ -1,21 +1,31 @@
 #!/usr/bin/env python
-"""Sentencepiece + fairseq-preprocess for a folder of raw parallel text.
+"""Sentencepiece + fairseq-preprocess for a folder of raw parallel text, such as the shipped
+sample (data/debian-sample/deen or .../summ) or a corpus folder of prepare_debian.py.
 
-    python scripts/spm_binarize.py RAW_DIR OUT_DIR --src de --tgt en --vocab-size 4000
+    python scripts/spm_binarize.py data/debian-sample/deen work/quickstart/data --src de --tgt en
+    python scripts/spm_binarize.py data/debian-sample/summ work/summ --src src --tgt tgt
 
-RAW_DIR holds {train,valid,test}.{src,tgt} (one segment per line).  Writes OUT_DIR/spm.model,
-OUT_DIR/spm/{split}.{lang} and OUT_DIR/data-bin (joined dictionary).  Finished steps are
-skipped on a rerun; the data-bin is built in a temporary folder and renamed at the end,
-so an interrupted run never leaves a data-bin that looks finished.
+RAW_DIR holds {train,valid,test}.{SRC,TGT}.  Writes OUT_DIR/spm (model and encoded text) and
+OUT_DIR/data-bin (joined dictionary, spm.model copied in).  The steps are prepare_debian.py's
+own: each is built in a temporary folder, renamed into place with a .done key (inputs and
+options), skipped when up to date and rebuilt when anything changed.
 """
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-SPLITS = ("train", "valid", "test")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prepare_debian as pd  # noqa: E402
+
+
+def corpus_of(src, tgt):
+    """prepare_debian's corpus name and language for a (src, tgt) pair of file suffixes."""
+    if (src, tgt) == ("src", "tgt"):
+        return "summ", "en"
+    if tgt == "en" and src != "en":
+        return "deen", src
+    raise SystemExit(f"error: --src {src} --tgt {tgt}: use LANG -> en translation "
+                     "(--src de --tgt en) or summarization (--src src --tgt tgt)")
 
 
 def main(argv=None):
@@ -25,50 +35,31 @@ def main(argv=None):
     p.add_argument("--src", required=True)
     p.add_argument("--tgt", required=True)
     p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--spm-sentences", type=int, default=2_000_000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="rebuild steps that are up to date")
     a = p.parse_args(argv)
-    missing = [str(a.raw / f"{s}.{l}") for s in SPLITS for l in (a.src, a.tgt)
-               if not (a.raw / f"{s}.{l}").is_file()]
+    a.joined_dictionary = True
+    corpus, lang = corpus_of(a.src, a.tgt)
+    missing = [str(a.raw / f"{s}.{x}") for s in pd.SPLITS for x in (a.src, a.tgt)
+               if not (a.raw / f"{s}.{x}").is_file()]
     if missing:
         sys.exit(f"error: missing raw files: {', '.join(missing)} (build them with "
                  "scripts/prepare-debian.sh or point RAW_DIR at a folder that has them)")
-    import sentencepiece as spm
-
-    a.out.mkdir(parents=True, exist_ok=True)
-    model = a.out / "spm.model"
-    if not model.exists():
-        tmp_prefix = a.out / "spm.tmp"
-        spm.SentencePieceTrainer.train(
-            input=[str(a.raw / f"train.{l}") for l in (a.src, a.tgt)], model_prefix=str(tmp_prefix),
-            vocab_size=a.vocab_size, model_type="unigram", character_coverage=1.0,
-            input_sentence_size=200000, shuffle_input_sentence=True, minloglevel=2)
-        os.replace(f"{tmp_prefix}.vocab", a.out / "spm.vocab")
-        os.replace(f"{tmp_prefix}.model", model)
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    enc = a.out / "spm"
-    enc.mkdir(exist_ok=True)
-    for s in SPLITS:
-        for l in (a.src, a.tgt):
-            dst = enc / f"{s}.{l}"
-            if not dst.exists():
-                lines = (a.raw / f"{s}.{l}").read_text(encoding="utf-8").splitlines()
-                tmp = dst.with_suffix(dst.suffix + ".tmp")
-                tmp.write_text("".join(" ".join(sp.encode(x, out_type=str)) + "\n" for x in lines),
-                               encoding="utf-8")
-                os.replace(tmp, dst)
-    bin_dir = a.out / "data-bin"
-    if not (bin_dir / ".done").exists():
-        tmp = a.out / "data-bin.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["fairseq-preprocess", "--source-lang", a.src, "--target-lang", a.tgt,
-                        "--trainpref", str(enc / "train"), "--validpref", str(enc / "valid"),
-                        "--testpref", str(enc / "test"), "--destdir", str(tmp),
-                        "--joined-dictionary", "--workers", str(a.workers)], check=True,
-                       stdout=subprocess.DEVNULL)
-        (tmp / ".done").touch()
-        shutil.rmtree(bin_dir, ignore_errors=True)
-        os.replace(tmp, bin_dir)
-    print(bin_dir)
+    raw_key = pd._digest([(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                          for f in sorted(a.raw.iterdir()) if f.is_file()])
+    spm_key = pd._digest({"raw": raw_key, "vocab": a.vocab_size, "type": a.spm_type,
+                          "cov": a.character_coverage, "n": a.spm_sentences})
+    try:
+        pd.run_step(a.out / "spm", spm_key, a.force, "sentencepiece",
+                    lambda tmp: pd.train_and_encode_spm(a.raw, tmp, corpus, lang, a))
+        pd.run_step(a.out / "data-bin", pd._digest({"spm": spm_key}), a.force, "fairseq-preprocess",
+                    lambda tmp: pd.binarize(a.out / "spm", tmp, corpus, lang, a))
+    except pd.CorpusError as err:
+        sys.exit(f"error: {err}")
+    print(a.out / "data-bin")
 
 
 if __name__ == "__main__":

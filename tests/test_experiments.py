@@ -217,7 +217,7 @@ def test_missing_data_names_the_prepare_script(capsys, tmp_path):
 
 def binarize_sample_subset(tmp_path, corpus, src, tgt):
     """The first 300 / 16 / 12 pairs of the shipped sample, sentencepiece + fairseq-preprocess
-    into tmp_path/bin (data-bin and spm.model)."""
+    into tmp_path/bin/data-bin (spm.model inside)."""
     raw = tmp_path / "raw"
     raw.mkdir()
     sample = ROOT / "data" / "debian-sample" / corpus
@@ -264,7 +264,7 @@ metrics: [sacrebleu, tokenized_bleu]
 tokenized_bleu: {{tokenizer: 13a}}
 interactive:
   inputs: [Bibliothek für XML]
-  options: {{bpe: sentencepiece, sentencepiece-model: {tmp_path / 'bin' / 'spm.model'}, max-len-b: 10}}
+  options: {{bpe: sentencepiece, sentencepiece-model: {tmp_path / 'bin' / 'data-bin' / 'spm.model'}, max-len-b: 10}}
 runs:
   k2: {{}}
 """, encoding="utf-8")
