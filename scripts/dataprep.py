@@ -12,9 +12,10 @@ Every run goes through the same stages:
 1. *fetch*: each archive of the dataset comes from ``--archive PATH`` (or the
    ``GRNN_ARCHIVES`` environment variable), else from the download cache
    (``--cache-dir``, default ``$GRNN_DATA_CACHE`` or ``work/downloads``), else it is
-   downloaded there.  Its sha256 is checked against ``ARCHIVES`` below, the single
-   checksum table; a mismatch is a hard error.  Archives whose checksum we could not
-   pin are refused unless ``--no-verify`` (or ``--checksum NAME=SHA256``) is given.
+   downloaded there.  Its sha256 (and md5, where a maintained registry publishes one)
+   is checked against ``ARCHIVES`` below, the single checksum table; a mismatch is a
+   hard error.  Archives with no checksum at all are refused unless ``--no-verify`` (or
+   ``--checksum NAME=SHA256``) is given.
 2. *extract*: only the needed members, found by their path in the archive.
 3. dataset specific text steps (cleaning, splitting), *spm* (sentencepiece training)
    and *encode* for the subword datasets.
@@ -72,6 +73,8 @@ class PrepError(Exception):
 #   sha256="..."  -> enforced.  `pinned_from` says where the value comes from; none of
 #                    the values was re-computed by us from a real download (this project
 #                    is developed without internet access).
+#   md5="..."     -> enforced too (alone where no sha256 is known, or as a second,
+#                    independent check); `md5_from` names the registry it comes from.
 # ======================================================================================
 
 
@@ -83,6 +86,13 @@ class Archive:
     size: int | None          # bytes, when known (quick check for truncated files)
     pinned_from: str          # provenance of sha256/size
     manual: str = ""          # extra advice for getting the file by hand
+    md5: str | None = None    # a published md5, enforced as well
+    md5_from: str = ""        # provenance of md5
+
+
+def _sacrebleu(name: str) -> str:
+    return (f"sacrebleu's test-set registry (sacrebleu.dataset.DATASETS[{name!r}], "
+            "which verifies it on every download)")
 
 
 _TFDS = "tensorflow/datasets url_checksums (published there, not re-verified here)"
@@ -109,11 +119,13 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
     Archive("dev.tgz",
             ("http://data.statmt.org/wmt19/translation-task/dev.tgz",),
             "7a7deccf82ebb05ba508dba5eb21356492224e8f630ec4f992132b029b4b25e7", 38654961,
-            _TFDS, "the WMT19 dev archive (holds newstest2013 with all earlier test sets)"),
+            _TFDS, "the WMT19 dev archive (holds newstest2013 with all earlier test sets)",
+            md5="f2ec7af5947c19e0cacb3882eb208002", md5_from=_sacrebleu("wmt19/dev")),
     Archive("test-full.tgz",
             ("http://www.statmt.org/wmt14/test-full.tgz",),
             None, None, "TO BE VERIFIED",
-            "the full (3003 sentence) newstest2014, not test-filtered.tgz"),
+            "the full (3003 sentence) newstest2014, not test-filtered.tgz",
+            md5="a8cd784e006feb32ac6f3d9ec7eb389a", md5_from=_sacrebleu("wmt14/full")),
     Archive("summary.tar.gz",
             ("https://drive.usercontent.google.com/download?id=0B6N7tANPyVeBNmlSX19Ld2xDU1E"
              "&export=download&confirm=t",
@@ -126,7 +138,10 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
             "page instead of the file -- then download it in a browser"),
     Archive("simple-examples.tgz",
             ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",),
-            None, None, "TO BE VERIFIED", "Tomas Mikolov's RNNLM toolkit examples (PTB)"),
+            None, None, "TO BE VERIFIED", "Tomas Mikolov's RNNLM toolkit examples (PTB)",
+            md5="30177ea32e27c525793142b6bf2c8e2d",
+            md5_from="PaddlePaddle's PTB loaders (paddle.dataset.imikolov / "
+                     "paddle.text.datasets.Imikolov), which verify it on every download"),
     Archive("wikitext-2-v1.zip",
             ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
              "https://wikitext.smerity.com/wikitext-2-v1.zip"),
@@ -149,11 +164,17 @@ def fingerprint(obj) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    return file_digests(path)[0]
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(sha256, md5) of a file, read once."""
+    h, m = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+            m.update(block)
+    return h.hexdigest(), m.hexdigest()
 
 
 def normalize_ws(text: str) -> str:
@@ -414,7 +435,18 @@ class Fetcher:
                 f"and sha256 {arch.sha256}, found {size} bytes (truncated or a different "
                 f"file). {fix}")
         log(f"{arch.name}: computing sha256 of {size / 1e6:.1f} MB ...")
-        actual = sha256_file(path)
+        actual, actual_md5 = file_digests(path)
+        if arch.name not in self.overrides and arch.md5 is not None:
+            if actual_md5 != arch.md5:
+                raise PrepError(
+                    f"checksum mismatch for {arch.name} ({path}): expected md5 {arch.md5} "
+                    f"(published by {arch.md5_from}), got {actual_md5}. The file is corrupt, "
+                    "truncated or not the expected release. " + fix
+                    + " Use --no-verify only if you know the file is right.")
+            if expected is None:
+                log(f"{arch.name}: md5 OK ({arch.md5}); its sha256 is {actual} "
+                    "(not pinned in ARCHIVES yet)")
+                return
         if expected is None:
             raise PrepError(
                 f"no sha256 is pinned for {arch.name}: its entry in the ARCHIVES table of "
@@ -1188,6 +1220,8 @@ def print_checksums() -> None:
     for a in ARCHIVES.values():
         print(f"{a.name}\n  sha256: {a.sha256 or 'TO BE VERIFIED'}\n  size:   "
               f"{a.size or '?'}\n  from:   {a.pinned_from}\n  url:    {a.urls[0]}")
+        if a.md5:
+            print(f"  md5:    {a.md5}\n  from:   {a.md5_from}")
 
 
 def main(argv: list[str] | None = None) -> int:

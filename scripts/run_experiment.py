@@ -396,7 +396,7 @@ def run_logged(cmd, log_path, env, show=True, stdout_path=None, stdin_path=None)
     t0 = time.time()
     tail = []
     stdin = open(ROOT / stdin_path, "rb") if stdin_path else subprocess.DEVNULL
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:   # line-buffered: tail -f works
         log.write(f"==== {datetime.datetime.now().isoformat(timespec='seconds')} $ {shell(cmd, stdin_path)}\n")
         log.flush()
         out = open(stdout_path, "w", encoding="utf-8") if stdout_path else None

@@ -162,8 +162,31 @@ def test_checksum_table_lists_unverified(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0
     assert "TO BE VERIFIED" in proc.stdout and "wikitext-2-v1.zip" in proc.stdout
-    unverified = {a.name for a in dataprep.ARCHIVES.values() if a.sha256 is None}
-    assert unverified == {"de-en.tgz", "test-full.tgz", "simple-examples.tgz"}
+    no_sha = {a.name for a in dataprep.ARCHIVES.values() if a.sha256 is None}
+    assert no_sha == {"de-en.tgz", "test-full.tgz", "simple-examples.tgz"}
+    unchecked = {a.name for a in dataprep.ARCHIVES.values() if a.sha256 is None and a.md5 is None}
+    assert unchecked == {"de-en.tgz"}
+    assert "md5:    a8cd784e006feb32ac6f3d9ec7eb389a" in proc.stdout
+
+
+def test_md5_pins_agree_with_sacrebleu_registry():
+    """The WMT md5s in our table are the ones sacrebleu (an independent, maintained
+    registry that verifies them on every download) publishes for the same URLs."""
+    from sacrebleu.dataset import DATASETS
+
+    def registry(name):
+        d = DATASETS[name]
+        d = d if isinstance(d, dict) else vars(d)
+        return dict(zip(d["data"], d["md5"]))
+
+    for arch, key in (("test-full.tgz", "wmt14/full"), ("dev.tgz", "wmt19/dev")):
+        a = dataprep.ARCHIVES[arch]
+        published = registry(key)
+        assert len(published) == 1
+        url, md5 = next(iter(published.items()))
+        # same file: same path on the server (sacrebleu uses https and no www.)
+        assert url.split("statmt.org", 1)[1] == a.urls[0].split("statmt.org", 1)[1]
+        assert a.md5 == md5 and key in a.md5_from
 
 
 # ------------------------------------------------------------------------------ IWSLT14
@@ -303,12 +326,31 @@ def test_pinned_checksum_mismatch(fx, tmp_path):
 
 def test_unpinned_checksum_needs_no_verify(fx, tmp_path):
     out, _ = fx
+    arch = out / "de-en.tgz"
+    proc = run("prepare-iwslt14-de-en.sh", "--archive", str(arch), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "TO BE VERIFIED" in proc.stderr and "--no-verify" in proc.stderr
+    assert f"--checksum de-en.tgz={sha256(arch)}" in proc.stderr
+    _no_output(tmp_path)
+
+
+def test_published_md5_is_enforced(fx, tmp_path):
+    """simple-examples.tgz has no sha256 pinned but a published md5: the fixture is not
+    the real archive, so it is refused, naming the md5 and who publishes it."""
+    out, _ = fx
     arch = out / "simple-examples.tgz"
     proc = run("prepare-ptb.sh", "--archive", str(arch), cwd=tmp_path)
     assert proc.returncode == 1
-    assert "TO BE VERIFIED" in proc.stderr and "--no-verify" in proc.stderr
-    assert f"--checksum simple-examples.tgz={sha256(arch)}" in proc.stderr
+    md5 = hashlib.md5(arch.read_bytes()).hexdigest()
+    assert f"expected md5 {dataprep.ARCHIVES['simple-examples.tgz'].md5}" in proc.stderr
+    assert f"got {md5}" in proc.stderr and "PaddlePaddle" in proc.stderr
+    assert "Traceback" not in proc.stderr
     _no_output(tmp_path, "ptb")
+    # a sum given on the command line replaces the table's (sha256 and md5 alike)
+    ok = run("prepare-ptb.sh", "--archive", str(arch), "--checksum",
+             f"simple-examples.tgz={sha256(arch)}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "sha256 OK" in ok.stderr
 
 
 def test_corrupt_archive(fx, tmp_path):
