@@ -30,7 +30,7 @@ METRICS = {  # task -> [(column, label, lower is better)]
     "lm": [("ppl", "test perplexity", True)],
 }
 NUMERIC = ("params", "bleu", "bleu_tok", "rouge1", "rouge2", "rougeL", "ppl", "loss",
-           "train_wall_s", "train_wps", "epochs", "updates")
+           "train_wall_s", "train_wps", "gen_tps", "epochs", "updates")
 INSTALL_HINT = ("matplotlib is not installed, so no plots were drawn; install it with\n"
                 "    pip install matplotlib        (or: pip install -e \".[report]\")")
 
@@ -97,7 +97,7 @@ def cell(s, col, places=2):
         return f"{int(round(v))}"
     if col == "train_wall_s":
         return f"{v / 3600:.2f} h" if v >= 3600 else f"{v / 60:.1f} min"
-    if col == "train_wps":
+    if col in ("train_wps", "gen_tps"):
         return f"{v:,.0f}"
     text = f"{v:.{places}f}"
     std = s.get(col + "_std")
@@ -116,8 +116,10 @@ def metric_cols(runs):
 def markdown_table(runs):
     mcols = metric_cols(runs)
     seeds = any(s["n"] > 1 for s in runs)
+    gen = any(s.get("gen_tps") is not None for s in runs)
     head = (["run", "data", "arch", "K", "rearr.", "r", "tied", "params"] + [l for _, l, _ in mcols]
-            + ["train time", "tokens/s", "epochs", "device"] + (["seeds"] if seeds else []))
+            + ["train time", "train tok/s"] + (["generate tok/s"] if gen else [])
+            + ["epochs", "device"] + (["seeds"] if seeds else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in runs:
         data = Path(s.get("data") or "-").parts
@@ -125,7 +127,8 @@ def markdown_table(runs):
         row = [s["run"], data, f"`{s.get('arch') or '-'}`", s.get("groups") or "-",
                s.get("rearrangement") or "-", s.get("sharing_rate") or "-", s.get("tied") or "-",
                cell(s, "params")] + [cell(s, c) for c, _, _ in mcols]
-        row += [cell(s, "train_wall_s"), cell(s, "train_wps"), cell(s, "epochs"),
+        row += [cell(s, "train_wall_s"), cell(s, "train_wps")] + (
+            [cell(s, "gen_tps")] if gen else []) + [cell(s, "epochs"),
                 s.get("device") or "-"] + ([str(s["n"])] if seeds else [])
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)

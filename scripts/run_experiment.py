@@ -48,7 +48,8 @@ USER_DIR = ROOT / "grnn_fairseq"
 TASKS = ("translation", "summarization", "lm")
 COLUMNS = ("experiment", "run", "task", "data", "arch", "cell", "groups", "rearrangement",
            "sharing_rate", "tied", "params", "bleu", "bleu_tok", "rouge1", "rouge2", "rougeL",
-           "ppl", "loss", "train_wall_s", "train_wps", "epochs", "updates", "device", "seed",
+           "ppl", "loss", "train_wall_s", "train_wps", "gen_tps", "epochs", "updates", "device",
+           "seed",
            "date", "commands", "notes")
 # keys of a config that describe the experiment rather than one run
 META_KEYS = ("experiment", "description", "paper", "runs", "grid")
@@ -475,6 +476,9 @@ def parse_generate(text):
             for key, label in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
                 if (m := re.search(label + r" ([\d.]+)", line)):
                     scores[key] = float(m.group(1))
+        elif (m := re.search(r"Translated [\d,]+ sentences \([\d,]+ tokens\) in [\d.]+s "
+                             r"\([\d.]+ sentences/s, ([\d.]+) tokens/s\)", line)):
+            scores["gen_tps"] = float(m.group(1))   # generated tokens/s, beam search included
     ids = sorted(refs)
     return [hyps.get(i, "") for i in ids], [refs[i] for i in ids], scores
 
@@ -650,6 +654,9 @@ def execute(run, results, env, show):
                 raise CommandError(f"{run.name}: no score line in fairseq-generate's output ({rel(out)})")
             if show:
                 print("  " + scores["line"], flush=True)
+            # fairseq's speed line goes to its log (stderr), not to the hypotheses
+            log_text = (run.save_dir / f"generate-{run.subset}.log").read_text(errors="replace")
+            row["gen_tps"] = parse_generate(log_text.split("====")[-1])[2].get("gen_tps")
             if run.task == "translation":
                 row["bleu"] = scores.get("bleu")
             else:

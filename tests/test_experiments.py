@@ -285,6 +285,7 @@ runs:
     assert 0 <= float(row["bleu"]) <= 100 and 0 <= float(row["bleu_tok"]) <= 100
     assert row["epochs"] == "1" and int(row["updates"]) > 0
     assert float(row["train_wps"]) > 0 and float(row["train_wall_s"]) > 0
+    assert float(row["gen_tps"]) > 0
     assert row["device"].startswith("cpu") and row["date"]
     for tool in ("fairseq-train", "average_checkpoints", "fairseq-generate", "fairseq-score",
                  "fairseq-interactive"):
@@ -417,9 +418,14 @@ def test_log_parsers():
     ])
     assert rx.parse_train_log(log) == {"epochs": 2, "updates": 20, "wps": 2000.0}
     gen = "S-1\tquelle\nT-1\tref one\nH-1\t-0.5\tpiece s\nD-1\t-0.5\thyp one\nT-0\tref zero\nD-0\t-1\t\n" \
+          "2026-11-23 03:01:02 | INFO | fairseq_cli.generate | NOTE: hypothesis and token scores " \
+          "are output in base 2\n" \
+          "2026-11-23 03:01:02 | INFO | fairseq_cli.generate | Translated 736 sentences (9,874 " \
+          "tokens) in 31.4s (23.44 sentences/s, 314.46 tokens/s)\n" \
           "Generate test with beam=5: BLEU = 12.34 40/20/10/5 (BP = 1.0)\n"
     hyps, refs, scores = rx.parse_generate(gen)
     assert (hyps, refs, scores["bleu"]) == (["", "hyp one"], ["ref zero", "ref one"], 12.34)
+    assert scores["gen_tps"] == 314.46
     scores = rx.parse_generate("Generate test with beam=5: ROUGE-1 35.12 ROUGE-2 16.40 ROUGE-L 32.90")[2]
     assert (scores["rouge1"], scores["rouge2"], scores["rougeL"]) == (35.12, 16.40, 32.90)
     assert rx.parse_eval_lm("x | Loss (base 2): 6.6439, Perplexity: 100.02") == {"loss": 6.6439, "ppl": 100.02}
