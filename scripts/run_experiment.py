@@ -295,9 +295,12 @@ class Run:
                  "--save-dir", rel(self.save_dir), "--seed", str(self.seed)] + options(opts))
 
     def average_cmd(self, n):
-        return [sys_python(), "-m", "grnn_fairseq.average_checkpoints", "--inputs",
-                rel(self.save_dir), "--num-epoch-checkpoints", str(n), "--output",
-                rel(self.checkpoint)]
+        """Average the last ``n`` epoch checkpoints; n = 0: take checkpoint_last.pt alone
+        (a run stopped by max-update or stop-time-hours inside its first epoch)."""
+        inputs = ([rel(self.save_dir), "--num-epoch-checkpoints", str(n)] if n
+                  else [rel(self.save_dir / "checkpoint_last.pt")])
+        return [sys_python(), "-m", "grnn_fairseq.average_checkpoints", "--inputs", *inputs,
+                "--output", rel(self.checkpoint)]
 
     def _common_eval_opts(self):
         opts = dict(self.eval_opts)
@@ -346,7 +349,8 @@ class Run:
     def commands(self, n_average=None):
         """[(label, argv, stdin file or None)] in order."""
         cmds = [("train", self.train_cmd(), None),
-                ("average", self.average_cmd(n_average or self.average), None),
+                ("average", self.average_cmd(self.average if n_average is None else n_average),
+                 None),
                 ("evaluate", self.eval_cmd(), None)]
         if self.task == "translation" and "tokenized_bleu" in self.metrics:
             cmds.append(("score", self.score_cmd(), None))
@@ -625,11 +629,14 @@ def execute(run, results, env, show):
     train = parse_train_log(log_path.read_text(encoding="utf-8", errors="replace"))
 
     have = epoch_checkpoints(run.save_dir)
-    if not have:
-        raise CommandError(f"{run.name}: fairseq-train wrote no epoch checkpoint in "
-                           f"{rel(run.save_dir)} (train.no-save or train.no-epoch-checkpoints set?)")
+    if not have and (run.save_dir / "checkpoint_last.pt").exists():
+        notes.append("no epoch checkpoint (stopped inside epoch 1 by max-update or "
+                     "stop-time-hours): evaluated checkpoint_last.pt")
+    elif not have:
+        raise CommandError(f"{run.name}: fairseq-train wrote no checkpoint in "
+                           f"{rel(run.save_dir)} (train.no-save set?)")
     n = min(run.average, len(have))
-    if n < run.average:
+    if 0 < n < run.average:
         notes.append(f"averaged {n} of {run.average} checkpoints")
     cmds = run.commands(n_average=n)
     executed = [shell(train_cmd)]

@@ -310,8 +310,7 @@ runs:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
-def test_tiny_lm_run_reports_perplexity(tmp_path, capsys):
+def _tiny_lm_data(tmp_path):
     text = (ROOT / "data" / "debian-sample" / "deen" / "train.en").read_text(encoding="utf-8").splitlines()
     for split, lines in (("train", text[:200]), ("valid", text[200:230]), ("test", text[230:260])):
         (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -319,6 +318,11 @@ def test_tiny_lm_run_reports_perplexity(tmp_path, capsys):
                     "--trainpref", str(tmp_path / "train.txt"), "--validpref", str(tmp_path / "valid.txt"),
                     "--testpref", str(tmp_path / "test.txt"), "--destdir", str(tmp_path / "bin")],
                    check=True, capture_output=True, env=_env())
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_tiny_lm_run_reports_perplexity(tmp_path, capsys):
+    _tiny_lm_data(tmp_path)
     config = tmp_path / "lm.yaml"
     config.write_text(f"""
 experiment: tinylm
@@ -351,6 +355,36 @@ grid:
         "--decoder-embed-dim", "8", "--decoder-hidden-size", "8", "--decoder-layers", "2",
         "--sharing-rate", "0.5"])
     assert int(row["params"]) == count_parameters(model)["total"]
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_run_stopped_inside_the_first_epoch_is_evaluated(tmp_path, capsys):
+    """max-update inside epoch 1 leaves no epoch checkpoint: checkpoint_last.pt is
+    evaluated, and the row says so."""
+    _tiny_lm_data(tmp_path)
+    config = tmp_path / "lm.yaml"
+    config.write_text(f"""
+experiment: tinylm
+task: lm
+data: {{path: {tmp_path / 'bin'}}}
+env: {{OMP_NUM_THREADS: 1}}
+train: {{task: language_modeling, tokens-per-sample: 20, sample-break-mode: none, batch-size: 4,
+        optimizer: sgd, lr: 5, max-update: 3, max-epoch: 5, criterion: cross_entropy, cpu: true,
+        num-workers: 0, decoder-embed-dim: 8, decoder-hidden-size: 8, decoder-layers: 1}}
+average: 3
+eval_lm: {{gen-subset: test, batch-size: 16}}
+runs: {{lstm: {{arch: restricted_lstm_lm}}}}
+""", encoding="utf-8")
+    results = tmp_path / "r.tsv"
+    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results", str(results),
+                    "--quiet"]) == 0, capsys.readouterr()
+    save = tmp_path / "w" / "tinylm" / "lstm" / "seed1"
+    assert not list(save.glob("checkpoint[0-9]*.pt")) and (save / "checkpoint_last.pt").exists()
+    with open(results, encoding="utf-8", newline="") as f:
+        (row,) = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert row["updates"] == "3" and float(row["ppl"]) > 1
+    assert "evaluated checkpoint_last.pt" in row["notes"]
+    assert "checkpoint_last.pt --output" in row["commands"]
 
 
 def _env():
