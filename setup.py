@@ -18,6 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["grnn_fairseq", "grnn_fairseq.*"]),
+    # the fused CPU LSTM is compiled from this source at first use (needs g++ and ninja)
+    package_data={"grnn_fairseq.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.0",
         "numpy",
@@ -25,6 +27,7 @@ setup(
         "sacrebleu>=2.0",
         "rouge-score",
         "pyyaml",
+        "ninja",   # builds the fused CPU LSTM (grnn_fairseq/kernels/lstm_cpu.cpp) at first use
     ],
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1"],

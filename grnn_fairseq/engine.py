@@ -1,6 +1,6 @@
 """Recurrence engines: the time loop over canonical grouped weights.
 
-Three backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
+Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
 
 ``reference``
     The plain loop in PyTorch with autograd through every step.  It is the definition:
@@ -8,17 +8,23 @@ Three backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
 ``torch``
     The LSTM as one autograd node over the whole sequence (:class:`LSTMScan`): the forward
     loop runs without autograd on preallocated buffers, and the backward through time is
-    written by hand.  Default on CPU.
+    written by hand.  The fallback on CPU.
+``cpp``
+    The same node with both loops in C++ (:mod:`grnn_fairseq.kernels.cpu_lstm`, compiled
+    just in time at first use; needs a C++ compiler and ``ninja``): per step one batched
+    product and one fused, vectorised and threaded pointwise pass.  fp32 and fp64 (other
+    dtypes fall back to ``torch``).  Default on CPU when it builds.
 ``triton``
     Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one launch
     per time step that fuses the recurrent product, the time-step shuffle (read through
     the permuted index) and the pointwise cell.  Default for CUDA tensors when Triton is
     importable.
 
-``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is available,
-``torch`` otherwise, for the LSTM; the other cells always use ``reference``.  Force a
-backend with the ``backend=`` argument or the environment variable
-``GRNN_BACKEND=reference|torch|triton|auto`` (the argument wins).
+``auto`` (the default) picks, for the LSTM, ``triton`` for CUDA tensors when Triton is
+available, ``cpp`` for fp32 / fp64 CPU tensors when the extension builds (a failed build
+warns once and falls back to ``torch``), ``torch`` otherwise; the other cells always use
+``reference``.  Force a backend with the ``backend=`` argument or the environment variable
+``GRNN_BACKEND=reference|torch|cpp|triton|auto`` (the argument wins).
 
 Efficiency rules of the reference loop (shared by the others):
 
@@ -37,9 +43,10 @@ import torch
 from .cells import POINTWISE
 from .rearrangement import rearrange_grouped
 
-BACKENDS = ("auto", "reference", "torch", "triton")
-FUSED_CELLS = ("lstm",)  # cells with a torch / triton implementation
+BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
+FUSED_CELLS = ("lstm",)  # cells with a torch / cpp / triton implementation
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def project_input(x, weight_ih, bias_ih):
@@ -60,10 +67,24 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
     gx_t: [K, B, G*m]  state: tuple of [K, B, m]  weight_hh_t: [K, m, G*m] (transposed)
     bias_hh: [K, 1, G*m]  ->  (h_t [K, B, m], new state tuple)
     Without autograd (decoding) and unless the backend resolves to ``reference``, the LSTM
-    takes an in-place path; single steps never launch the Triton kernels.
+    takes an in-place path (the fused C++ step where ``cpp`` is asked for by name);
+    single steps never launch the Triton kernels.
     """
-    if cell == "lstm" and (backend or os.environ.get("GRNN_BACKEND")) != "reference" and not (
+    amp = autocast_dtype(gx_t.device.type)
+    if amp is not None:
+        with torch.autocast(gx_t.device.type, enabled=False):
+            return recurrent_step(gx_t.to(amp), tuple(s.to(amp) for s in state),
+                                  weight_hh_t.to(amp), bias_hh.to(amp), cell, time_shuffle,
+                                  backend)
+    name = backend or os.environ.get("GRNN_BACKEND") or "auto"
+    if cell == "lstm" and name != "reference" and not (
             torch.is_grad_enabled() and _any_requires_grad(gx_t, *state, weight_hh_t, bias_hh)):
+        # single steps: the in-place torch step is the default (on 2 threads it measured
+        # faster than the fused C++ step: scripts/bench_layer.py --modes decode); 'cpp'
+        # forced by name takes the C++ step
+        if name == "cpp" and gx_t.device.type == "cpu" and resolve_backend(
+                name, cell, gx_t.device, gx_t.dtype) == "cpp":
+            return _lstm_step_cpp(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
         return _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
     h_prev = rearrange_grouped(state[0]) if time_shuffle else state[0]
     gh = torch.baddbmm(bias_hh, h_prev, weight_hh_t)
@@ -94,7 +115,35 @@ def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
     return h, (h, c)
 
 
+def _lstm_step_cpp(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
+    """``recurrent_step`` for the LSTM without autograd, through the fused C++ loop (T=1)."""
+    from .kernels import cpu_lstm
+
+    h_prev, c_prev = state
+    k = h_prev.shape[0]
+    with torch.no_grad():
+        _, h, c, _, _ = cpu_lstm.load().forward(
+            gx_t.unsqueeze(0), h_prev, c_prev, weight_hh_t.transpose(1, 2), bias_hh.view(k, -1),
+            None, time_shuffle, False, False)
+    return h, (h, c)
+
+
 # --------------------------------------------------------------------------- dispatch
+def autocast_dtype(device_type):
+    """The dtype autocast computes in on ``device_type`` ('cpu' / 'cuda'), or None when
+    autocast is off there."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        on = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+              else torch.is_autocast_enabled())
+        if not on:
+            return None
+        return (torch.get_autocast_cpu_dtype() if device_type == "cpu"
+                else torch.get_autocast_gpu_dtype())
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available():
     """True when the Triton kernels can be imported (Triton installed and working)."""
@@ -105,13 +154,21 @@ def triton_available():
     return True
 
 
+def cpp_available():
+    """True when the fused CPU loops (backend ``cpp``) build and load.  Built at the first
+    call, then cached; a failure warns once and returns False."""
+    from .kernels import cpu_lstm
+
+    return cpu_lstm.available()
+
+
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend, cell, device, dtype=None):
     """The backend that runs ``cell`` on ``device``: ``backend`` (or $GRNN_BACKEND, or
-    ``auto``) resolved to ``reference``, ``torch`` or ``triton``."""
+    ``auto``) resolved to ``reference``, ``torch``, ``cpp`` or ``triton``."""
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
@@ -121,7 +178,18 @@ def resolve_backend(backend, cell, device, dtype=None):
     if name == "auto":
         if device.type == "cuda" and dtype in TRITON_DTYPES and triton_available():
             return "triton"
+        if device.type == "cpu" and dtype in CPP_DTYPES and cpp_available():
+            return "cpp"
         return "torch"
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpp' runs on CPU tensors (got {device.type}); use "
+                               "backend='triton' or 'torch' on the GPU")
+        if dtype is not None and dtype not in CPP_DTYPES:
+            return "torch"  # the C++ loops cover fp32 / fp64
+        from .kernels import cpu_lstm
+
+        cpu_lstm.load()  # a RuntimeError naming the cause and the fix if it cannot build
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs Triton: pip install triton")
@@ -142,7 +210,14 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
     (None: no padding)   reverse: visit t = T-1 .. 0.   backend: see :func:`resolve_backend`.
     Returns (out [T, K, B, m], final state).  Padded steps keep the state unchanged and
     output zeros, so padding on either side never changes the results of real tokens.
+    Under autocast (fairseq's --amp) the recurrence runs in autocast's dtype, as
+    torch.nn.LSTM does: every operand is cast to it and autocast is off inside.
     """
+    amp = autocast_dtype(gx.device.type)
+    if amp is not None:
+        with torch.autocast(gx.device.type, enabled=False):
+            return scan(gx.to(amp), tuple(s.to(amp) for s in state), weight_hh.to(amp),
+                        bias_hh.to(amp), cell, time_shuffle, mask, reverse, backend)
     name = resolve_backend(backend, cell, gx.device, gx.dtype)
     if name == "reference":
         return scan_reference(gx, state, weight_hh, bias_hh, cell, time_shuffle, mask, reverse)
@@ -151,6 +226,9 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
         out, h, c = lstm_scan_triton(gx, state[0], state[1], weight_hh, bias_hh, mask,
                                      time_shuffle, reverse)
         return out, (h, c)
+    if name == "cpp":
+        return lstm_scan_cpp(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle,
+                             reverse)
     return lstm_scan_torch(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle, reverse)
 
 
@@ -400,4 +478,49 @@ def lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=Fals
         with torch.no_grad():
             out, h_t, c_t, _ = _lstm_forward(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle,
                                              reverse, save=False)
+    return out.view(t_len, b, k, -1).transpose(1, 2), (h_t, c_t)
+
+
+# --------------------------------------------------------------------------- cpp LSTM
+class CppLSTMScan(torch.autograd.Function):
+    """``LSTMScan`` with the forward and backward loops in C++ (backend ``cpp``): the same
+    inputs, outputs, gradients and saved tensors (``hs`` through save_for_backward)."""
+
+    @staticmethod
+    def forward(ctx, gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse):
+        from .kernels import cpu_lstm
+
+        out, h_t, c_t, fac, hs = cpu_lstm.load().forward(gx, h0, c0, weight_hh, bias_hh, mask,
+                                                         time_shuffle, reverse, True)
+        ctx.fac = fac
+        ctx.save_for_backward(weight_hh, hs)
+        ctx.mask, ctx.time_shuffle, ctx.reverse = mask, time_shuffle, reverse
+        return out, h_t, c_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_h, d_c):
+        from .kernels import cpu_lstm
+
+        weight_hh, hs = ctx.saved_tensors
+        grads = cpu_lstm.load().backward(ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c,
+                                         ctx.time_shuffle, ctx.reverse)
+        return tuple(grads) + (None, None, None)
+
+
+def lstm_scan_cpp(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=False,
+                  reverse=False):
+    """``scan`` for the LSTM, backend ``cpp``: -> (out [T, K, B, m], (h_T, c_T))."""
+    t_len, k, b, _ = gx.shape
+    if t_len == 0 or b == 0:
+        return lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse)
+    if torch.is_grad_enabled() and _any_requires_grad(gx, h0, c0, weight_hh, bias_hh):
+        out, h_t, c_t = CppLSTMScan.apply(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle,
+                                          reverse)
+    else:
+        from .kernels import cpu_lstm
+
+        with torch.no_grad():
+            out, h_t, c_t, _, _ = cpu_lstm.load().forward(gx, h0, c0, weight_hh, bias_hh, mask,
+                                                          time_shuffle, reverse, False)
     return out.view(t_len, b, k, -1).transpose(1, 2), (h_t, c_t)

@@ -109,7 +109,7 @@ class RecurrentStack(nn.Module):
         sharing_rate: r in [0, 1], one value or one per layer (0 = no restriction).
         bidirectional: D = 2 if set.
         dropout: dropout on the outputs of every layer but the last.
-        backend: recurrence engine, ``auto`` | ``reference`` | ``torch`` | ``triton``
+        backend: recurrence engine, ``auto`` | ``reference`` | ``torch`` | ``cpp`` | ``triton``
             (None: $GRNN_BACKEND, else ``auto``; see :mod:`grnn_fairseq.engine`).
     """
 

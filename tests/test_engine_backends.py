@@ -115,3 +115,33 @@ def test_decode_step_without_autograd_matches_reference():
 def test_stack_backend_argument_is_validated():
     with pytest.raises(ValueError, match="backend='cudnn' is not a recurrence backend"):
         RecurrentStack(4, 4, backend="cudnn")
+
+
+# --------------------------------------------------------------------------- autocast (--amp)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_autocast_runs_the_recurrence_in_autocast_dtype(backend):
+    """Under autocast (what fairseq's --amp turns on) the input projections come out in
+    bf16 while the weights stay fp32: the engine casts every operand to autocast's dtype
+    (as torch.nn.LSTM does) instead of failing on mixed dtypes.  Checked against fp32."""
+    torch.manual_seed(0)
+    stack = RecurrentStack(32, 32, num_layers=2, groups=4, rearrangement="both",
+                           bidirectional=True, backend=backend)
+    x = torch.randn(6, 3, 32, requires_grad=True)
+    ref, ref_states = stack(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, states = stack(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.03, rtol=0.05)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in stack.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # single decoding steps (a unidirectional stack) under autocast too
+    uni = RecurrentStack(32, 32, num_layers=2, groups=4, rearrangement="both", backend=backend)
+    states = [d[0] for d in uni.zero_state(3, x)]
+    with torch.no_grad():
+        ref_h, _ = uni.step(x[0], states, uni.step_weights())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = uni.step(x[0], states, uni.step_weights())
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), ref_h, atol=0.03, rtol=0.05)

@@ -461,6 +461,28 @@ def test_rnnsearch_reduced_precision(dtype, cell):
     assert max_diff(step, out) < 0.03 * scale + 0.02
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnnsearch_under_autocast(cell):
+    """fp32 weights, autocast on (what fairseq's --amp does, here on the CPU in bf16):
+    the forward, the backward and incremental decoding run and stay close to fp32."""
+    model = build_mt(cell, 2, 0.5).float().train()
+    model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    _, src, lengths = source_batch((7, 2, 5, 1))
+    prev = prev_tokens(4, 5)
+    ref = model(src, lengths, prev)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(src, lengths, prev)[0]
+    out.float().sum().backward()
+    scale = ref.abs().max().item()
+    assert torch.isfinite(out.float()).all() and max_diff(out, ref) < 0.03 * scale + 0.02
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        step = incremental(model.decoder, prev, encoder_out=model.encoder(src, src_lengths=lengths))[0]
+    assert torch.isfinite(step.float()).all() and max_diff(step, ref) < 0.03 * scale + 0.02
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_lm_reduced_precision(dtype):
     model = build_lm("lstm", 2, 0.5, out_dim=12).float().eval()

@@ -162,7 +162,8 @@ def test_no_recompilation_for_new_lengths_or_batch_sizes():
 def test_dispatch(monkeypatch):
     monkeypatch.delenv("GRNN_BACKEND", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert engine.resolve_backend(None, "lstm", cpu, torch.float32) == "torch"
+    assert engine.resolve_backend(None, "lstm", cpu, torch.float32) == (
+        "cpp" if engine.cpp_available() else "torch")
     assert engine.resolve_backend(None, "lstm", cuda, torch.bfloat16) == "triton"
     assert engine.resolve_backend(None, "lstm", cuda, torch.float64) == "torch"
     assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "reference"

@@ -1,5 +1,8 @@
-"""Fused GPU kernels of the recurrence engine (optional: they need Triton).
+"""Fused kernels of the recurrence engine, loaded on demand by :mod:`grnn_fairseq.engine`:
 
-:mod:`.triton_lstm` is imported on demand by :mod:`grnn_fairseq.engine`; importing this
-package itself never requires Triton.
+* :mod:`.triton_lstm`: the GPU LSTM in Triton (optional: needs Triton);
+* :mod:`.cpu_lstm`: the CPU LSTM loops in C++ (``lstm_cpu.cpp``, compiled at first use;
+  needs a C++ compiler and ninja).
+
+Importing this package itself needs neither Triton nor a compiler.
 """

@@ -1,0 +1,110 @@
+"""Loader of the fused CPU LSTM loops (``lstm_cpu.cpp``, backend ``cpp`` of the engine).
+
+The C++ source ships with the package and is compiled just in time, at first use (never
+at import), by :func:`torch.utils.cpp_extension.load`: it needs a C++ compiler and
+``ninja``.  The build lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) under a name that hashes the source, the flags and the
+torch version, so a changed source or torch gets its own build; torch's loader holds a
+file lock while it builds, so processes starting together (multi-process training) build
+once and the others wait and load the result.
+
+The library keeps its large per-call buffers (tens of MB) in a small pool instead of
+returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the
+memory the pool keeps while unused, 0 disables it.
+"""
+import hashlib
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_cpu.cpp")
+_LINUX = sys.platform.startswith("linux")
+# -fno-trapping-math lets the compiler vectorise the clamps of exp (results unchanged);
+# OpenMP drives at::parallel_for (the library links the libgomp torch has already loaded)
+CFLAGS = ["-O3", "-fno-trapping-math"] + (["-fopenmp"] if _LINUX else [])
+LDFLAGS = ["-fopenmp"] if _LINUX else []
+FIX = ("the backend 'cpp' compiles a C++ extension at first use: it needs a C++ compiler "
+       "(e.g. apt-get install g++) and ninja (pip install ninja); or use "
+       "backend='torch' / GRNN_BACKEND=torch")
+
+# torch's loader holds a lock file while one process builds; a process killed mid-build
+# leaves it behind and every later one would wait forever.  A build takes well under a
+# minute, so a lock this old is stale.
+STALE_LOCK_SECONDS = 600
+
+_ops = None
+_error = None
+_warned = False
+
+
+def _remove_stale_lock(name):
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # torch's own build path
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except Exception:  # no lock (the usual case), or a torch without that helper
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing the stale build lock {lock} ({age / 60:.0f} minutes old; "
+                      "left by a process killed while it compiled)", RuntimeWarning)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+
+
+def _name():
+    with open(SOURCE, "rb") as f:
+        key = f.read() + repr((CFLAGS, LDFLAGS, torch.__version__)).encode()
+    return "grnn_lstm_cpu_" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def load():
+    """The compiled ops (``torch.ops.grnn_lstm_cpu``), built on the first call.  Raises
+    RuntimeError naming the cause and the fix when it cannot be built or loaded (the
+    failure is remembered: one attempt per process)."""
+    global _ops, _error
+    if _ops is not None:
+        return _ops
+    if _error is not None:
+        raise _error
+    try:
+        if not os.path.isfile(SOURCE):
+            raise FileNotFoundError(f"{SOURCE} is missing: this installed copy of grnn_fairseq "
+                                    "lacks its C++ source (install from a source checkout, "
+                                    "e.g. pip install -e .)")
+        from torch.utils.cpp_extension import load as load_extension, verify_ninja_availability
+
+        verify_ninja_availability()
+        _remove_stale_lock(_name())
+        load_extension(name=_name(), sources=[SOURCE], extra_cflags=CFLAGS,
+                       extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
+        _ops = torch.ops.grnn_lstm_cpu
+        _ops.forward, _ops.backward  # noqa: B018  (fails here if registration failed)
+    except Exception as e:  # no compiler, no ninja, compile or load error
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        errors = [line for line in lines
+                  if "error" in line.lower() or "not found" in line or "missing" in line]
+        cause = (errors[-1] if errors else lines[-1] if lines else "")[:400]
+        _error = RuntimeError(f"the fused CPU LSTM could not be built or loaded "
+                              f"({type(e).__name__}: {cause}); {FIX}")
+        _error.__cause__ = e
+        raise _error
+    return _ops
+
+
+def available():
+    """True when the extension loads (building it if needed); a failure warns once and
+    returns False, so that ``auto`` falls back to the ``torch`` backend."""
+    global _warned
+    try:
+        load()
+    except RuntimeError as e:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"{e}.  Falling back to backend 'torch'.", RuntimeWarning, stacklevel=3)
+        return False
+    return True

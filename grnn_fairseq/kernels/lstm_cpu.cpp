@@ -1,0 +1,585 @@
+// Fused CPU loops of the group-LSTM recurrence: backend ``cpp`` of grnn_fairseq.engine.
+//
+// The math, the inputs, the outputs and the gradients are those of engine.LSTMScan
+// (backend ``torch``).  Each time step is one batched product of the K groups
+// (at::bmm_out into a preallocated buffer) and ONE pointwise pass (at::parallel_for over
+// the batch rows; per row the K groups of m units: gates, cell, tanh, output, the factors
+// the backward needs, masking, and the time shuffle written into the next product's
+// operand).  The backward is the mirror image: one pass, then one product per step.  The
+// pointwise loops vectorise (exp in plain arithmetic) and are cloned for AVX2 / AVX-512.
+//
+// Shapes (H = K*m):  gx [T, K, B, 4m] (any strides, unit stride along the gates),
+// h0 / c0 [K, B, m], weight_hh [K, 4m, m], bias_hh [K, 4m], mask [T, B] (true: token).
+// Hidden states are flat [B, H] rows: hu[s] in unit order (unit j of group k at column
+// k*m + j), hs[s] in the time-shuffled order that the next product reads (the same unit
+// at column j*K + k, rearrangement.rearrange); hs is hu without the shuffle.  Slot
+// s = t + 1 holds the state after step t, slot 0 (forward) or T + 1 (reverse) the initial
+// state.  fac [K, T, B, 6m], per step and row: the factors that map (dh, dc) to the gate
+// gradients: g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o), o(1-tanh(c)^2), f.
+#include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Clones of the pointwise loops for wider vector units, picked when the library loads.
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__) && !defined(GRNN_NO_CLONES)
+#define GRNN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GRNN_CLONES
+#endif
+#define GRNN_INLINE inline __attribute__((always_inline))
+// the loops over the m units of a row carry no dependence (they read and write separate
+// rows and gate blocks): tell the vectoriser, whose alias checks would give up
+#if defined(__clang__)
+#define GRNN_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define GRNN_IVDEP _Pragma("GCC ivdep")
+#else
+#define GRNN_IVDEP
+#endif
+
+template <typename To, typename From>
+GRNN_INLINE To bit_cast(From x) {
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
+}
+
+// exp(x), x clamped to the range of normal results: plain arithmetic (no library call),
+// so that the loops below vectorise.  n = round(x / ln2) by the 1.5 * 2^p trick, the
+// remainder r = x - n ln2 (|r| <= ln2 / 2) in two parts, a Taylor polynomial for e^r
+// (relative error < 1e-7 in float, < 3e-16 in double) and 2^n built in the exponent bits.
+GRNN_INLINE float exp_(float x) {
+  x = x < -87.0f ? -87.0f : x;  // NaN passes through
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (bit_cast<int32_t>(t) - bit_cast<int32_t>(magic) + 127) << 23;
+  return p * bit_cast<float>(e);
+}
+
+GRNN_INLINE double exp_(double x) {
+  x = x < -708.0 ? -708.0 : x;
+  x = x > 709.0 ? 709.0 : x;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const double t = x * 1.4426950408889634074 + magic;
+  const double n = t - magic;
+  double r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 479001600;
+  p = p * r + 1.0 / 39916800;
+  p = p * r + 1.0 / 3628800;
+  p = p * r + 1.0 / 362880;
+  p = p * r + 1.0 / 40320;
+  p = p * r + 1.0 / 5040;
+  p = p * r + 1.0 / 720;
+  p = p * r + 1.0 / 120;
+  p = p * r + 1.0 / 24;
+  p = p * r + 1.0 / 6;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t e = (bit_cast<int64_t>(t) - bit_cast<int64_t>(magic) + 1023) << 52;
+  return p * bit_cast<double>(e);
+}
+
+template <typename T>
+GRNN_INLINE T sigmoid_(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+
+template <typename T>
+GRNN_INLINE T tanh_(T x) {  // 2 sigmoid(2x) - 1
+  return T(2) / (T(1) + exp_(T(-2) * x)) - T(1);
+}
+
+// ----------------------------------------------------------------------------- forward
+template <typename T>
+struct Fwd {               // one step
+  const T* pre;            // [K, B, 4m] recurrent product of the step (no bias)
+  const T* gx;             // gx[t]: row (k, b) at k * gx_sk + b * gx_sb
+  int64_t gx_sk, gx_sb;
+  const T* bias;           // [K, 4m]
+  const T* c_prev;         // [K, B, m]
+  T* c_new;                // [K, B, m]
+  const T* h_prev;         // [B, H] unit order
+  T* h_new;                // [B, H] unit order
+  T* hs_new;               // [B, H] shuffled order, or null (no shuffle)
+  T* out;                  // [B, H] output of the step, or null (it is h_new)
+  T* fac;                  // fac[:, t] (row (k, b) at k * fac_sk + b * 6m), or null
+  int64_t fac_sk;
+  const bool* keep;        // mask[t] ([B]), or null
+  int64_t K, B, m;
+};
+
+// The cell on one row of m units (restrict parameters: the loop vectorises).
+// pr / xr / br: product, input projection, bias of the 4 gates; cp / cn: c before / after;
+// hn: h after; fr: the 6 backward factors (SAVE).
+template <typename T, bool SAVE>
+GRNN_INLINE void cell_forward(int64_t m, const T* __restrict pr, const T* __restrict xr,
+                              const T* __restrict br, const T* __restrict cp, T* __restrict cn,
+                              T* __restrict hn, T* __restrict fr) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    const T i = sigmoid_(pr[j] + xr[j] + br[j]);
+    const T f = sigmoid_(pr[m + j] + xr[m + j] + br[m + j]);
+    const T g = tanh_(pr[2 * m + j] + xr[2 * m + j] + br[2 * m + j]);
+    const T o = sigmoid_(pr[3 * m + j] + xr[3 * m + j] + br[3 * m + j]);
+    const T c_prev = cp[j];
+    const T c = f * c_prev + i * g;
+    const T tc = tanh_(c);
+    cn[j] = c;
+    hn[j] = o * tc;
+    if constexpr (SAVE) {
+      fr[j] = g * i * (T(1) - i);
+      fr[m + j] = c_prev * f * (T(1) - f);
+      fr[2 * m + j] = i * (T(1) - g * g);
+      fr[3 * m + j] = tc * o * (T(1) - o);
+      fr[4 * m + j] = o * (T(1) - tc * tc);
+      fr[5 * m + j] = f;
+    }
+  }
+}
+
+// Channel shuffle of one flat row: s[j*K + k] = u[k*m + j] (u: unit order, s: the
+// order the next product reads); contiguous writes, the reads stay in L1.
+template <typename T>
+GRNN_INLINE void to_shuffled(const T* __restrict u, T* __restrict s, int64_t K, int64_t m) {
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t k = 0; k < K; ++k) s[j * K + k] = u[k * m + j];
+}
+
+// Batch rows [b0, b1) of one step: the K groups of a row, then its shuffled copy.
+template <typename T, bool SAVE>
+GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
+  const int64_t K = a.K, B = a.B, m = a.m, H = K * m;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* hn = a.h_new + b * H;
+    if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
+      std::copy(a.h_prev + b * H, a.h_prev + b * H + H, hn);
+      for (int64_t k = 0; k < K; ++k)
+        std::copy(a.c_prev + (k * B + b) * m, a.c_prev + (k * B + b) * m + m,
+                  a.c_new + (k * B + b) * m);
+      if (a.out) std::fill(a.out + b * H, a.out + b * H + H, T(0));
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        cell_forward<T, SAVE>(m, a.pre + (k * B + b) * 4 * m, a.gx + k * a.gx_sk + b * a.gx_sb,
+                              a.bias + k * 4 * m, a.c_prev + (k * B + b) * m,
+                              a.c_new + (k * B + b) * m, hn + k * m,
+                              SAVE ? a.fac + k * a.fac_sk + b * 6 * m : nullptr);
+      if (a.out) std::copy(hn, hn + H, a.out + b * H);
+    }
+    if (a.hs_new) to_shuffled(hn, a.hs_new + b * H, K, m);
+  }
+}
+
+// ---------------------------------------------------------------------------- backward
+template <typename T>
+struct Bwd {               // one step
+  const T* mg;             // [K, B, m] gradient of the later step's product operand
+  bool shuffle;            // mg is in shuffled order
+  T* scratch;              // [threads, H] a row of mg in unit order (shuffle)
+  const T* dout;           // [B, H] gradient of the step's output, or null
+  const T* fac;            // fac[:, t] as in Fwd, or null: only ph += mg (gradient of h0)
+  int64_t fac_sk;
+  T* dg;                   // dg[:, t]: row (k, b) at k * dg_sk + b * 4m
+  int64_t dg_sk;
+  double* dbias;           // [threads, K, 4m] partial sums of dg (the bias gradient)
+  int64_t threads;
+  T* ph;                   // [K, B, m] gradient of h not yet taken by a cell
+  T* gc;                   // [K, B, m] gradient of c
+  const bool* keep;
+  int64_t K, B, m;
+};
+
+// Row b of the shuffled-order operand gradient (held per group in mg [K, B, m]) in unit
+// order: u[k*m + j] = operand column q = j*K + k, read in order (q = kk*m + jj).
+template <typename T>
+GRNN_INLINE void from_shuffled(const T* mg, int64_t B, int64_t b, T* __restrict u, int64_t K,
+                               int64_t m) {
+  int64_t j = 0, k = 0;
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const T* __restrict src = mg + (kk * B + b) * m;
+    for (int64_t jj = 0; jj < m; ++jj) {
+      u[k * m + j] = src[jj];
+      if (++k == K) {
+        k = 0;
+        ++j;
+      }
+    }
+  }
+}
+
+// The backward of the cell on one row: ph holds dh (the total gradient of h_t, consumed:
+// reset to 0), gc the gradient of c_t (replaced by that of c_{t-1}); dg: the gates.
+template <typename T>
+GRNN_INLINE void cell_backward(int64_t m, const T* __restrict fr, T* __restrict ph,
+                               T* __restrict gc, T* __restrict dg) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    const T dh = ph[j];
+    const T dc = gc[j] + dh * fr[4 * m + j];
+    dg[j] = dc * fr[j];
+    dg[m + j] = dc * fr[m + j];
+    dg[2 * m + j] = dc * fr[2 * m + j];
+    dg[3 * m + j] = dh * fr[3 * m + j];
+    gc[j] = dc * fr[5 * m + j];
+    ph[j] = T(0);
+  }
+}
+
+template <typename T>
+GRNN_INLINE void add_row(T* __restrict y, const T* __restrict x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += x[j];
+}
+
+template <typename T>
+GRNN_INLINE void sum_row(double* __restrict y, const T* __restrict x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += double(x[j]);
+}
+
+// Batch rows [b0, b1) of one step of the backward.
+template <typename T>
+GRNN_INLINE void bwd_rows(const Bwd<T>& a, int64_t b0, int64_t b1) {
+  const int64_t K = a.K, B = a.B, m = a.m, H = K * m;
+  const int64_t tid = at::get_thread_num();
+  TORCH_CHECK(tid < a.threads, "grnn lstm_cpu: thread ", tid, " of ", a.threads);
+  T* u = a.shuffle ? a.scratch + tid * H : nullptr;
+  double* dbias = a.fac ? a.dbias + tid * K * 4 * m : nullptr;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (u) from_shuffled(a.mg, B, b, u, K, m);
+    const bool keep = !a.keep || a.keep[b];
+    for (int64_t k = 0; k < K; ++k) {
+      T* ph = a.ph + (k * B + b) * m;
+      add_row(ph, u ? u + k * m : a.mg + (k * B + b) * m, m);
+      if (!a.fac) continue;  // the final pass: d_h0 = ph
+      T* dg = a.dg + k * a.dg_sk + b * 4 * m;
+      if (!keep) {  // padded: dh passes on to h_{t-1}, dc to c_{t-1}
+        std::fill(dg, dg + 4 * m, T(0));
+        continue;
+      }
+      if (a.dout) add_row(ph, a.dout + b * H + k * m, m);
+      cell_backward(m, a.fac + k * a.fac_sk + b * 6 * m, ph, a.gc + (k * B + b) * m, dg);
+      sum_row(dbias + k * 4 * m, dg, 4 * m);
+    }
+  }
+}
+
+// One entry point per type and variant, each cloned for the vector widths.
+GRNN_CLONES void fwd_f_save(const Fwd<float>& a, int64_t s, int64_t e) { fwd_rows<float, true>(a, s, e); }
+GRNN_CLONES void fwd_f(const Fwd<float>& a, int64_t s, int64_t e) { fwd_rows<float, false>(a, s, e); }
+GRNN_CLONES void fwd_d_save(const Fwd<double>& a, int64_t s, int64_t e) { fwd_rows<double, true>(a, s, e); }
+GRNN_CLONES void fwd_d(const Fwd<double>& a, int64_t s, int64_t e) { fwd_rows<double, false>(a, s, e); }
+GRNN_CLONES void bwd_f(const Bwd<float>& a, int64_t s, int64_t e) { bwd_rows<float>(a, s, e); }
+GRNN_CLONES void bwd_d(const Bwd<double>& a, int64_t s, int64_t e) { bwd_rows<double>(a, s, e); }
+
+inline void run_rows(const Fwd<float>& a, bool save, int64_t s, int64_t e) {
+  save ? fwd_f_save(a, s, e) : fwd_f(a, s, e);
+}
+inline void run_rows(const Fwd<double>& a, bool save, int64_t s, int64_t e) {
+  save ? fwd_d_save(a, s, e) : fwd_d(a, s, e);
+}
+inline void run_rows(const Bwd<float>& a, int64_t s, int64_t e) { bwd_f(a, s, e); }
+inline void run_rows(const Bwd<double>& a, int64_t s, int64_t e) { bwd_d(a, s, e); }
+
+// batch rows per parallel task: at least ~4k units, so that small problems stay serial
+inline int64_t grain(int64_t h) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(h, 1)); }
+
+// out = a @ b over the K groups (dim 0).  With several threads and K a multiple of their
+// number, each thread takes whole groups (BLAS runs single-threaded inside the parallel
+// region): one parallel region, no split of a small product; otherwise BLAS threads it.
+inline void grouped_mm(Tensor& out, const Tensor& a, const Tensor& b) {
+  const int64_t K = a.size(0), threads = at::get_num_threads();
+  if (threads <= 1 || K % threads != 0 || at::in_parallel_region()) {
+    at::bmm_out(out, a, b);
+    return;
+  }
+  at::parallel_for(0, K, K / threads, [&](int64_t k0, int64_t k1) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    Tensor o = out.narrow(0, k0, k1 - k0);
+    at::bmm_out(o, a.narrow(0, k0, k1 - k0), b.narrow(0, k0, k1 - k0));
+  });
+}
+
+// [B, H] -> [K, B, m] view
+inline Tensor grouped(const Tensor& flat, int64_t k) {
+  return flat.view({flat.size(0), k, flat.size(1) / k}).transpose(0, 1);
+}
+
+// ------------------------------------------------------------------------ buffer pool
+// The large per-call buffers (state slots, saved factors, gate gradients: tens of MB) come
+// from a small pool: a freed buffer is kept for a later call rather than returned to the
+// OS, which would fault in fresh zeroed pages on the next call (measured: as much time as
+// the whole forward pass at K=16).  Blocks of 1 MiB and more; at most $GRNN_CPU_POOL_MB
+// (default 1024) MiB kept while free.
+class Pool final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    Block* blk = new Block(take(n));
+    return {blk->ptr, blk, &Pool::release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+  static Pool& get() {  // never destroyed: tensors may outlive the library's statics
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+  std::mutex mu_;
+  std::deque<Block> free_;  // oldest first
+  size_t free_bytes_ = 0;
+  size_t cap_;
+
+  Pool() {
+    const char* mb = std::getenv("GRNN_CPU_POOL_MB");
+    cap_ = size_t(mb ? std::max(0L, std::atol(mb)) : 1024) << 20;
+  }
+
+  Block take(size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)  // smallest fit, <= 2x
+        if (it->size >= n && it->size <= 2 * n && (best == free_.end() || it->size < best->size))
+          best = it;
+      if (best != free_.end()) {
+        const Block blk = *best;
+        free_bytes_ -= blk.size;
+        free_.erase(best);
+        return blk;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, std::max<size_t>(n, 64)) != 0 || p == nullptr)
+      TORCH_CHECK(false, "grnn lstm_cpu: out of memory allocating ", n, " bytes");
+    return {p, n};
+  }
+
+  static void release(void* ctx) {
+    Block* blk = static_cast<Block*>(ctx);
+    get().give(*blk);
+    delete blk;
+  }
+
+  void give(Block blk) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (blk.size > cap_) {
+        drop.push_back(blk.ptr);
+      } else {
+        free_.push_back(blk);
+        free_bytes_ += blk.size;
+        while (free_bytes_ > cap_) {
+          drop.push_back(free_.front().ptr);
+          free_bytes_ -= free_.front().size;
+          free_.pop_front();
+        }
+      }
+    }
+    for (void* p : drop) std::free(p);
+  }
+};
+
+// at::empty, through the pool for buffers of 1 MiB and more
+Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  int64_t n = c10::elementSize(opt.dtype().toScalarType());
+  for (int64_t s : sizes) n *= s;
+  if (n < (int64_t(1) << 20)) return at::empty(sizes, opt);
+  return at::detail::empty_generic(sizes, &Pool::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   opt.dtype().toScalarType(), std::nullopt);
+}
+
+// ----------------------------------------------------------------------------- drivers
+// -> (out [T, B, H], h_T [K, B, m], c_T [K, B, m], fac, hs); fac and hs are empty
+// tensors unless ``save``.  ``out`` is a view of hs when there is neither mask nor shuffle.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& gx_in, const Tensor& h0, const Tensor& c0, const Tensor& weight_hh,
+    const Tensor& bias_hh, const std::optional<Tensor>& mask_in, bool shuffle, bool reverse,
+    bool save) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(gx_in.dim() == 4 && gx_in.size(3) % 4 == 0, "gx must be [T, K, B, 4m]");
+  TORCH_CHECK(gx_in.device().is_cpu(), "grnn lstm_cpu runs on CPU tensors");
+  const int64_t T = gx_in.size(0), K = gx_in.size(1), B = gx_in.size(2), m = gx_in.size(3) / 4;
+  const int64_t H = K * m;
+  TORCH_CHECK(T > 0 && B > 0 && m > 0, "empty input");
+  TORCH_CHECK(h0.sizes() == c0.sizes() && h0.dim() == 3 && h0.size(0) == K && h0.size(1) == B &&
+              h0.size(2) == m, "h0 / c0 must be [K, B, m]");
+  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) == K && weight_hh.size(1) == 4 * m &&
+              weight_hh.size(2) == m, "weight_hh must be [K, 4m, m]");
+  TORCH_CHECK(bias_hh.numel() == K * 4 * m, "bias_hh must be [K, 4m]");
+  for (const Tensor* x : {&h0, &c0, &weight_hh, &bias_hh})
+    TORCH_CHECK(x->scalar_type() == gx_in.scalar_type() && x->device().is_cpu(),
+                "all tensors must be CPU tensors of gx's dtype");
+  const Tensor gx = gx_in.stride(3) == 1 ? gx_in : gx_in.contiguous();
+  const Tensor w_t = weight_hh.transpose(1, 2);  // [K, m, 4m]
+  const Tensor bias = bias_hh.contiguous();
+  Tensor keep;
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK(mask_in->dim() == 2 && mask_in->size(0) == T && mask_in->size(1) == B,
+                "mask must be [T, B]");
+    keep = mask_in->to(at::kBool).contiguous();
+  }
+  const auto opt = gx.options();
+  const int64_t slots = T + 2;
+  Tensor hu = empty_buffer({slots, B, H}, opt);
+  const int64_t hs_slots = save ? slots : 2;   // inference: two alternating slots suffice
+  Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
+  Tensor cs = empty_buffer({2, K, B, m}, opt);
+  Tensor pre = empty_buffer({K, B, 4 * m}, opt);
+  Tensor fac = save ? empty_buffer({K, T, B, 6 * m}, opt) : at::empty({0}, opt);
+  Tensor out = keep.defined() ? empty_buffer({T, B, H}, opt) : hu.narrow(0, 1, T);
+  const int64_t first = reverse ? T + 1 : 0, last = reverse ? 1 : T;
+  auto hs_slot = [&](int64_t s) { return shuffle ? hs[s % hs_slots] : hu[s]; };
+  grouped(hu[first], K).copy_(h0);
+  if (shuffle) hs_slot(first).view({B, m, K}).copy_(hu[first].view({B, K, m}).transpose(1, 2));
+  cs[first % 2].copy_(c0);
+
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_lstm_forward", [&] {
+    using T_ = scalar_t;
+    Fwd<T_> a{};
+    a.gx_sk = gx.stride(1);
+    a.gx_sb = gx.stride(2);
+    a.bias = bias.data_ptr<T_>();
+    a.pre = pre.data_ptr<T_>();
+    a.fac_sk = T * B * 6 * m;
+    a.K = K;
+    a.B = B;
+    a.m = m;
+    T_* hu_p = hu.data_ptr<T_>();
+    T_* hs_p = shuffle ? hs.data_ptr<T_>() : nullptr;
+    T_* cs_p = cs.data_ptr<T_>();
+    T_* out_p = keep.defined() ? out.data_ptr<T_>() : nullptr;
+    const T_* gx_p = gx.data_ptr<T_>();
+    for (int64_t n = 0; n < T; ++n) {
+      const int64_t t = reverse ? T - 1 - n : n;
+      const int64_t s_in = reverse ? t + 2 : t, s_out = t + 1;
+      grouped_mm(pre, grouped(hs_slot(s_in), K), w_t);
+      a.gx = gx_p + t * gx.stride(0);
+      a.c_prev = cs_p + (s_in % 2) * K * B * m;
+      a.c_new = cs_p + (s_out % 2) * K * B * m;
+      a.h_prev = hu_p + s_in * B * H;
+      a.h_new = hu_p + s_out * B * H;
+      a.hs_new = shuffle ? hs_p + (s_out % hs_slots) * B * H : nullptr;
+      a.out = out_p ? out_p + t * B * H : nullptr;
+      a.fac = save ? fac.data_ptr<T_>() + t * B * 6 * m : nullptr;
+      a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
+      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, save, s, e); });
+    }
+  });
+  Tensor h_t = empty_buffer({K, B, m}, opt).copy_(grouped(hu[last], K));
+  Tensor c_t = empty_buffer({K, B, m}, opt).copy_(cs[last % 2]);
+  return {out, h_t, c_t, fac, save ? hs : at::empty({0}, opt)};
+}
+
+// -> (d_gx [T, K, B, 4m] (a transposed view of [K, T, B, 4m]), d_h0, d_c0, d_weight_hh,
+// d_bias_hh).  d_out [T, B, H], d_h / d_c [K, B, m]: each optional.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const Tensor& fac, const Tensor& hs, const Tensor& weight_hh,
+    const std::optional<Tensor>& mask_in, const std::optional<Tensor>& d_out_in,
+    const std::optional<Tensor>& d_h, const std::optional<Tensor>& d_c, bool shuffle,
+    bool reverse) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(fac.dim() == 4 && fac.size(3) % 6 == 0 && fac.is_contiguous(), "bad fac");
+  const int64_t K = fac.size(0), T = fac.size(1), B = fac.size(2), m = fac.size(3) / 6;
+  const int64_t H = K * m;
+  TORCH_CHECK(hs.dim() == 3 && hs.size(0) == T + 2 && hs.size(1) == B && hs.size(2) == H &&
+              hs.is_contiguous(), "bad hs");
+  const auto opt = fac.options();
+  const Tensor w = weight_hh.contiguous();
+  Tensor keep, d_out;
+  if (mask_in.has_value() && mask_in->defined()) keep = mask_in->to(at::kBool).contiguous();
+  if (d_out_in.has_value() && d_out_in->defined())
+    d_out = d_out_in->reshape({T, B, H}).contiguous();
+  auto init = [&](const std::optional<Tensor>& x) {  // a gradient given, or zeros
+    Tensor y = empty_buffer({K, B, m}, opt);
+    return x.has_value() && x->defined() ? y.copy_(*x) : y.zero_();
+  };
+  Tensor ph = init(d_h), gc = init(d_c), mg = init(std::nullopt);
+  Tensor dg = empty_buffer({K, T, B, 4 * m}, opt);
+  const int64_t threads = at::get_num_threads();
+  Tensor scratch = at::empty({shuffle ? threads : 0, H}, opt);
+  Tensor dbias = at::zeros({threads, K, 4 * m}, opt.dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(fac.scalar_type(), "grnn_lstm_backward", [&] {
+    using T_ = scalar_t;
+    Bwd<T_> a{};
+    a.mg = mg.data_ptr<T_>();
+    a.shuffle = shuffle;
+    a.scratch = scratch.data_ptr<T_>();
+    a.dbias = dbias.data_ptr<double>();
+    a.threads = threads;
+    a.fac_sk = T * B * 6 * m;
+    a.dg_sk = T * B * 4 * m;
+    a.ph = ph.data_ptr<T_>();
+    a.gc = gc.data_ptr<T_>();
+    a.K = K;
+    a.B = B;
+    a.m = m;
+    for (int64_t n = 0; n < T; ++n) {
+      const int64_t t = reverse ? n : T - 1 - n;
+      a.dout = d_out.defined() ? d_out.data_ptr<T_>() + t * B * H : nullptr;
+      a.fac = fac.data_ptr<T_>() + t * B * 6 * m;
+      a.dg = dg.data_ptr<T_>() + t * B * 4 * m;
+      a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
+      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, s, e); });
+      grouped_mm(mg, dg.select(1, t), w);
+    }
+    a.fac = nullptr;  // d_h0 = ph + the gradient of the first step's operand
+    at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, s, e); });
+  });
+  // dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: the operand slots of consecutive steps are one
+  // [T*B, H] matrix whose grouped view the product reads in place
+  const Tensor h_in = hs.narrow(0, reverse ? 2 : 0, T).view({T * B, H});
+  Tensor d_w = at::bmm(dg.view({K, T * B, 4 * m}).transpose(1, 2), grouped(h_in, K));
+  Tensor d_b = dbias.sum(0).to(fac.scalar_type());
+  return {dg.transpose(0, 1), ph, gc, d_w, d_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(grnn_lstm_cpu, lib) {
+  lib.def("forward(Tensor gx, Tensor h0, Tensor c0, Tensor weight_hh, Tensor bias_hh, "
+          "Tensor? mask, bool shuffle, bool reverse, bool save) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+          &lstm_forward);
+  lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
+          "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+          &lstm_backward);
+}

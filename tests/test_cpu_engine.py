@@ -1,0 +1,241 @@
+"""The ``cpp`` engine backend (the LSTM loops in C++, built just in time) against the
+reference loop: outputs, final states and every gradient, in float64 (1e-10) and float32,
+with and without the time-step shuffle, padding on either side, both directions; then
+the edge cases (batch 1, T=1, T=0), inference, the decode step and the dispatch rules."""
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from grnn_fairseq import engine
+from grnn_fairseq.kernels import cpu_lstm
+from grnn_fairseq.recurrent import RecurrentStack
+
+if shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip("no C++ compiler (c++ or $CXX) on PATH: the cpp backend cannot be built",
+                allow_module_level=True)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Build (or load from the cache) once; a failure here names the cause."""
+    return cpu_lstm.load()
+
+
+def _problem(k, m, t_len, b, dtype, padding=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    p = dict(gx=rand(t_len, k, b, 4 * m), h0=rand(k, b, m), c0=rand(k, b, m),
+             w_hh=rand(k, 4 * m, m, scale=0.5), b_hh=rand(k, 4 * m, scale=0.5))
+    p = {n: v.requires_grad_() for n, v in p.items()}
+    mask = None
+    if padding and t_len >= 2:
+        mask = torch.ones(t_len, b, dtype=torch.bool)
+        mask[t_len - 2:, 0] = False          # right padding
+        mask[:2, b - 1] = False              # left padding (the same row when b == 1)
+    up = [rand(t_len, k, b, m), rand(k, b, m), rand(k, b, m)]
+    return p, mask, up
+
+
+def _run(backend, p, mask, up, shuffle, reverse, grad=True):
+    out, (h, c) = engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm",
+                              time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
+    if not grad:
+        return out, h, c
+    loss = (out * up[0]).sum() + (h * up[1]).sum() + (c * up[2]).sum()
+    return (out, h, c) + torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+
+
+def _compare(p, mask, up, shuffle, reverse, dtype):
+    ref = _run("reference", p, mask, up, shuffle, reverse)
+    got = _run("cpp", p, mask, up, shuffle, reverse)
+    names = ("out", "h_T", "c_T") + tuple(f"d_{n}" for n in p)
+    for name, a, b_ in zip(names, ref, got):
+        assert b_.dtype == a.dtype and b_.shape == a.shape, name
+        torch.testing.assert_close(b_, a, atol=TOL[dtype], rtol=TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
+@pytest.mark.parametrize("k,m", [(1, 5), (2, 6), (4, 8), (4, 6)])  # m % K != 0 included
+def test_cpp_matches_reference(k, m, shuffle, padding, reverse, dtype):
+    p, mask, up = _problem(k, m, 6, 3, dtype, padding)
+    _compare(p, mask, up, shuffle, reverse, dtype)
+
+
+@pytest.mark.parametrize("t_len,b", [(1, 3), (5, 1), (1, 1)], ids=["T1", "B1", "T1B1"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+def test_small_shapes(t_len, b, padding):
+    for reverse in (False, True):
+        p, mask, up = _problem(4, 8, t_len, b, torch.float64, padding)
+        _compare(p, mask, up, True, reverse, torch.float64)
+
+
+def test_fully_padded_rows_and_partial_upstream():
+    """A sequence that is all padding keeps its initial state; only h_T is used."""
+    p, _, up = _problem(2, 4, 5, 3, torch.float64)
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[:, 1] = False
+    mask[3:, 2] = False
+    ref, got = [engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True,
+                            mask, False, backend=be) for be in ("reference", "cpp")]
+    torch.testing.assert_close(got[1][0][:, 1], p["h0"][:, 1], atol=0, rtol=0)
+    g_ref = torch.autograd.grad(ref[1][0].square().sum(), list(p.values()), allow_unused=True)
+    g_got = torch.autograd.grad(got[1][0].square().sum(), list(p.values()), allow_unused=True)
+    for a, b_ in zip(g_ref, g_got):
+        if a is None:
+            assert b_ is None or not b_.abs().any()
+        else:
+            torch.testing.assert_close(b_, a, atol=1e-10, rtol=1e-10)
+
+
+def test_zero_length():
+    p, _, _ = _problem(4, 8, 0, 3, torch.float64)
+    out, (h, c) = engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True,
+                              backend="cpp")
+    assert out.shape == (0, 4, 3, 8)
+    torch.testing.assert_close(h, p["h0"])
+    torch.testing.assert_close(c, p["c0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_inference_matches_reference(dtype):
+    p, mask, up = _problem(4, 8, 6, 3, dtype, padding=True)
+    with torch.no_grad():
+        for shuffle in (False, True):
+            for reverse in (False, True):
+                ref = _run("reference", p, mask, up, shuffle, reverse, grad=False)
+                got = _run("cpp", p, mask, up, shuffle, reverse, grad=False)
+                for a, b_ in zip(ref, got):
+                    torch.testing.assert_close(b_, a, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_layer_with_non_contiguous_inputs_and_large_rows():
+    """Through RecurrentStack (strided gx from the input projection, both directions, two
+    layers), with enough rows (B*K) for the pointwise pass to be split between threads."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 40, 256, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(5, 40, dtype=torch.bool)   # True at padding
+    pad[3:, 1] = True
+    pad[:2, 7] = True
+    results = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(1)
+        stack = RecurrentStack(256, 256, num_layers=2, groups=4, rearrangement="both",
+                               bidirectional=True, backend=backend).double()
+        out, _ = stack(x, padding_mask=pad)[:2]
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), [x] + list(stack.parameters()))
+        results.append((out,) + grads)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(b_, a, atol=1e-10, rtol=1e-10)
+
+
+def test_decode_step_matches_reference():
+    torch.manual_seed(0)
+    stack = RecurrentStack(8, 8, num_layers=2, groups=4, backend="cpp").double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    states = [tuple(torch.randn_like(t) for t in s[0]) for s in stack.zero_state(3, x)]
+    h_ref, s_ref = stack.step(x, states)           # parameters require grad: reference path
+    with torch.no_grad():
+        h_got, s_got = stack.step(x, states)       # no autograd: the fused C++ step
+    torch.testing.assert_close(h_got, h_ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(s_ref, s_got):
+        for x1, x2 in zip(a, b):
+            torch.testing.assert_close(x2, x1, atol=1e-12, rtol=1e-12)
+
+
+def test_outputs_outlive_later_calls():
+    """Large buffers come from a pool: a result still referenced is never handed out again."""
+    p, _, _ = _problem(4, 64, 40, 32, torch.float32)   # buffers of MBs: pooled
+    with torch.no_grad():
+        first = _run("cpp", p, None, None, True, False, grad=False)
+        kept = [t.clone() for t in first]
+        for seed in (1, 2):
+            q, _, _ = _problem(4, 64, 40, 32, torch.float32, seed=seed)
+            _run("cpp", q, None, None, True, False, grad=False)
+    for a, b_ in zip(kept, first):
+        assert torch.equal(a, b_)
+
+
+def test_in_place_change_of_output_fails_backward():
+    p, _, _ = _problem(2, 4, 4, 2, torch.float64)
+    out, _ = engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm",
+                         backend="cpp")
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.mul_(2)
+        out.sum().backward()
+
+
+def test_dispatch(monkeypatch):
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert engine.resolve_backend(None, "lstm", cpu, torch.float32) == "cpp"
+    assert engine.resolve_backend("auto", "lstm", cpu, torch.float64) == "cpp"
+    assert engine.resolve_backend("auto", "lstm", cpu, torch.bfloat16) == "torch"
+    assert engine.resolve_backend("cpp", "lstm", cpu, torch.bfloat16) == "torch"
+    assert engine.resolve_backend("cpp", "gru", cpu, torch.float32) == "reference"
+    assert engine.resolve_backend("torch", "lstm", cpu, torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        engine.resolve_backend("cpp", "lstm", torch.device("cuda"), torch.float32)
+
+
+def test_build_failure_falls_back_or_raises(monkeypatch):
+    """auto: warn once and use ``torch``; forced: a RuntimeError naming the cause and fix."""
+    error = RuntimeError("the fused CPU LSTM could not be built or loaded (OSError: no "
+                         f"compiler); {cpu_lstm.FIX}")
+    monkeypatch.setattr(cpu_lstm, "_ops", None)
+    monkeypatch.setattr(cpu_lstm, "_error", error)
+    monkeypatch.setattr(cpu_lstm, "_warned", False)
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="Falling back to backend 'torch'"):
+        assert engine.resolve_backend("auto", "lstm", cpu, torch.float32) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # only once
+        assert engine.resolve_backend("auto", "lstm", cpu, torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="pip install ninja"):
+        engine.resolve_backend("cpp", "lstm", cpu, torch.float32)
+    monkeypatch.setenv("GRNN_BACKEND", "cpp")
+    p, _, _ = _problem(2, 4, 3, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm")
+
+
+def test_import_does_not_build():
+    code = ("import grnn_fairseq, grnn_fairseq.engine, grnn_fairseq.recurrent\n"
+            "from grnn_fairseq.kernels import cpu_lstm\n"
+            "assert cpu_lstm._ops is None and cpu_lstm._error is None\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """A process killed while compiling leaves torch's build lock behind, on which every
+    later process would wait forever: a lock older than STALE_LOCK_SECONDS is removed."""
+    code = ("import os, time, warnings\n"
+            "from torch.utils.cpp_extension import _get_build_directory\n"
+            "from grnn_fairseq.kernels import cpu_lstm\n"
+            "lock = os.path.join(_get_build_directory(cpu_lstm._name(), False), 'lock')\n"
+            "open(lock, 'w').close()\n"
+            "old = time.time() - cpu_lstm.STALE_LOCK_SECONDS - 60\n"
+            "os.utime(lock, (old, old))\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    cpu_lstm.load()\n"
+            "assert any('stale build lock' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+            "assert not os.path.exists(lock)\n")
+    # the same extension cache as the other tests (the build is reused, not redone)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
