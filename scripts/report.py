@@ -119,7 +119,7 @@ def markdown_table(runs):
     gen = any(s.get("gen_tps") is not None for s in runs)
     head = (["run", "data", "arch", "K", "rearr.", "r", "tied", "params"] + [l for _, l, _ in mcols]
             + ["train time", "train tok/s"] + (["generate tok/s"] if gen else [])
-            + ["epochs", "device"] + (["seeds"] if seeds else []))
+            + ["epochs", "updates", "device"] + (["seeds"] if seeds else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in runs:
         data = Path(s.get("data") or "-").parts
@@ -128,7 +128,7 @@ def markdown_table(runs):
                s.get("rearrangement") or "-", s.get("sharing_rate") or "-", s.get("tied") or "-",
                cell(s, "params")] + [cell(s, c) for c, _, _ in mcols]
         row += [cell(s, "train_wall_s"), cell(s, "train_wps")] + (
-            [cell(s, "gen_tps")] if gen else []) + [cell(s, "epochs"),
+            [cell(s, "gen_tps")] if gen else []) + [cell(s, "epochs"), cell(s, "updates"),
                 s.get("device") or "-"] + ([str(s["n"])] if seeds else [])
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
@@ -160,15 +160,23 @@ def plot_groups(plt, exp, runs, out_dir):
     panels += [(c, label, 1) for c, label, _ in mcols]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     series = defaultdict(list)
-    for s in pts:
-        series[(_data_label(s), s.get("rearrangement") or "-")].append(s)
+    for s in pts:  # one line per data set, model family (arch without _k<K>) and rearrangement
+        family = re.sub(r"_k\d+$", "", s.get("arch") or "-")
+        series[(_data_label(s), family, s.get("rearrangement") or "-")].append(s)
+    # a family run at one K only (e.g. restricted models with r = 0 in the same file) is no line
+    ks_of = defaultdict(set)
+    for (data, family, _), ss in series.items():
+        ks_of[(data, family)].update(s["groups_k"] for s in ss)
+    series = {key: ss for key, ss in series.items() if len(ks_of[key[:2]]) > 1}
     multi_data = len({k[0] for k in series}) > 1
+    multi_family = len({k[1] for k in series}) > 1
     for ax, (col, label, scale) in zip(axes[0], panels):
-        for (data, rearr), ss in sorted(series.items()):
+        for (data, family, rearr), ss in sorted(series.items()):
             ss = sorted((s for s in ss if s.get(col) is not None), key=lambda s: s["groups_k"])
             if not ss:
                 continue
-            name = (f"{data}, " if multi_data else "") + f"rearrangement {rearr}"
+            name = ((f"{data}, " if multi_data else "") + (f"{family}, " if multi_family else "")
+                    + f"rearrangement {rearr}")
             ax.plot([s["groups_k"] for s in ss], [s[col] * scale for s in ss], "o-", label=name)
         ax.set_xscale("log", base=2)
         ks = sorted({s["groups_k"] for s in pts})
@@ -208,6 +216,8 @@ def plot_sharing(plt, exp, runs, out_dir):
                 series[(s.get("cell") or "-", s.get("tied") or "-",
                         s.get("groups") or "1")].append(s)
         for (cellname, tied, k), ss in sorted(series.items()):
+            if len({s["r"] for s in ss}) < 2:
+                continue  # not a sweep over r (e.g. group-LSTM runs in the same file)
             ss = sorted(ss, key=lambda s: s["params"])
             name = f"{cellname}, tied {tied}" + (f", K={k}" if k not in ("1", "-") else "")
             ax.plot([s["params"] / 1e6 for s in ss], [s[col] for s in ss], "o-", label=name)
