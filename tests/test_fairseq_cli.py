@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import write_lines, write_reversal_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +84,6 @@ def max_weight_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 # --------------------------------------------------------------------------- data and models
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
@@ -96,13 +93,9 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mt_data(work):
     """De-En-like parallel data: target = source reversed, s<i> renamed t<i>."""
-    rng = random.Random(0)
     raw = work / "mt_raw"
-    raw.mkdir()
-    for split, n in (("train", N_TRAIN), ("valid", N_VALID), ("test", N_TEST)):
-        src = [[rng.choice(WORDS) for _ in range(rng.randint(3, 10))] for _ in range(n)]
-        write_lines(raw / f"{split}.de", [" ".join(s) for s in src])
-        write_lines(raw / f"{split}.en", [" ".join("t" + w[1:] for w in reversed(s)) for s in src])
+    write_reversal_corpus(raw, (("train", N_TRAIN), ("valid", N_VALID), ("test", N_TEST)),
+                          WORDS, max_len=10)
     dest = work / "mt_bin"
     run("preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
         "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", dest,

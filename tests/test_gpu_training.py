@@ -12,7 +12,6 @@ CUDA) with groups and the time-step rearrangement.
 """
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import write_reversal_corpus
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (fairseq's --fp16/--amp are CUDA-only)")
@@ -52,20 +52,11 @@ def run(name, *args):
     return out
 
 
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu")
-    rng = random.Random(0)
     raw = work / "raw"
-    raw.mkdir()
-    for split, n in (("train", 6000), ("valid", 200), ("test", 200)):
-        src = [[rng.choice(WORDS) for _ in range(rng.randint(3, 20))] for _ in range(n)]
-        write_lines(raw / f"{split}.de", [" ".join(s) for s in src])
-        write_lines(raw / f"{split}.en", [" ".join("t" + w[1:] for w in reversed(s)) for s in src])
+    write_reversal_corpus(raw, (("train", 6000), ("valid", 200), ("test", 200)), WORDS, max_len=20)
     dest = work / "bin"
     run("preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
         "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", dest,
