@@ -150,6 +150,20 @@ def _data_label(s):
     return parts[-1] if parts else "data"
 
 
+def group_series(pts):
+    """{(data, model family, rearrangement): runs}: the lines of the groups plot.  The
+    family is the arch without its _k<K> suffix; a family run at one K only (e.g.
+    restricted models with r = 0 in the same results file) draws no line."""
+    series = defaultdict(list)
+    for s in pts:
+        family = re.sub(r"_k\d+$", "", s.get("arch") or "-")
+        series[(_data_label(s), family, s.get("rearrangement") or "-")].append(s)
+    ks_of = defaultdict(set)
+    for (data, family, _), ss in series.items():
+        ks_of[(data, family)].update(s["groups_k"] for s in ss)
+    return {key: ss for key, ss in series.items() if len(ks_of[key[:2]]) > 1}
+
+
 def plot_groups(plt, exp, runs, out_dir):
     """Parameters, speed and metrics vs the number of groups (runs with r = 0)."""
     pts = [s for s in runs if s["groups_k"] is not None and not s["r"]]
@@ -159,15 +173,7 @@ def plot_groups(plt, exp, runs, out_dir):
     panels = [("params", "parameters (M)", 1e-6), ("train_wps", "train target tokens/s", 1)]
     panels += [(c, label, 1) for c, label, _ in mcols]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    series = defaultdict(list)
-    for s in pts:  # one line per data set, model family (arch without _k<K>) and rearrangement
-        family = re.sub(r"_k\d+$", "", s.get("arch") or "-")
-        series[(_data_label(s), family, s.get("rearrangement") or "-")].append(s)
-    # a family run at one K only (e.g. restricted models with r = 0 in the same file) is no line
-    ks_of = defaultdict(set)
-    for (data, family, _), ss in series.items():
-        ks_of[(data, family)].update(s["groups_k"] for s in ss)
-    series = {key: ss for key, ss in series.items() if len(ks_of[key[:2]]) > 1}
+    series = group_series(pts)
     multi_data = len({k[0] for k in series}) > 1
     multi_family = len({k[1] for k in series}) > 1
     for ax, (col, label, scale) in zip(axes[0], panels):

@@ -521,3 +521,23 @@ runs:
     for key in ("rouge1", "rouge2", "rougeL"):
         assert 0 <= float(row[key]) <= 100
     assert "--scoring rouge" in row["commands"]
+
+
+def test_group_plot_lines_skip_families_run_at_one_k(tmp_path):
+    """A results file with group LSTMs (K = 1, 2; two rearrangements) and restricted
+    models at r = 0 (K = 1 only): the groups plot draws the group family only."""
+    tsv = tmp_path / "mixed.tsv"
+    for run, arch, k, rearr, r in (("k1", "group_lstm_lm_k1", 1, "both", 0.0),
+                                   ("k2", "group_lstm_lm_k2", 2, "both", 0.0),
+                                   ("k2_none", "group_lstm_lm_k2", 2, "none", 0.0),
+                                   ("lstm_r0", "restricted_lstm_lm", 1, "none", 0.0),
+                                   ("lstm_r0.5", "restricted_lstm_lm", 1, "none", 0.5)):
+        rx.append_row(tsv, {"experiment": "mixed", "run": run, "task": "lm", "arch": arch,
+                            "data": "data-bin/debian/lm/data-bin", "groups": k,
+                            "rearrangement": rearr, "sharing_rate": r, "params": 1000 * (5 - k),
+                            "ppl": 200.0 + k, "seed": 1})
+    runs = report.aggregate(report.read_rows([tsv]))["mixed"]
+    pts = [s for s in runs if s["groups_k"] is not None and not s["r"]]
+    lines = report.group_series(pts)
+    assert sorted(lines) == [("lm", "group_lstm_lm", "both"), ("lm", "group_lstm_lm", "none")]
+    assert sorted(s["run"] for s in lines[("lm", "group_lstm_lm", "both")]) == ["k1", "k2"]
