@@ -15,10 +15,11 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     product and one fused, vectorised and threaded pointwise pass.  fp32 and fp64 (other
     dtypes fall back to ``torch``).  Default on CPU when it builds.
 ``triton``
-    Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one launch
-    per time step that fuses the recurrent product, the time-step shuffle (read through
-    the permuted index) and the pointwise cell.  Default for CUDA tensors when Triton is
-    importable.
+    Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one
+    persistent launch per sequence (a grid-wide barrier between time steps) that fuses
+    the recurrent product, the time-step shuffle (read through the permuted index) and
+    the pointwise cell; decoding steps are one launch per layer (:func:`fused_step`).
+    Default for CUDA tensors when Triton is importable.
 
 ``auto`` (the default) picks, for the LSTM, ``triton`` for CUDA tensors when Triton is
 available, ``cpp`` for fp32 / fp64 CPU tensors when the extension builds (a failed build
@@ -67,8 +68,8 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
     gx_t: [K, B, G*m]  state: tuple of [K, B, m]  weight_hh_t: [K, m, G*m] (transposed)
     bias_hh: [K, 1, G*m]  ->  (h_t [K, B, m], new state tuple)
     Without autograd (decoding) and unless the backend resolves to ``reference``, the LSTM
-    takes an in-place path (the fused C++ step where ``cpp`` is asked for by name);
-    single steps never launch the Triton kernels.
+    takes an in-place path (the fused C++ step where ``cpp`` is asked for by name); on
+    ``triton`` a layer's decoding step goes through :func:`fused_step` instead.
     """
     amp = autocast_dtype(gx_t.device.type)
     if amp is not None:
@@ -89,6 +90,30 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
     h_prev = rearrange_grouped(state[0]) if time_shuffle else state[0]
     gh = torch.baddbmm(bias_hh, h_prev, weight_hh_t)
     return POINTWISE[cell](gx_t, gh, state)
+
+
+def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
+               backend=None):
+    """One decoding step of a whole layer in one launch (input projection, recurrence and
+    cell fused), where a kernel for it exists: the LSTM without autograd on the ``triton``
+    backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
+    and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
+    recurrent_step)."""
+    if cell != "lstm" or (torch.is_grad_enabled() and _any_requires_grad(
+            x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
+        return None
+    amp = autocast_dtype(x_t.device.type)
+    dtype = amp if amp is not None else weight_hh.dtype
+    if resolve_backend(backend, cell, x_t.device, dtype) != "triton":
+        return None
+    from .kernels.triton_lstm import lstm_step_triton
+
+    with torch.autocast(x_t.device.type, enabled=False):
+        cast = (lambda t: t.to(dtype)) if amp is not None else (lambda t: t)
+        out, h, c = lstm_step_triton(cast(x_t), cast(state[0]), cast(state[1]),
+                                     cast(weight_ih), cast(bias_ih), cast(weight_hh),
+                                     cast(bias_hh), time_shuffle)
+    return out, (h, c)
 
 
 def _any_requires_grad(*tensors):

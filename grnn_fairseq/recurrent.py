@@ -91,6 +91,10 @@ class RecurrentLayer(nn.Module):
         (``self.directions[0]()``, computed once for many steps) or None
         -> (h_t [B, H], new state)."""
         w_ih, w_hh, b_ih, b_hh = weights if weights is not None else self.directions[0]()
+        fused = engine.fused_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
+                                  self.time_shuffle, self.backend)
+        if fused is not None:
+            return fused
         gx = engine.project_input(x_t, w_ih, b_ih)
         h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
                                              self.cell, self.time_shuffle, self.backend)

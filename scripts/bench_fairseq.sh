@@ -27,6 +27,11 @@
 #   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
 #   --gen-args "..."             extra fairseq-generate arguments
 #   --workdir DIR                keep checkpoints and logs there (default: a temp dir, removed)
+#   --warmup-updates N           first an untimed fairseq-train of N updates per model, so
+#                                that one-off costs stay out of the measured run: Triton
+#                                compiles a few kernel variants per layer shape in the first
+#                                minutes (then cached on disk), cuDNN picks its algorithms
+#                                (default 0; 100 recommended on a GPU)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,7 +53,7 @@ command_line="$0 $*"
 
 data="" src="" tgt="" updates="" max_tokens=4096 quick=0 cpu=0 workdir="" keep=0
 models="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
-backends="auto" train_args="" gen_args=""
+backends="auto" train_args="" gen_args="" warmup=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) data="$2"; shift 2 ;;
@@ -63,6 +68,7 @@ while [[ $# -gt 0 ]]; do
     --train-args) train_args="$2"; shift 2 ;;
     --gen-args) gen_args="$2"; shift 2 ;;
     --workdir) workdir="$2"; keep=1; shift 2 ;;
+    --warmup-updates) warmup="$2"; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -128,7 +134,7 @@ import platform, torch
 dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
 print(f"== device: {dev}; torch {torch.__version__}")
 EOF
-echo "== data: $data; updates: $updates; max tokens: $max_tokens; gpu: $gpu"
+echo "== data: $data; updates: $updates (after $warmup untimed); max tokens: $max_tokens; gpu: $gpu"
 
 results="$workdir/results.tsv"
 : > "$results"
@@ -161,15 +167,29 @@ for arch in $models; do
     echo "-- $tag: training $updates updates"
     env_backend=()
     [[ "$backend" != "-" ]] && env_backend=(GRNN_BACKEND="$backend")
+    train() {  # save-dir, updates, log
+      env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
+        "${tiny[@]}" "${device_flags[@]}" --task translation \
+        --optimizer adam --lr 0.001 --clip-norm 1.0 --criterion cross_entropy \
+        --max-tokens "$max_tokens" --max-update "$2" --log-format simple \
+        --log-interval "$log_interval" --no-progress-bar --seed 1 --num-workers 0 \
+        --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 0 \
+        --disable-validation $train_args > "$3" 2>&1
+    }
     set +e
-    env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
-      "${tiny[@]}" "${device_flags[@]}" --task translation \
-      --optimizer adam --lr 0.001 --clip-norm 1.0 --criterion cross_entropy \
-      --max-tokens "$max_tokens" --max-update "$updates" --log-format simple \
-      --log-interval "$log_interval" --no-progress-bar --seed 1 --num-workers 0 \
-      --save-dir "$save" --no-epoch-checkpoints --save-interval-updates 0 \
-      --disable-validation $train_args > "$workdir/train.$tag.log" 2>&1
-    rc=$?
+    rc=0
+    if [[ $warmup -gt 0 ]]; then
+      echo "-- $tag: warm-up, $warmup untimed updates"
+      train "$save.warmup" "$warmup" "$workdir/warmup.$tag.log"
+      rc=$?
+      rm -rf "$save.warmup"
+    fi
+    if [[ $rc -eq 0 ]]; then
+      train "$save" "$updates" "$workdir/train.$tag.log"
+      rc=$?
+    else
+      cp "$workdir/warmup.$tag.log" "$workdir/train.$tag.log"
+    fi
     set -e
     if [[ $rc -ne 0 ]]; then
       echo "   fairseq-train failed ($rc):"; tail -15 "$workdir/train.$tag.log"

@@ -3,17 +3,23 @@
 # machine; every stage writes its log and tables to $OUT (default results/gpu), prefixed by
 # the device and the command, so the figures can be copied into results/ and the README.
 #
-#   scripts/gpu-checks.sh tests     # the GPU tests: Triton kernels compiled for real
-#                                   # (tests/test_triton_engine.py without the interpreter)
-#                                   # and --fp16/--amp/--bf16 training (tests/test_gpu_training.py)
+#   scripts/gpu-checks.sh kernels   # tests/test_triton_engine.py compiled for real (no
+#                                   # interpreter): persistent scans, barriers, decode step
+#                                   # (about 2 minutes on an H100, compilation included)
+#   scripts/gpu-checks.sh training  # tests/test_gpu_training.py: --fp16/--amp/--bf16
+#                                   # fairseq training (more than 4 minutes: its own call)
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
 #                                   # decode steps vs LSTMCell; backends triton and torch
-#   scripts/gpu-checks.sh fairseq   # scripts/bench_fairseq.sh: fairseq-train / -generate
-#                                   # throughput vs fairseq's lstm archs (synthetic data)
-#   scripts/gpu-checks.sh all       # the three in order
+#   scripts/gpu-checks.sh wmt       # scripts/bench_fairseq.sh, WMT14 sizes: group K=4, K=1,
+#   scripts/gpu-checks.sh iwslt     # fairseq's lstm_luong_wmt_en_de (resp. IWSLT sizes and
+#                                   # lstm_wiseman_iwslt_de_en); --fp16, 100 untimed warm-up
+#                                   # updates, then 200 timed ones; on the Debian De-En
+#                                   # corpus when data-bin/debian/deen/data-bin is there
+#                                   # (carry it), else on synthetic data
+#   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
 #
 # On the project's lent machine (see DEVELOPERS.md), from the repository root:
-#   source .whl/device-setup.sh .whl && bash scripts/gpu-checks.sh tests
+#   source .whl/device-setup.sh .whl && bash scripts/gpu-checks.sh kernels
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,8 +31,8 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
-  tests|layer|fairseq|all) ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  kernels|training|layer|wmt|iwslt|all) ;;
+  *) sed -n '2,23p' "$0"; exit 2 ;;
 esac
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu-checks: torch sees no CUDA GPU; these checks need one (CPU checks: bash scripts/test.sh)" >&2
@@ -34,10 +40,16 @@ if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 device="$("$py" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch", torch.__version__)')"
 
-stage_tests() {
+stage_kernels() {
   # -o addopts= : the machine may lack pytest-timeout, which pytest.ini's addopts needs
-  "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs \
-    tests/test_triton_engine.py tests/test_gpu_training.py 2>&1 | tee "$out/tests.txt"
+  "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_triton_engine.py 2>&1 \
+    | tee "$out/triton_tests.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+stage_training() {
+  "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_gpu_training.py 2>&1 \
+    | tee "$out/gpu_training_tests.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -49,16 +61,28 @@ stage_layer() {
   return "${PIPESTATUS[0]}"
 }
 
-stage_fairseq() {
+stage_fairseq() {  # name, models
+  local data_flags=()
+  if [[ -d data-bin/debian/deen/data-bin ]]; then
+    data_flags=(--data data-bin/debian/deen/data-bin --src de --tgt en)
+  fi
   { echo "device: $device"
-    bash scripts/bench_fairseq.sh --updates 200 --backends "auto"
-  } 2>&1 | tee "$out/bench_fairseq_cuda.txt"
+    PYTHON="$py" bash scripts/bench_fairseq.sh "${data_flags[@]}" --models "$2" \
+      --warmup-updates 100 --updates 200 --train-args "--fp16" --gen-args "--fp16"
+  } 2>&1 | tee "$out/bench_fairseq_$1.txt"
   return "${PIPESTATUS[0]}"
 }
 
+wmt="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de"
+iwslt="group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
 case "${1:-}" in
-  tests) stage_tests ;;
+  kernels) stage_kernels ;;
+  training) stage_training ;;
   layer) stage_layer ;;
-  fairseq) stage_fairseq ;;
-  all) rc=0; stage_tests || rc=1; stage_layer || rc=1; stage_fairseq || rc=1; exit $rc ;;
+  wmt) stage_fairseq wmt "$wmt" ;;
+  iwslt) stage_fairseq iwslt "$iwslt" ;;
+  all) rc=0
+       stage_kernels || rc=1; stage_training || rc=1; stage_layer || rc=1
+       stage_fairseq wmt "$wmt" || rc=1; stage_fairseq iwslt "$iwslt" || rc=1
+       exit $rc ;;
 esac

@@ -4,7 +4,7 @@
 (torch autocast) and ``--bf16`` must train our models without NaN or Inf and reach about
 the loss of the same run in fp32 (the reference). fairseq supports these options only on
 CUDA (on CPU they stop with "Torch not compiled with CUDA enabled"), so CI skips this file;
-`scripts/gpu-checks.sh tests` runs it on a GPU machine.
+`scripts/gpu-checks.sh training` runs it on a GPU machine.
 
 Data: made-up parallel sentences (the target is the source reversed, word by word renamed),
 learnable in a few hundred updates; the models use the fused Triton engine (``auto`` on

@@ -1,9 +1,12 @@
 """The Triton LSTM kernels against the reference engine.
 
-Without a GPU the kernels run through Triton's interpreter on CPU tensors and tiny sizes.
-Outputs, final states and every gradient (x and W_ih through the input projection, W_hh,
-both biases, h0, c0) are compared for K in {1, 4}, with and without the time-step
-shuffle, with and without padding, in both directions.
+Without a GPU the kernels run through Triton's interpreter on CPU tensors and tiny sizes;
+there the persistent scans run as one program that walks every tile (barrier trivially
+met).  Outputs, final states and every gradient (x and W_ih through the input projection,
+W_hh, both biases, h0, c0) are compared for K in {1, 4}, with and without the time-step
+shuffle, with and without padding, in both directions; the fused decoding step against
+the reference step.  On a GPU (scripts/gpu-checks.sh kernels) the same tests run compiled,
+plus grids of many programs meeting at the time-step barriers.
 """
 import importlib
 import os
@@ -144,18 +147,96 @@ def test_inference_path_matches_reference():
         torch.testing.assert_close(b_, a, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rearr", ["none", "time", "both"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_decode_step_matches_reference(k, rearr):
+    """The fused decoding step (input projection + shuffled recurrent product + cell, one
+    launch per layer) against the reference step: 2 layers, several batch and unit tiles
+    (B = 37 > BLOCK_B, m = 40 > BLOCK_J), three steps so that the states feed back."""
+    torch.manual_seed(k)
+    width, b = 40 * k, 37
+    ref = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+                         backend="reference")
+    fused = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+                           backend="triton")
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    xs = torch.randn(3, b, width, device=DEVICE)
+    start = [tuple(torch.randn_like(t) for t in s[0]) for s in ref.zero_state(b, xs)]
+    results = []
+    with torch.no_grad():
+        for stack in (ref, fused):
+            states = start
+            outs = []
+            for x in xs:
+                out, states = stack.step(x, states)
+                outs.append(out)
+            results.append((torch.stack(outs), states))
+    (o_ref, s_ref), (o_fused, s_fused) = results
+    torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
+    for a, b_ in zip(s_ref, s_fused):
+        for x, y in zip(a, b_):
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_step_is_one_launch(monkeypatch):
+    """The triton backend really takes the fused step (not the torch step) for the LSTM
+    without autograd, and not with autograd or for other cells."""
+    from grnn_fairseq.kernels import triton_lstm
+
+    calls = []
+    real = triton_lstm.lstm_step_triton
+    monkeypatch.setattr(triton_lstm, "lstm_step_triton",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    stack = RecurrentStack(8, 8, num_layers=2, groups=2, backend="triton").to(DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    states = [s[0] for s in stack.zero_state(3, x)]
+    with torch.no_grad():
+        stack.step(x, states)
+    assert len(calls) == 2
+    stack.step(x, states)  # autograd on: the differentiable step
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not CUDA, reason="several resident programs need a GPU")
+@pytest.mark.parametrize("programs", ["3", ""])
+def test_persistent_grid_matches_reference(monkeypatch, programs):
+    """Many programs meeting at the time-step barriers: 3 programs walking 24 tiles each
+    step, and one program per tile (up to the SM count); forward and backward, padding."""
+    from grnn_fairseq.kernels import triton_lstm
+
+    monkeypatch.setattr(triton_lstm, "_FORCED_PROGRAMS", programs)
+    k, m, t_len, b = 4, 64, 9, 70
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=32, padding=True, seed=2)
+    for shuffle, reverse in ((True, False), (True, True), (False, False)):
+        ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
+        got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 @pytest.mark.skipif(not CUDA, reason="compilation caches exist on a GPU only")
 def test_no_recompilation_for_new_lengths_or_batch_sizes():
     from grnn_fairseq.kernels import triton_lstm
 
+    kernels = (triton_lstm._lstm_fwd, triton_lstm._lstm_bwd, triton_lstm._lstm_decode_step)
+
     def compiled():
-        return sum(len(c[0]) for c in triton_lstm._lstm_fwd_step.device_caches.values())
+        return [sum(len(c[0]) for c in f.device_caches.values()) for f in kernels]
 
     stack = RecurrentStack(64, 64, groups=4, backend="triton").cuda()
-    stack(torch.randn(5, 17, 64, device="cuda"))
+
+    def run(t_len, b):
+        stack(torch.randn(t_len, b, 64, device="cuda", requires_grad=True))[0].sum().backward()
+        x = torch.randn(b, 64, device="cuda")
+        with torch.no_grad():
+            stack.step(x, [s[0] for s in stack.zero_state(b, x)])
+
+    run(5, 17)
     n = compiled()
+    assert all(n)
     for t_len, b in ((7, 17), (11, 19), (3, 20)):  # same batch bucket (BLOCK_B = 32)
-        stack(torch.randn(t_len, b, 64, device="cuda"))
+        run(t_len, b)
     assert compiled() == n
 
 
@@ -194,4 +275,4 @@ def test_kernels_compile_for_h100():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 4" in proc.stdout
+    assert "compiled 6" in proc.stdout

@@ -1,0 +1,53 @@
+"""The benchmark scripts run and print well-formed tables (their --quick smoke modes on
+CPU; the numbers themselves are meaningless there and not checked)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd, timeout=600):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_layer_quick_prints_every_case():
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick"])
+    rows = [line.split() for line in out.splitlines()
+            if line.split()[:1] in (["train"], ["infer"], ["decode"])]
+    modes = {r[0] for r in rows}
+    assert modes == {"train", "infer", "decode"}
+    for mode in modes:
+        first = next(r for r in rows if r[0] == mode)
+        assert first[1] in ("nn.LSTM", "nn.LSTMCell") and float(first[-2]) == 1.0
+        groups = {r[3] for r in rows if r[0] == mode and r[1] == "group"}
+        assert {"1", "4", "16"} <= groups
+    for r in rows:
+        assert all(float(v) > 0 for v in r[-4:])
+
+
+def test_bench_fairseq_quick_with_warmup(tmp_path):
+    """Our RNNSearch and fairseq's own LSTM through fairseq-train / -generate; the warm-up
+    run happens (its log exists) and the timed run still reports its figures."""
+    models = "group_rnnsearch_k4 lstm_wiseman_iwslt_de_en"
+    out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", models,
+                "--warmup-updates", "2", "--workdir", str(tmp_path)])
+    assert "after 2 untimed" in out
+    table = {}
+    for line in out.splitlines():
+        m = re.match(r"(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
+        if m:
+            table[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    assert set(table) == {"group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"}, out
+    for figures in table.values():
+        assert all(v > 0 for v in figures)
+    for tag in table:
+        assert (tmp_path / f"warmup.{tag}.log").exists()
+        assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
