@@ -108,11 +108,12 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
         return None
     from .kernels.triton_lstm import lstm_step_triton
 
-    with torch.autocast(x_t.device.type, enabled=False):
-        cast = (lambda t: t.to(dtype)) if amp is not None else (lambda t: t)
-        out, h, c = lstm_step_triton(cast(x_t), cast(state[0]), cast(state[1]),
-                                     cast(weight_ih), cast(bias_ih), cast(weight_hh),
-                                     cast(bias_hh), time_shuffle)
+    args = (x_t, state[0], state[1], weight_ih, bias_ih, weight_hh, bias_hh)
+    if amp is None:  # the common case, kept cheap: this runs once per layer and token
+        out, h, c = lstm_step_triton(*args, time_shuffle)
+    else:
+        with torch.autocast(x_t.device.type, enabled=False):
+            out, h, c = lstm_step_triton(*(t.to(amp) for t in args), time_shuffle)
     return out, (h, c)
 
 

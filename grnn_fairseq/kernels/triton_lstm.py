@@ -444,8 +444,14 @@ def _lstm_decode_step(
 
 
 # --------------------------------------------------------------------------- host side
+def _cdiv(a, b):
+    """ceil(a / b) in plain integers (triton.cdiv is a jit function: microseconds a call)."""
+    return -(-a // b)
+
+
 def _pow2(n, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(int(n))))
+    """The power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, 1 << max(int(n) - 1, 0).bit_length()))
 
 
 # GRNN_TRITON_BLOCKS=bb,bj,br,warps forces the block sizes of every kernel (tuning runs);
@@ -465,7 +471,7 @@ def _blocks(b, m, k, n_sm):
     if _FORCED_BLOCKS:
         return tuple(int(v) for v in _FORCED_BLOCKS.split(","))
     bb = _pow2(min(b, 32), 16, 32)
-    bj = 16 if triton.cdiv(b, bb) * k * triton.cdiv(m, 16) <= n_sm else _pow2(m, 16, 32)
+    bj = 16 if _cdiv(b, bb) * k * _cdiv(m, 16) <= n_sm else _pow2(m, 16, 32)
     return bb, bj, _pow2(m, 16, 64), 4
 
 
@@ -507,7 +513,7 @@ def _grid(b, m, k, device):
     by one, so there P = 1."""
     n_sm = 1 << 30 if _interpreting() else _sm_count(device)
     bb, bj, br, nw = _blocks(b, m, k, n_sm)
-    n_tiles = triton.cdiv(b, bb) * k * triton.cdiv(m, bj)
+    n_tiles = _cdiv(b, bb) * k * _cdiv(m, bj)
     if _interpreting():
         p = 1
     elif _FORCED_PROGRAMS:
@@ -688,7 +694,7 @@ def lstm_step_triton(x, h, c, weight_ih, bias_ih, weight_hh, bias_hh, time_shuff
     h_new, c_new = torch.empty_like(h), torch.empty_like(c)
     out = x.new_empty(b, k * m)
     bb, bj, br, nw = _decode_blocks(b, m, mi)
-    grid = (triton.cdiv(b, bb), k * triton.cdiv(m, bj))
+    grid = (_cdiv(b, bb), k * _cdiv(m, bj))
     _lstm_decode_step[grid](
         x, weight_ih.contiguous(), bias_ih.contiguous(), weight_hh.contiguous(),
         bias_hh.contiguous(), h, c, h_new, c_new, out, b,
