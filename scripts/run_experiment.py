@@ -221,12 +221,14 @@ def tool(name):
 
 
 def rel(path):
-    """``path`` relative to the repository root when inside it (commands run there)."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    """``path`` relative to the repository root when inside it (commands run there).  A
+    symbolic link inside the root (a data-bin linked into a worktree) stays relative."""
+    for candidate in (Path(os.path.abspath(path)), Path(path).resolve()):
+        try:
+            return str(candidate.relative_to(ROOT))
+        except ValueError:
+            pass
+    return str(Path(path).resolve())
 
 
 def resolve(path):

@@ -195,6 +195,19 @@ def test_dry_run_prints_the_commands(capsys, tmp_path):
     assert sum("fairseq-score" in line for line in lines) == 2
 
 
+def test_paths_stay_relative_through_a_symlink_in_the_root(monkeypatch, tmp_path):
+    """A data-bin linked into a worktree is recorded as the config names it, relative to
+    the root, not as the link's target elsewhere."""
+    root, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    (elsewhere / "debian").mkdir(parents=True)
+    root.mkdir()
+    (root / "data-bin").symlink_to(elsewhere)
+    monkeypatch.setattr(rx, "ROOT", root.resolve())
+    assert rx.rel(root / "data-bin" / "debian") == "data-bin/debian"
+    assert rx.rel(root / "work" / "x") == "work/x"
+    assert rx.rel(elsewhere / "debian") == str((elsewhere / "debian").resolve())
+
+
 def test_unknown_run_is_an_error(capsys):
     rc = rx.main([str(ROOT / "configs" / "quickstart.yaml"), "--dry-run", "--only", "nope"])
     assert rc == 2
