@@ -99,8 +99,10 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
     backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
     and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
     recurrent_step)."""
-    if cell != "lstm" or (torch.is_grad_enabled() and _any_requires_grad(
-            x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
+    # cheapest tests first: on CPU this runs once per layer and token, and returns None
+    if cell != "lstm" or (x_t.device.type != "cuda" and not _interpreting()) or (
+            torch.is_grad_enabled() and _any_requires_grad(
+                x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
         return None
     amp = autocast_dtype(x_t.device.type)
     dtype = amp if amp is not None else weight_hh.dtype

@@ -74,6 +74,13 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup"; do
+  value="${opt#*=}"
+  if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
+    echo "--${opt%%=*} $value: expected a whole number" >&2; exit 2
+  fi
+done
+
 if [[ -z "$workdir" ]]; then
   workdir="$(mktemp -d "${TMPDIR:-/tmp}/bench_fairseq.XXXXXX")"
   trap 'rm -rf "$workdir"' EXIT
@@ -153,6 +160,16 @@ print(f"{statistics.median(steady) if steady else float('nan'):.1f}",
 EOF
 }
 
+train() {  # save-dir, updates, log; the model from the loop below (env_backend, model_flags, tiny)
+  env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
+    "${tiny[@]}" "${device_flags[@]}" --task translation \
+    --optimizer adam --lr 0.001 --clip-norm 1.0 --criterion cross_entropy \
+    --max-tokens "$max_tokens" --max-update "$2" --log-format simple \
+    --log-interval "$log_interval" --no-progress-bar --seed 1 --num-workers 0 \
+    --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 0 \
+    --disable-validation $train_args > "$3" 2>&1
+}
+
 for arch in $models; do
   case "$arch" in
     lstm_*) arch_backends="-"; tiny=("${tiny_lstm[@]}") ;;
@@ -167,15 +184,6 @@ for arch in $models; do
     echo "-- $tag: training $updates updates"
     env_backend=()
     [[ "$backend" != "-" ]] && env_backend=(GRNN_BACKEND="$backend")
-    train() {  # save-dir, updates, log
-      env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
-        "${tiny[@]}" "${device_flags[@]}" --task translation \
-        --optimizer adam --lr 0.001 --clip-norm 1.0 --criterion cross_entropy \
-        --max-tokens "$max_tokens" --max-update "$2" --log-format simple \
-        --log-interval "$log_interval" --no-progress-bar --seed 1 --num-workers 0 \
-        --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 0 \
-        --disable-validation $train_args > "$3" 2>&1
-    }
     set +e
     rc=0
     if [[ $warmup -gt 0 ]]; then

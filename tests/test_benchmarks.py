@@ -51,3 +51,10 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
     for tag in table:
         assert (tmp_path / f"warmup.{tag}.log").exists()
         assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
+
+
+def test_bench_fairseq_rejects_a_bad_number():
+    proc = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--warmup-updates", "ten"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--warmup-updates ten: expected a whole number" in proc.stderr

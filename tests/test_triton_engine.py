@@ -258,6 +258,35 @@ def test_decode_step_is_one_launch(monkeypatch):
     assert len(calls) == 2
 
 
+def test_tuning_knobs_reject_bad_values(monkeypatch):
+    from grnn_fairseq.kernels import triton_lstm
+
+    for bad in ("32,16", "32,16,64", "32,15,64,4", "a,b,c,d", "32,16,64,3"):
+        with pytest.raises(ValueError, match="GRNN_TRITON_BLOCKS"):
+            triton_lstm._parse_blocks(bad)
+    assert triton_lstm._parse_blocks("16,32,64,8") == (16, 32, 64, 8)
+    monkeypatch.setattr(triton_lstm, "_FORCED_BLOCKS", "16,16")
+    with pytest.raises(ValueError, match="four integers"):
+        triton_lstm._blocks.__wrapped__(64, 64, 4, 132)
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(ValueError, match="GRNN_TRITON_PROGRAMS"):
+            triton_lstm._parse_programs(bad)
+
+
+def test_a_failed_barrier_is_reported(monkeypatch):
+    """The sticky flag that a barrier sets when it gives up turns into an error naming the
+    fix at the next check (the first launch is checked)."""
+    from grnn_fairseq.kernels import triton_lstm
+
+    device = torch.device(DEVICE)
+    monkeypatch.setattr(triton_lstm, "_LAUNCHES", [0])
+    monkeypatch.setitem(triton_lstm._HEALTH, device, torch.ones(1, dtype=torch.int32,
+                                                                device=device))
+    p, mask, upstream = _problem(2, 4, 3, 2, i_size=4, padding=False)
+    with pytest.raises(RuntimeError, match="GRNN_TRITON_PROGRAMS"):
+        _run("triton", p, mask, upstream, True, False, 3, 2)
+
+
 @pytest.mark.skipif(not CUDA, reason="several resident programs need a GPU")
 @pytest.mark.parametrize("programs", ["3", ""])
 def test_persistent_grid_matches_reference(monkeypatch, programs):

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..engine import _interpreting
+
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
 _SPIN_LIMIT = tl.constexpr(1 << 20)
@@ -454,10 +456,37 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, 1 << max(int(n) - 1, 0).bit_length()))
 
 
-# GRNN_TRITON_BLOCKS=bb,bj,br,warps forces the block sizes of every kernel (tuning runs);
-# read once, at import
+# Tuning knobs, read once at import and checked at first use (an error raised at import
+# would only make engine.triton_available() report Triton as missing):
+# GRNN_TRITON_BLOCKS=bb,bj,br,warps forces the block sizes of every kernel;
+# GRNN_TRITON_PROGRAMS=P caps the persistent grid.
 _FORCED_BLOCKS = os.environ.get("GRNN_TRITON_BLOCKS")
 _FORCED_PROGRAMS = os.environ.get("GRNN_TRITON_PROGRAMS")
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_blocks(raw):
+    try:
+        vals = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or any(v < 16 or v & (v - 1) for v in vals[:3]) or \
+            vals[3] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"GRNN_TRITON_BLOCKS={raw!r}: expected four integers bb,bj,br,warps "
+                         "(block sizes powers of two >= 16, warps 1-16), e.g. 32,16,64,4")
+    return vals
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_programs(raw):
+    try:
+        p = int(raw)
+    except ValueError:
+        p = 0
+    if p < 1:
+        raise ValueError(f"GRNN_TRITON_PROGRAMS={raw!r}: expected a positive integer (the "
+                         "most programs of a persistent kernel)")
+    return p
 
 
 @functools.lru_cache(maxsize=4096)
@@ -466,10 +495,10 @@ def _blocks(b, m, k, n_sm):
     work is tiny and the time is latency, so the fastest grid spreads a step over the most
     SMs: tiles of 32 x 16 while their count fits one per SM, else 32 x 32 (measured on an
     H100, bf16, T=50, B=64, H=1024: 32 x 16 beat 32 x 32 by 1.4x in training;
-    results/gpu_h100.md).  At most four variants per layer shape (BLOCK_B 16 for batches
+    results/gpu_h100/README.md).  At most four variants per layer shape (BLOCK_B 16 for batches
     of 16 or less), so fairseq's changing batch sizes compile only a few kernels."""
     if _FORCED_BLOCKS:
-        return tuple(int(v) for v in _FORCED_BLOCKS.split(","))
+        return _parse_blocks(_FORCED_BLOCKS)
     bb = _pow2(min(b, 32), 16, 32)
     bj = 16 if _cdiv(b, bb) * k * _cdiv(m, 16) <= n_sm else _pow2(m, 16, 32)
     return bb, bj, _pow2(m, 16, 64), 4
@@ -479,7 +508,7 @@ def _blocks(b, m, k, n_sm):
 def _decode_blocks(b, m, mi):
     """Block sizes of the decoding step (an ordinary grid: one program per tile)."""
     if _FORCED_BLOCKS:
-        return tuple(int(v) for v in _FORCED_BLOCKS.split(","))
+        return _parse_blocks(_FORCED_BLOCKS)
     return _pow2(b, 16, 32), _pow2(m, 16, 32), _pow2(min(m, mi), 16, 128), 4
 
 
@@ -488,10 +517,6 @@ def _precision(dtype):
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _SM_COUNT = {}
@@ -517,7 +542,7 @@ def _grid(b, m, k, device):
     if _interpreting():
         p = 1
     elif _FORCED_PROGRAMS:
-        p = max(1, min(n_tiles, int(_FORCED_PROGRAMS)))
+        p = max(1, min(n_tiles, _parse_programs(_FORCED_PROGRAMS)))
     else:
         p = max(1, min(n_tiles, n_sm))
     return bb, bj, br, nw, p
