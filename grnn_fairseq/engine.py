@@ -12,8 +12,10 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
 ``cpp``
     The same node with both loops in C++ (:mod:`grnn_fairseq.kernels.cpu_lstm`, compiled
     just in time at first use; needs a C++ compiler and ``ninja``): per step one batched
-    product and one fused, vectorised and threaded pointwise pass.  fp32 and fp64 (other
-    dtypes fall back to ``torch``).  Default on CPU when it builds.
+    product and one fused, vectorised and threaded pointwise pass; in fp32 the forward
+    step is one pass (product in registers, cell on it at once) where the group width is a
+    multiple of 16.  fp32 and fp64 (other dtypes fall back to ``torch``).  Default on CPU
+    when it builds.
 ``triton``
     Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one
     persistent launch per sequence (a grid-wide barrier between time steps) that fuses

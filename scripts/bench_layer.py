@@ -15,6 +15,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
 
   python scripts/bench_layer.py                                  # CPU, auto backend
   python scripts/bench_layer.py --backend reference,torch        # before / after
+  python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --quick                          # smoke test
 """
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--rearrangement", default="none,time",
                    help="comma-separated modes (none|time|both|layer)")
     p.add_argument("--backend", default="auto",
-                   help="comma-separated engine backends (auto|reference|torch|triton)")
+                   help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
+                        "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0)")
     p.add_argument("--modes", default="train,infer,decode", help="comma-separated modes")
     p.add_argument("--padding", type=float, default=0.0,
                    help="fraction of the batch padded to half length (exercises masks)")
@@ -139,7 +141,7 @@ def make_cases(args, mode, device, dtype):
             for rearr in args.rearrangement:
                 for backend in args.backend:
                     stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
-                                           backend=backend).to(device, dtype)
+                                           backend=backend.removesuffix(TWO_PASS)).to(device, dtype)
                     states = [s[0] for s in stack.zero_state(bd, x)]
 
                     def run_step(stack=stack, states=states):
@@ -147,6 +149,8 @@ def make_cases(args, mode, device, dtype):
                             s = states
                             for _ in range(args.decode_steps):
                                 _, s = stack.step(x, s)
+                    if backend.endswith(TWO_PASS):
+                        run_step = two_pass(run_step)
                     cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
                                   run_step))
         return cases
@@ -178,10 +182,32 @@ def make_cases(args, mode, device, dtype):
         for rearr in args.rearrangement:
             for backend in args.backend:
                 stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
-                                       backend=backend).to(device, dtype)
+                                       backend=backend.removesuffix(TWO_PASS)).to(device, dtype)
+                run = runner(stack, False)
+                if backend.endswith(TWO_PASS):
+                    run = two_pass(run)
                 cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
-                              runner(stack, False)))
+                              run))
     return cases
+
+
+TWO_PASS = "-2pass"
+
+
+def two_pass(run):
+    """``cpp-2pass``: the cpp backend with its fused fp32 step switched off
+    (GRNN_CPU_FUSED=0: one BLAS product per step, then the pointwise pass)."""
+    def run_two_pass():
+        old = os.environ.get("GRNN_CPU_FUSED")
+        os.environ["GRNN_CPU_FUSED"] = "0"
+        try:
+            run()
+        finally:
+            if old is None:
+                del os.environ["GRNN_CPU_FUSED"]
+            else:
+                os.environ["GRNN_CPU_FUSED"] = old
+    return run_two_pass
 
 
 def bench_mode(args, mode, device, dtype):

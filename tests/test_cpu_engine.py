@@ -74,6 +74,57 @@ def test_cpp_matches_reference(k, m, shuffle, padding, reverse, dtype):
     _compare(p, mask, up, shuffle, reverse, dtype)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
+@pytest.mark.parametrize("k,m,b", [(1, 16, 4), (2, 32, 5), (4, 16, 7), (4, 32, 1), (8, 16, 6)])
+def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, fused,
+                                           monkeypatch):
+    """fp32 with m a multiple of 16 (and T >= 4) takes the fused step (product of each 16-unit block in
+    registers, the cell on it at once, the operand read through the shuffle's index);
+    GRNN_CPU_FUSED=0 the two-pass step.  Both against the reference, forward and every
+    gradient; batch sizes that leave 1, 2 or 3 rows after the blocks of 4."""
+    monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+    p, mask, up = _problem(k, m, 6, b, torch.float32, padding)
+    _compare(p, mask, up, shuffle, reverse, torch.float32)
+
+
+def test_fused_step_selection_and_accuracy(monkeypatch, built):
+    """Which step runs (fp32 and m % 16 == 0, unless GRNN_CPU_FUSED=0), and both steps
+    against a float64 reference to fp32 accuracy on a problem of that kind."""
+    monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
+    assert built.uses_fused_step(torch.float32, 32, 8)
+    assert not built.uses_fused_step(torch.float32, 24, 8)
+    assert not built.uses_fused_step(torch.float64, 32, 8)
+    assert not built.uses_fused_step(torch.float32, 32, 1)    # decoding steps: no packing
+    monkeypatch.setenv("GRNN_CPU_FUSED", "0")
+    assert not built.uses_fused_step(torch.float32, 32, 8)
+    p, mask, up = _problem(4, 32, 8, 6, torch.float32, padding=True)
+    p64 = {n: v.detach().double().requires_grad_() for n, v in p.items()}
+    ref = _run("reference", p64, mask, [u.double() for u in up], True, False)
+    for fused in ("1", "0"):
+        monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+        assert built.uses_fused_step(torch.float32, 32, 8) == (fused == "1")
+        got = _run("cpp", p, mask, up, True, False)
+        for a, b_ in zip(ref, got):
+            torch.testing.assert_close(b_.double(), a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
+def test_fp32_steps_split_between_threads(fused, monkeypatch):
+    """A problem large enough for the fused step's unit blocks (and the two-pass step's
+    rows) to be shared out between threads: 2 threads, 4 groups of 64 units, 33 rows."""
+    monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p, mask, up = _problem(4, 64, 5, 33, torch.float32, padding=True)
+        _compare(p, mask, up, True, False, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("t_len,b", [(1, 3), (5, 1), (1, 1)], ids=["T1", "B1", "T1B1"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 def test_small_shapes(t_len, b, padding):

@@ -142,19 +142,21 @@ struct Fwd {               // one step
   int64_t K, B, m;
 };
 
-// The cell on one row of m units (restrict parameters: the loop vectorises).
-// pr / xr / br: product, input projection, bias of the 4 gates; cp / cn: c before / after;
-// hn: h after; fr: the 6 backward factors (SAVE).
+// The cell on n units of one row (restrict parameters: the loop vectorises).
+// pr / xr / br: product, input projection, bias of the 4 gates, gate g of unit j at
+// [g * ps + j] (pr) and [g * m + j] (xr, br); cp / cn: c before / after; hn: h after;
+// fr: the 6 backward factors at [f * m + j] (SAVE).  A whole row: n = ps = m.
 template <typename T, bool SAVE>
-GRNN_INLINE void cell_forward(int64_t m, const T* __restrict pr, const T* __restrict xr,
-                              const T* __restrict br, const T* __restrict cp, T* __restrict cn,
-                              T* __restrict hn, T* __restrict fr) {
+GRNN_INLINE void cell_forward(int64_t n, int64_t ps, int64_t m, const T* __restrict pr,
+                              const T* __restrict xr, const T* __restrict br,
+                              const T* __restrict cp, T* __restrict cn, T* __restrict hn,
+                              T* __restrict fr) {
   GRNN_IVDEP
-  for (int64_t j = 0; j < m; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const T i = sigmoid_(pr[j] + xr[j] + br[j]);
-    const T f = sigmoid_(pr[m + j] + xr[m + j] + br[m + j]);
-    const T g = tanh_(pr[2 * m + j] + xr[2 * m + j] + br[2 * m + j]);
-    const T o = sigmoid_(pr[3 * m + j] + xr[3 * m + j] + br[3 * m + j]);
+    const T f = sigmoid_(pr[ps + j] + xr[m + j] + br[m + j]);
+    const T g = tanh_(pr[2 * ps + j] + xr[2 * m + j] + br[2 * m + j]);
+    const T o = sigmoid_(pr[3 * ps + j] + xr[3 * m + j] + br[3 * m + j]);
     const T c_prev = cp[j];
     const T c = f * c_prev + i * g;
     const T tc = tanh_(c);
@@ -193,7 +195,7 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
       if (a.out) std::fill(a.out + b * H, a.out + b * H + H, T(0));
     } else {
       for (int64_t k = 0; k < K; ++k)
-        cell_forward<T, SAVE>(m, a.pre + (k * B + b) * 4 * m, a.gx + k * a.gx_sk + b * a.gx_sb,
+        cell_forward<T, SAVE>(m, m, m, a.pre + (k * B + b) * 4 * m, a.gx + k * a.gx_sk + b * a.gx_sb,
                               a.bias + k * 4 * m, a.c_prev + (k * B + b) * m,
                               a.c_new + (k * B + b) * m, hn + k * m,
                               SAVE ? a.fac + k * a.fac_sk + b * 6 * m : nullptr);
@@ -201,6 +203,109 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
     }
     if (a.hs_new) to_shuffled(hn, a.hs_new + b * H, K, m);
   }
+}
+
+// ------------------------------------------------------------- fused forward (fp32)
+// The step in one pass, for float and m a multiple of NU: for each block of NU units of a
+// group, the recurrent product of all 4 gates (the block's 4*NU columns of W_hh, packed so
+// that the 4*NU weights of one input are contiguous) is accumulated in registers for R
+// batch rows at a time, and the cell runs on it at once: no product buffer and no second
+// pass over it, and no per-call packing of the weights inside a BLAS call.  The operand is
+// read through a column index (with the time shuffle, column q of the shuffled order is
+// column (q % K) * m + q / K of the unit order), so the shuffled copy of h is written only
+// when the backward needs it.  GCC vector types: one zmm per NU floats with AVX-512, two
+// ymm with AVX2 (the clones below).
+constexpr int64_t NU = 16;
+constexpr int ROWS = 4;  // batch rows per register block: 4 x 4 accumulators
+typedef float vnu __attribute__((vector_size(NU * sizeof(float))));
+typedef float vnu_u __attribute__((vector_size(NU * sizeof(float)), aligned(4)));
+
+struct Fused {             // one step
+  Fwd<float> f;            // the step's pointers and shapes (f.pre and f.hs_new unused)
+  const float* wp;         // [K, m/NU, m, 4, NU] packed W_hh (pack_hh)
+  const int32_t* col;      // [H] unit-order column of each operand column
+};
+
+// Rows [b0, b0 + R) of unit block u of group k.
+template <int R, bool SAVE>
+GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) {
+  const Fwd<float>& a = fz.f;
+  const int64_t B = a.B, m = a.m, H = a.K * m;
+  vnu acc[R][4] = {};
+  const float* __restrict w = fz.wp + (k * (m / NU) + u) * m * 4 * NU;
+  const int32_t* __restrict col = fz.col + k * m;
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = a.h_prev + (b0 + r) * H;
+  for (int64_t j = 0; j < m; ++j) {
+    const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * 4 * NU);
+    const vnu w0 = wj[0], w1 = wj[1], w2 = wj[2], w3 = wj[3];
+    const int32_t q = col[j];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float x = rows[r][q];
+      acc[r][0] += x * w0;
+      acc[r][1] += x * w1;
+      acc[r][2] += x * w2;
+      acc[r][3] += x * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r, hb = b * H + k * m + u * NU, cb = (k * B + b) * m + u * NU;
+    if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
+      std::copy(a.h_prev + hb, a.h_prev + hb + NU, a.h_new + hb);
+      std::copy(a.c_prev + cb, a.c_prev + cb + NU, a.c_new + cb);
+      if (a.out) std::fill(a.out + hb, a.out + hb + NU, 0.0f);
+      continue;
+    }
+    alignas(64) float pre[4 * NU];
+    std::memcpy(pre, acc[r], sizeof(pre));
+    cell_forward<float, SAVE>(NU, NU, m, pre, a.gx + k * a.gx_sk + b * a.gx_sb + u * NU,
+                              a.bias + k * 4 * m + u * NU, a.c_prev + cb, a.c_new + cb,
+                              a.h_new + hb,
+                              SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr);
+    if (a.out) std::copy(a.h_new + hb, a.h_new + hb + NU, a.out + hb);
+  }
+}
+
+// Tasks [s, e): task = k * (m / NU) + u, all B rows of unit block u of group k.
+template <bool SAVE>
+GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
+  const int64_t blocks = a.f.m / NU, B = a.f.B;
+  for (int64_t task = s; task < e; ++task) {
+    const int64_t k = task / blocks, u = task % blocks;
+    int64_t b = 0;
+    for (; b + ROWS <= B; b += ROWS) fused_block<ROWS, SAVE>(a, k, u, b);
+    switch (B - b) {
+      case 3: fused_block<3, SAVE>(a, k, u, b); break;
+      case 2: fused_block<2, SAVE>(a, k, u, b); break;
+      case 1: fused_block<1, SAVE>(a, k, u, b); break;
+      default: break;
+    }
+  }
+}
+
+// [K, 4m, m] -> [K, m/NU, m, 4, NU]: for unit block u and input j, the 4 gates' NU weights
+Tensor pack_hh(const Tensor& w, int64_t K, int64_t m) {
+  return w.reshape({K, 4, m / NU, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
+}
+
+// operand column -> unit-order column (the time shuffle, or the identity)
+Tensor operand_columns(int64_t K, int64_t m, bool shuffle) {
+  Tensor col = at::empty({K * m}, at::TensorOptions().dtype(at::kInt));
+  int32_t* p = col.data_ptr<int32_t>();
+  for (int64_t q = 0; q < K * m; ++q) p[q] = int32_t(shuffle ? (q % K) * m + q / K : q);
+  return col;
+}
+
+// The fused step is used for float with m a multiple of NU over at least FUSED_MIN_STEPS
+// steps (packing W_hh costs about one step's product: single decoding steps keep the BLAS
+// product), unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then
+// the pointwise pass; for A/B measurements and tests).
+constexpr int64_t FUSED_MIN_STEPS = 4;
+inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps) {
+  const char* env = std::getenv("GRNN_CPU_FUSED");
+  return dtype == at::kFloat && m % NU == 0 && steps >= FUSED_MIN_STEPS &&
+         !(env && env[0] == '0');
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -309,11 +414,36 @@ inline void run_rows(const Fwd<float>& a, bool save, int64_t s, int64_t e) {
 inline void run_rows(const Fwd<double>& a, bool save, int64_t s, int64_t e) {
   save ? fwd_d_save(a, s, e) : fwd_d(a, s, e);
 }
+GRNN_CLONES void fused_f_save(const Fused& a, int64_t s, int64_t e) { fused_tasks<true>(a, s, e); }
+GRNN_CLONES void fused_f(const Fused& a, int64_t s, int64_t e) { fused_tasks<false>(a, s, e); }
 inline void run_rows(const Bwd<float>& a, int64_t s, int64_t e) { bwd_f(a, s, e); }
 inline void run_rows(const Bwd<double>& a, int64_t s, int64_t e) { bwd_d(a, s, e); }
 
 // batch rows per parallel task: at least ~4k units, so that small problems stay serial
 inline int64_t grain(int64_t h) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(h, 1)); }
+
+struct FusedPlan {         // the fused step's packed W_hh and operand index, or nulls
+  const float* wp;
+  const int32_t* col;
+};
+
+// One step through the fused path; false (nothing done) when it does not apply.
+inline bool fused_step(const Fwd<double>&, const FusedPlan&, bool) { return false; }
+inline bool fused_step(const Fwd<float>& a, const FusedPlan& plan, bool save) {
+  if (!plan.wp) return false;
+  const Fused fz{a, plan.wp, plan.col};
+  const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * (m / NU);
+  // 16-unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
+  const int64_t grain_tasks = std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * 4 * NU));
+  at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
+    save ? fused_f_save(fz, s, e) : fused_f(fz, s, e);
+  });
+  if (save && a.hs_new)  // the shuffled operands, for the backward's dW_hh
+    at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) {
+      for (int64_t b = s; b < e; ++b) to_shuffled(a.h_new + b * H, a.hs_new + b * H, K, m);
+    });
+  return true;
+}
 
 // out = a @ b over the K groups (dim 0).  With several threads and K a multiple of their
 // number, each thread takes whole groups (BLAS runs single-threaded inside the parallel
@@ -462,7 +592,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const int64_t hs_slots = save ? slots : 2;   // inference: two alternating slots suffice
   Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
   Tensor cs = empty_buffer({2, K, B, m}, opt);
-  Tensor pre = empty_buffer({K, B, 4 * m}, opt);
+  const bool fused = use_fused(gx.scalar_type(), m, T);
+  Tensor pre = fused ? Tensor() : empty_buffer({K, B, 4 * m}, opt);
   Tensor fac = save ? empty_buffer({K, T, B, 6 * m}, opt) : at::empty({0}, opt);
   Tensor out = keep.defined() ? empty_buffer({T, B, H}, opt) : hu.narrow(0, 1, T);
   const int64_t first = reverse ? T + 1 : 0, last = reverse ? 1 : T;
@@ -471,13 +602,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   if (shuffle) hs_slot(first).view({B, m, K}).copy_(hu[first].view({B, K, m}).transpose(1, 2));
   cs[first % 2].copy_(c0);
 
+  const Tensor wp = fused ? pack_hh(weight_hh, K, m) : Tensor();
+  const Tensor col = fused ? operand_columns(K, m, shuffle) : Tensor();
+  const FusedPlan plan{fused ? wp.data_ptr<float>() : nullptr,
+                       fused ? col.data_ptr<int32_t>() : nullptr};
+
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_lstm_forward", [&] {
     using T_ = scalar_t;
     Fwd<T_> a{};
     a.gx_sk = gx.stride(1);
     a.gx_sb = gx.stride(2);
     a.bias = bias.data_ptr<T_>();
-    a.pre = pre.data_ptr<T_>();
+    a.pre = fused ? nullptr : pre.data_ptr<T_>();
     a.fac_sk = T * B * 6 * m;
     a.K = K;
     a.B = B;
@@ -490,7 +626,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     for (int64_t n = 0; n < T; ++n) {
       const int64_t t = reverse ? T - 1 - n : n;
       const int64_t s_in = reverse ? t + 2 : t, s_out = t + 1;
-      grouped_mm(pre, grouped(hs_slot(s_in), K), w_t);
       a.gx = gx_p + t * gx.stride(0);
       a.c_prev = cs_p + (s_in % 2) * K * B * m;
       a.c_new = cs_p + (s_out % 2) * K * B * m;
@@ -500,6 +635,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
       a.out = out_p ? out_p + t * B * H : nullptr;
       a.fac = save ? fac.data_ptr<T_>() + t * B * 6 * m : nullptr;
       a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
+      if (fused_step(a, plan, save)) continue;
+      grouped_mm(pre, grouped(hs_slot(s_in), K), w_t);
       at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, save, s, e); });
     }
   });
@@ -578,6 +715,8 @@ TORCH_LIBRARY(grnn_lstm_cpu, lib) {
           "Tensor? mask, bool shuffle, bool reverse, bool save) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &lstm_forward);
+  lib.def("uses_fused_step(ScalarType dtype, int m, int steps) -> bool",
+          [](c10::ScalarType dtype, int64_t m, int64_t steps) { return use_fused(dtype, m, steps); });
   lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
           "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
