@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -206,8 +207,8 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
 }
 
 // ------------------------------------------------------------- fused forward (fp32)
-// The step in one pass, for float and m a multiple of NU: for each block of NU units of a
-// group, the recurrent product of all 4 gates (the block's 4*NU columns of W_hh, packed so
+// The step in one pass, for float: for each block of NU units of a group (the last one
+// padded with zero weights where NU does not divide m), the recurrent product of all 4 gates (the block's 4*NU columns of W_hh, packed so
 // that the 4*NU weights of one input are contiguous) is accumulated in registers for R
 // batch rows at a time, and the cell runs on it at once: no product buffer and no second
 // pass over it, and no per-call packing of the weights inside a BLAS call.  The operand is
@@ -222,17 +223,21 @@ typedef float vnu_u __attribute__((vector_size(NU * sizeof(float)), aligned(4)))
 
 struct Fused {             // one step
   Fwd<float> f;            // the step's pointers and shapes (f.pre and f.hs_new unused)
-  const float* wp;         // [K, m/NU, m, 4, NU] packed W_hh (pack_hh)
+  const float* wp;         // [K, blocks(m), m, 4, NU] packed W_hh (pack_hh)
   const int32_t* col;      // [H] unit-order column of each operand column
 };
 
 // Rows [b0, b0 + R) of unit block u of group k.
+// blocks of NU units in a group of m
+inline int64_t blocks(int64_t m) { return (m + NU - 1) / NU; }
+
 template <int R, bool SAVE>
 GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) {
   const Fwd<float>& a = fz.f;
   const int64_t B = a.B, m = a.m, H = a.K * m;
   vnu acc[R][4] = {};
-  const float* __restrict w = fz.wp + (k * (m / NU) + u) * m * 4 * NU;
+  const int64_t n = std::min(NU, m - u * NU);  // units of the block (NU but in the last)
+  const float* __restrict w = fz.wp + (k * blocks(m) + u) * m * 4 * NU;
   const int32_t* __restrict col = fz.col + k * m;
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.h_prev + (b0 + r) * H;
@@ -252,27 +257,32 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, hb = b * H + k * m + u * NU, cb = (k * B + b) * m + u * NU;
     if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
-      std::copy(a.h_prev + hb, a.h_prev + hb + NU, a.h_new + hb);
-      std::copy(a.c_prev + cb, a.c_prev + cb + NU, a.c_new + cb);
-      if (a.out) std::fill(a.out + hb, a.out + hb + NU, 0.0f);
+      std::copy(a.h_prev + hb, a.h_prev + hb + n, a.h_new + hb);
+      std::copy(a.c_prev + cb, a.c_prev + cb + n, a.c_new + cb);
+      if (a.out) std::fill(a.out + hb, a.out + hb + n, 0.0f);
       continue;
     }
     alignas(64) float pre[4 * NU];
     std::memcpy(pre, acc[r], sizeof(pre));
-    cell_forward<float, SAVE>(NU, NU, m, pre, a.gx + k * a.gx_sk + b * a.gx_sb + u * NU,
-                              a.bias + k * 4 * m + u * NU, a.c_prev + cb, a.c_new + cb,
-                              a.h_new + hb,
-                              SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr);
-    if (a.out) std::copy(a.h_new + hb, a.h_new + hb + NU, a.out + hb);
+    const float* xr = a.gx + k * a.gx_sk + b * a.gx_sb + u * NU;
+    const float* br = a.bias + k * 4 * m + u * NU;
+    float* fr = SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr;
+    if (n == NU)  // a trip count known to the compiler: one vector
+      cell_forward<float, SAVE>(NU, NU, m, pre, xr, br, a.c_prev + cb, a.c_new + cb,
+                                a.h_new + hb, fr);
+    else
+      cell_forward<float, SAVE>(n, NU, m, pre, xr, br, a.c_prev + cb, a.c_new + cb,
+                                a.h_new + hb, fr);
+    if (a.out) std::copy(a.h_new + hb, a.h_new + hb + n, a.out + hb);
   }
 }
 
-// Tasks [s, e): task = k * (m / NU) + u, all B rows of unit block u of group k.
+// Tasks [s, e): task = k * blocks(m) + u, all B rows of unit block u of group k.
 template <bool SAVE>
 GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
-  const int64_t blocks = a.f.m / NU, B = a.f.B;
+  const int64_t nb = blocks(a.f.m), B = a.f.B;
   for (int64_t task = s; task < e; ++task) {
-    const int64_t k = task / blocks, u = task % blocks;
+    const int64_t k = task / nb, u = task % nb;
     int64_t b = 0;
     for (; b + ROWS <= B; b += ROWS) fused_block<ROWS, SAVE>(a, k, u, b);
     switch (B - b) {
@@ -284,9 +294,12 @@ GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
   }
 }
 
-// [K, 4m, m] -> [K, m/NU, m, 4, NU]: for unit block u and input j, the 4 gates' NU weights
+// [K, 4m, m] -> [K, blocks(m), m, 4, NU]: for unit block u and input j, the 4 gates' NU
+// weights (zeros for the units past m of the last block)
 Tensor pack_hh(const Tensor& w, int64_t K, int64_t m) {
-  return w.reshape({K, 4, m / NU, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
+  const int64_t nb = blocks(m);
+  const Tensor units = at::constant_pad_nd(w.reshape({K, 4, m, m}), {0, 0, 0, nb * NU - m});
+  return units.view({K, 4, nb, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
 }
 
 // operand column -> unit-order column (the time shuffle, or the identity)
@@ -297,14 +310,15 @@ Tensor operand_columns(int64_t K, int64_t m, bool shuffle) {
   return col;
 }
 
-// The fused step is used for float with m a multiple of NU over at least FUSED_MIN_STEPS
-// steps (packing W_hh costs about one step's product: single decoding steps keep the BLAS
-// product), unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then
+// The fused step is used for float over at least FUSED_MIN_STEPS steps (packing W_hh costs
+// about one step's product: single decoding steps keep the BLAS product) where the padding
+// of the last unit block adds at most 1/8 to the product (m = 16, 32, ..., 100, 250, ...),
+// unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then
 // the pointwise pass; for A/B measurements and tests).
 constexpr int64_t FUSED_MIN_STEPS = 4;
 inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps) {
   const char* env = std::getenv("GRNN_CPU_FUSED");
-  return dtype == at::kFloat && m % NU == 0 && steps >= FUSED_MIN_STEPS &&
+  return dtype == at::kFloat && blocks(m) * NU * 8 <= m * 9 && steps >= FUSED_MIN_STEPS &&
          !(env && env[0] == '0');
 }
 
@@ -432,7 +446,7 @@ inline bool fused_step(const Fwd<double>&, const FusedPlan&, bool) { return fals
 inline bool fused_step(const Fwd<float>& a, const FusedPlan& plan, bool save) {
   if (!plan.wp) return false;
   const Fused fz{a, plan.wp, plan.col};
-  const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * (m / NU);
+  const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * blocks(m);
   // 16-unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
   const int64_t grain_tasks = std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * 4 * NU));
   at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
