@@ -58,3 +58,26 @@ def test_bench_fairseq_rejects_a_bad_number():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--warmup-updates ten: expected a whole number" in proc.stderr
+
+
+def test_bench_layer_two_pass_backend(monkeypatch):
+    """``cpp-2pass`` rows appear beside ``cpp``; its wrapper sets GRNN_CPU_FUSED=0 for the
+    call only and restores what was there."""
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--modes", "infer",
+                "--groups", "4", "--backend", "cpp-2pass,cpp"])
+    backends = {line.split()[5] for line in out.splitlines()
+                if line.startswith("infer") and line.split()[1] == "group"}
+    assert backends == {"cpp-2pass", "cpp"}, out
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "scripts" / "bench_layer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    run = bench.two_pass(lambda: seen.append(os.environ.get("GRNN_CPU_FUSED")))
+    monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
+    run()
+    assert seen == ["0"] and "GRNN_CPU_FUSED" not in os.environ
+    monkeypatch.setenv("GRNN_CPU_FUSED", "1")
+    run()
+    assert seen == ["0", "0"] and os.environ["GRNN_CPU_FUSED"] == "1"
