@@ -140,8 +140,9 @@ def make_cases(args, mode, device, dtype):
         for k in args.groups:
             for rearr in args.rearrangement:
                 for backend in args.backend:
+                    engine, wrap = engine_of(backend)
                     stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
-                                           backend=backend.removesuffix(TWO_PASS)).to(device, dtype)
+                                           backend=engine).to(device, dtype)
                     states = [s[0] for s in stack.zero_state(bd, x)]
 
                     def run_step(stack=stack, states=states):
@@ -149,10 +150,8 @@ def make_cases(args, mode, device, dtype):
                             s = states
                             for _ in range(args.decode_steps):
                                 _, s = stack.step(x, s)
-                    if backend.endswith(TWO_PASS):
-                        run_step = two_pass(run_step)
                     cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
-                                  run_step))
+                                  wrap(run_step)))
         return cases
 
     x = rand(T, B, H)
@@ -181,17 +180,20 @@ def make_cases(args, mode, device, dtype):
     for k in args.groups:
         for rearr in args.rearrangement:
             for backend in args.backend:
+                engine, wrap = engine_of(backend)
                 stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
-                                       backend=backend.removesuffix(TWO_PASS)).to(device, dtype)
-                run = runner(stack, False)
-                if backend.endswith(TWO_PASS):
-                    run = two_pass(run)
+                                       backend=engine).to(device, dtype)
                 cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
-                              run))
+                              wrap(runner(stack, False))))
     return cases
 
 
-TWO_PASS = "-2pass"
+def engine_of(backend):
+    """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
+    :func:`two_pass`, every other name the engine itself, unwrapped."""
+    if backend.endswith("-2pass"):
+        return backend.removesuffix("-2pass"), two_pass
+    return backend, lambda run: run
 
 
 def two_pass(run):

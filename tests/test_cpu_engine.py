@@ -109,21 +109,31 @@ def _compare_fp64(p, mask, up, shuffle, reverse):
 
 
 def test_fused_step_selection_and_accuracy(monkeypatch, built):
-    """Which step runs (fp32 and m % 16 == 0, unless GRNN_CPU_FUSED=0), and both steps
-    against a float64 reference to fp32 accuracy on a problem of that kind."""
+    """Which forward step runs (counted by the extension): fused for fp32 over >= 4 steps
+    with a last 16-unit block at most 1/8 padding, two-pass for fp64, single decoding
+    steps, a half-empty last block and GRNN_CPU_FUSED=0; both steps against a float64
+    reference to fp32 accuracy."""
+    def takes_fused(k, m, t_len, dtype):
+        p, _, _ = _problem(k, m, t_len, 2, dtype)
+        before = built.fused_forward_calls()
+        with torch.no_grad():
+            _run("cpp", p, None, None, True, False, grad=False)
+        return built.fused_forward_calls() - before == 1
+
     monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
-    assert built.uses_fused_step(torch.float32, 32, 8)
-    assert built.uses_fused_step(torch.float32, 250, 8)      # WMT widths: 1000 / 4 groups
-    assert not built.uses_fused_step(torch.float32, 24, 8)   # a half-empty last block
-    assert not built.uses_fused_step(torch.float64, 32, 8)
-    assert not built.uses_fused_step(torch.float32, 32, 1)    # decoding steps: no packing
+    assert takes_fused(2, 32, 4, torch.float32)
+    assert takes_fused(1, 250, 4, torch.float32)           # WMT widths: 1000 / 4 groups
+    assert not takes_fused(2, 24, 4, torch.float32)        # a half-empty last block
+    assert not takes_fused(2, 32, 4, torch.float64)
+    assert not takes_fused(2, 32, 3, torch.float32)        # decoding steps: no packing
     monkeypatch.setenv("GRNN_CPU_FUSED", "0")
-    assert not built.uses_fused_step(torch.float32, 32, 8)
+    assert not takes_fused(2, 32, 4, torch.float32)
     p, mask, up = _problem(4, 32, 8, 6, torch.float32, padding=True)
     for fused in ("1", "0"):
         monkeypatch.setenv("GRNN_CPU_FUSED", fused)
-        assert built.uses_fused_step(torch.float32, 32, 8) == (fused == "1")
+        before = built.fused_forward_calls()
         _compare_fp64(p, mask, up, True, False)
+        assert (built.fused_forward_calls() > before) == (fused == "1")
 
 
 @pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])

@@ -8,8 +8,8 @@ torch version, so a changed source or torch gets its own build; torch's loader h
 file lock while it builds, so processes starting together (multi-process training) build
 once and the others wait and load the result.
 
-For fp32 with a group width that is a multiple of 16, over at least 4 steps, the forward
-pass takes a fused step (the recurrent product of each 16-unit block accumulated in
+In fp32 over at least 4 steps, where padding a group's last block of 16 units adds at most
+1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes a fused step (the recurrent product of each 16-unit block accumulated in
 registers, the cell run on it at once); ``$GRNN_CPU_FUSED=0`` switches to the two-pass step
 (one BLAS product per step, then the pointwise pass), for A/B measurements.
 

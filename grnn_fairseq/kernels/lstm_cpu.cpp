@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -208,29 +209,29 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
 
 // ------------------------------------------------------------- fused forward (fp32)
 // The step in one pass, for float: for each block of NU units of a group (the last one
-// padded with zero weights where NU does not divide m), the recurrent product of all 4 gates (the block's 4*NU columns of W_hh, packed so
-// that the 4*NU weights of one input are contiguous) is accumulated in registers for R
-// batch rows at a time, and the cell runs on it at once: no product buffer and no second
-// pass over it, and no per-call packing of the weights inside a BLAS call.  The operand is
-// read through a column index (with the time shuffle, column q of the shuffled order is
-// column (q % K) * m + q / K of the unit order), so the shuffled copy of h is written only
-// when the backward needs it.  GCC vector types: one zmm per NU floats with AVX-512, two
-// ymm with AVX2 (the clones below).
+// padded with zero weights where NU does not divide m), the recurrent product of all 4
+// gates (the block's 4*NU columns of W_hh, packed so that the 4*NU weights of one input
+// are contiguous) is accumulated in registers for R batch rows at a time, and the cell runs
+// on it at once: no product buffer and no second pass over it, and no per-call packing of
+// the weights inside a BLAS call.  The operand is read through a column index (with the
+// time shuffle, column q of the shuffled order is column (q % K) * m + q / K of the unit
+// order), so the shuffled copy of h is written only when the backward needs it.  GCC
+// vector types: one zmm per NU floats with AVX-512, two ymm with AVX2 (the clones below).
 constexpr int64_t NU = 16;
 constexpr int ROWS = 4;  // batch rows per register block: 4 x 4 accumulators
 typedef float vnu __attribute__((vector_size(NU * sizeof(float))));
 typedef float vnu_u __attribute__((vector_size(NU * sizeof(float)), aligned(4)));
 
 struct Fused {             // one step
-  Fwd<float> f;            // the step's pointers and shapes (f.pre and f.hs_new unused)
+  Fwd<float> f;            // the step's pointers and shapes (f.pre unused)
   const float* wp;         // [K, blocks(m), m, 4, NU] packed W_hh (pack_hh)
   const int32_t* col;      // [H] unit-order column of each operand column
 };
 
-// Rows [b0, b0 + R) of unit block u of group k.
 // blocks of NU units in a group of m
 inline int64_t blocks(int64_t m) { return (m + NU - 1) / NU; }
 
+// Rows [b0, b0 + R) of unit block u of group k.
 template <int R, bool SAVE>
 GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) {
   const Fwd<float>& a = fz.f;
@@ -254,6 +255,12 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
       acc[r][3] += x * w3;
     }
   }
+  // to memory with constant indices, so that acc stays in registers (a runtime index in
+  // the loop below would keep it on the stack throughout)
+  alignas(64) float pre[R][4 * NU];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 4; ++g) std::memcpy(pre[r] + g * NU, &acc[r][g], sizeof(vnu));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, hb = b * H + k * m + u * NU, cb = (k * B + b) * m + u * NU;
     if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
@@ -262,17 +269,11 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
       if (a.out) std::fill(a.out + hb, a.out + hb + n, 0.0f);
       continue;
     }
-    alignas(64) float pre[4 * NU];
-    std::memcpy(pre, acc[r], sizeof(pre));
     const float* xr = a.gx + k * a.gx_sk + b * a.gx_sb + u * NU;
     const float* br = a.bias + k * 4 * m + u * NU;
     float* fr = SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr;
-    if (n == NU)  // a trip count known to the compiler: one vector
-      cell_forward<float, SAVE>(NU, NU, m, pre, xr, br, a.c_prev + cb, a.c_new + cb,
-                                a.h_new + hb, fr);
-    else
-      cell_forward<float, SAVE>(n, NU, m, pre, xr, br, a.c_prev + cb, a.c_new + cb,
-                                a.h_new + hb, fr);
+    cell_forward<float, SAVE>(n, NU, m, pre[r], xr, br, a.c_prev + cb, a.c_new + cb,
+                              a.h_new + hb, fr);
     if (a.out) std::copy(a.h_new + hb, a.h_new + hb + n, a.out + hb);
   }
 }
@@ -316,6 +317,7 @@ Tensor operand_columns(int64_t K, int64_t m, bool shuffle) {
 // unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then
 // the pointwise pass; for A/B measurements and tests).
 constexpr int64_t FUSED_MIN_STEPS = 4;
+std::atomic<int64_t> fused_calls{0};  // forward calls that took the fused step (for tests)
 inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps) {
   const char* env = std::getenv("GRNN_CPU_FUSED");
   return dtype == at::kFloat && blocks(m) * NU * 8 <= m * 9 && steps >= FUSED_MIN_STEPS &&
@@ -607,6 +609,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
   Tensor cs = empty_buffer({2, K, B, m}, opt);
   const bool fused = use_fused(gx.scalar_type(), m, T);
+  if (fused) ++fused_calls;
   Tensor pre = fused ? Tensor() : empty_buffer({K, B, 4 * m}, opt);
   Tensor fac = save ? empty_buffer({K, T, B, 6 * m}, opt) : at::empty({0}, opt);
   Tensor out = keep.defined() ? empty_buffer({T, B, H}, opt) : hu.narrow(0, 1, T);
@@ -729,8 +732,7 @@ TORCH_LIBRARY(grnn_lstm_cpu, lib) {
           "Tensor? mask, bool shuffle, bool reverse, bool save) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &lstm_forward);
-  lib.def("uses_fused_step(ScalarType dtype, int m, int steps) -> bool",
-          [](c10::ScalarType dtype, int64_t m, int64_t steps) { return use_fused(dtype, m, steps); });
+  lib.def("fused_forward_calls() -> int", []() -> int64_t { return fused_calls.load(); });
   lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
           "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
