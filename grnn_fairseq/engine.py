@@ -17,16 +17,17 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     multiple of 16.  fp32 and fp64 (other dtypes fall back to ``torch``).  Default on CPU
     when it builds.
 ``triton``
-    Fused Triton kernels for the LSTM (:mod:`grnn_fairseq.kernels.triton_lstm`): one
-    persistent launch per sequence (a grid-wide barrier between time steps) that fuses
+    Fused Triton kernels for the LSTM and the GRU (:mod:`grnn_fairseq.kernels.triton_rnn`):
+    one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
     the recurrent product, the time-step shuffle (read through the permuted index) and
     the pointwise cell; decoding steps are one launch per layer (:func:`fused_step`).
     Default for CUDA tensors when Triton is importable.
 
-``auto`` (the default) picks, for the LSTM, ``triton`` for CUDA tensors when Triton is
-available, ``cpp`` for fp32 / fp64 CPU tensors when the extension builds (a failed build
-warns once and falls back to ``torch``), ``torch`` otherwise; the other cells always use
-``reference``.  Force a backend with the ``backend=`` argument or the environment variable
+``auto`` (the default) picks ``triton`` for LSTM and GRU CUDA tensors when Triton is
+available; on the CPU, for the LSTM, ``cpp`` for fp32 / fp64 tensors when the extension
+builds (a failed build warns once and falls back to ``torch``), ``torch`` otherwise.  A
+cell that a backend does not cover runs on ``reference`` (the GRU on the CPU, the Elman
+RNN everywhere).  Force a backend with the ``backend=`` argument or the environment variable
 ``GRNN_BACKEND=reference|torch|cpp|triton|auto`` (the argument wins).
 
 Efficiency rules of the reference loop (shared by the others):
@@ -47,7 +48,8 @@ from .cells import POINTWISE
 from .rearrangement import rearrange_grouped
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
-FUSED_CELLS = ("lstm",)  # cells with a torch / cpp / triton implementation
+CPU_CELLS = ("lstm",)           # cells of the torch and cpp backends
+TRITON_CELLS = ("lstm", "gru")  # cells of the triton backend
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -97,12 +99,12 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
                backend=None):
     """One decoding step of a whole layer in one launch (input projection, recurrence and
-    cell fused), where a kernel for it exists: the LSTM without autograd on the ``triton``
-    backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
+    cell fused), where a kernel for it exists: the LSTM and the GRU without autograd on the
+    ``triton`` backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
     and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
     recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
-    if cell != "lstm" or (x_t.device.type != "cuda" and not _interpreting()) or (
+    if cell not in TRITON_CELLS or (x_t.device.type != "cuda" and not _interpreting()) or (
             torch.is_grad_enabled() and _any_requires_grad(
                 x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
         return None
@@ -110,15 +112,15 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
     dtype = amp if amp is not None else weight_hh.dtype
     if resolve_backend(backend, cell, x_t.device, dtype) != "triton":
         return None
-    from .kernels.triton_lstm import lstm_step_triton
+    from .kernels.triton_rnn import step_triton
 
-    args = (x_t, state[0], state[1], weight_ih, bias_ih, weight_hh, bias_hh)
     if amp is None:  # the common case, kept cheap: this runs once per layer and token
-        out, h, c = lstm_step_triton(*args, time_shuffle)
-    else:
-        with torch.autocast(x_t.device.type, enabled=False):
-            out, h, c = lstm_step_triton(*(t.to(amp) for t in args), time_shuffle)
-    return out, (h, c)
+        return step_triton(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh,
+                           time_shuffle)
+    with torch.autocast(x_t.device.type, enabled=False):
+        return step_triton(cell, x_t.to(amp), tuple(s.to(amp) for s in state),
+                           *(t.to(amp) for t in (weight_ih, bias_ih, weight_hh, bias_hh)),
+                           time_shuffle)
 
 
 def _any_requires_grad(*tensors):
@@ -178,7 +180,7 @@ def autocast_dtype(device_type):
 def triton_available():
     """True when the Triton kernels can be imported (Triton installed and working)."""
     try:
-        from .kernels import triton_lstm  # noqa: F401
+        from .kernels import triton_rnn  # noqa: F401
     except Exception:  # not installed, or an installation that fails at import
         return False
     return True
@@ -203,14 +205,17 @@ def resolve_backend(backend, cell, device, dtype=None):
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
                          "(argument backend= or environment variable GRNN_BACKEND)")
-    if cell not in FUSED_CELLS:
-        return "reference"
     if name == "auto":
-        if device.type == "cuda" and dtype in TRITON_DTYPES and triton_available():
+        if (device.type == "cuda" and cell in TRITON_CELLS and dtype in TRITON_DTYPES
+                and triton_available()):
             return "triton"
+        if cell not in CPU_CELLS:
+            return "reference"
         if device.type == "cpu" and dtype in CPP_DTYPES and cpp_available():
             return "cpp"
         return "torch"
+    if cell not in (TRITON_CELLS if name == "triton" else CPU_CELLS):
+        return "reference"
     if name == "cpp":
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' runs on CPU tensors (got {device.type}); use "
@@ -252,10 +257,8 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
     if name == "reference":
         return scan_reference(gx, state, weight_hh, bias_hh, cell, time_shuffle, mask, reverse)
     if name == "triton":
-        from .kernels.triton_lstm import lstm_scan_triton
-        out, h, c = lstm_scan_triton(gx, state[0], state[1], weight_hh, bias_hh, mask,
-                                     time_shuffle, reverse)
-        return out, (h, c)
+        from .kernels.triton_rnn import scan_triton
+        return scan_triton(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse)
     if name == "cpp":
         return lstm_scan_cpp(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle,
                              reverse)

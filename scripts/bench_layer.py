@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Layer-level benchmark: group LSTM (RecurrentStack) against torch.nn.LSTM / LSTMCell.
+"""Layer-level benchmark: group LSTM / GRU (RecurrentStack) against torch.nn.LSTM /
+LSTMCell (or torch.nn.GRU / GRUCell with --cell gru).
 
 Every case of a mode is timed side by side in one run: the repetitions visit the cases
 round-robin (so slow drifts of a shared machine hit all of them alike) and the table
@@ -17,6 +18,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --backend reference,torch        # before / after
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --device cuda --backend triton,torch
+  python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --quick                          # smoke test
 """
 import argparse
@@ -31,6 +33,8 @@ import torch
 
 from grnn_fairseq.recurrent import RecurrentStack
 
+NN = {"lstm": (torch.nn.LSTM, torch.nn.LSTMCell, "LSTM"),
+      "gru": (torch.nn.GRU, torch.nn.GRUCell, "GRU")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 
@@ -38,6 +42,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--cell", default="lstm", choices=tuple(NN),
+                   help="recurrent cell; compared with torch.nn's layer and cell of that type")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--T", type=int, default=50, help="sequence length")
     p.add_argument("--B", type=int, help="batch size (default: 32 on cpu, 64 on cuda)")
@@ -125,23 +131,25 @@ def make_cases(args, mode, device, dtype):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     cases = []
+    nn_layer, nn_cell, name = NN[args.cell]
+    group = f"group {name}"
     if mode == "decode":
         bd = args.decode_batch
         x = rand(bd, H)
-        cell = torch.nn.LSTMCell(H, H).to(device=device, dtype=dtype)
-        h, c = rand(bd, H), rand(bd, H)
+        cell = nn_cell(H, H).to(device=device, dtype=dtype)
+        h0 = (rand(bd, H), rand(bd, H)) if args.cell == "lstm" else rand(bd, H)
 
         def run_cell():
             with torch.no_grad():
-                s = (h, c)
+                s = h0
                 for _ in range(args.decode_steps):
                     s = cell(x, s)
-        cases.append((dict(model="nn.LSTMCell", K="-", rearr="-", backend="-"), run_cell))
+        cases.append((dict(model=f"nn.{name}Cell", K="-", rearr="-", backend="-"), run_cell))
         for k in args.groups:
             for rearr in args.rearrangement:
                 for backend in args.backend:
                     engine, wrap = engine_of(backend)
-                    stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
+                    stack = RecurrentStack(H, H, 1, args.cell, groups=k, rearrangement=rearr,
                                            backend=engine).to(device, dtype)
                     states = [s[0] for s in stack.zero_state(bd, x)]
 
@@ -150,7 +158,7 @@ def make_cases(args, mode, device, dtype):
                             s = states
                             for _ in range(args.decode_steps):
                                 _, s = stack.step(x, s)
-                    cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
+                    cases.append((dict(model=group, K=k, rearr=rearr, backend=backend),
                                   wrap(run_step)))
         return cases
 
@@ -175,15 +183,15 @@ def make_cases(args, mode, device, dtype):
                     module(xi) if is_torch else module(xi, padding_mask=pad)
         return run
 
-    ref = torch.nn.LSTM(H, H).to(device=device, dtype=dtype)
-    cases.append((dict(model="nn.LSTM", K="-", rearr="-", backend="-"), runner(ref, True)))
+    ref = nn_layer(H, H).to(device=device, dtype=dtype)
+    cases.append((dict(model=f"nn.{name}", K="-", rearr="-", backend="-"), runner(ref, True)))
     for k in args.groups:
         for rearr in args.rearrangement:
             for backend in args.backend:
                 engine, wrap = engine_of(backend)
-                stack = RecurrentStack(H, H, 1, "lstm", groups=k, rearrangement=rearr,
+                stack = RecurrentStack(H, H, 1, args.cell, groups=k, rearrangement=rearr,
                                        backend=engine).to(device, dtype)
-                cases.append((dict(model="group LSTM", K=k, rearr=rearr, backend=backend),
+                cases.append((dict(model=group, K=k, rearr=rearr, backend=backend),
                               wrap(runner(stack, False))))
     return cases
 
@@ -254,9 +262,9 @@ def main(argv=None):
         sys.exit("--timer cpu measures CPU work: use it with --device cpu")
     dtype = DTYPES[args.dtype]
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
-    print(f"device:  {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
-          f"T={args.T} B={args.B} H={args.H}; decode batch {args.decode_batch} x "
-          f"{args.decode_steps} steps; padding {args.padding}; reps {args.reps} (median), "
+    print(f"device:  {device_name(device)}; torch {torch.__version__}; cell {args.cell}; "
+          f"dtype {args.dtype}; T={args.T} B={args.B} H={args.H}; "
+          f"decode batch {args.decode_batch} x {args.decode_steps} steps; padding {args.padding}; reps {args.reps} (median), "
           f"warmup {args.warmup}; timer {args.timer}; "
           f"GRNN_BACKEND={os.environ.get('GRNN_BACKEND', '(unset)')}")
     rows = []

@@ -9,7 +9,8 @@
 #   scripts/gpu-checks.sh training  # tests/test_gpu_training.py: --fp16/--amp/--bf16
 #                                   # fairseq training (more than 4 minutes: its own call)
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
-#                                   # decode steps vs LSTMCell; backends triton and torch
+#                                   # decode steps vs LSTMCell; backends triton and torch;
+#                                   # then the GRU vs nn.GRU / GRUCell (triton, reference)
 #   scripts/gpu-checks.sh wmt       # scripts/bench_fairseq.sh, WMT14 sizes: group K=4, K=1,
 #   scripts/gpu-checks.sh iwslt     # fairseq's lstm_luong_wmt_en_de (resp. IWSLT sizes and
 #                                   # lstm_wiseman_iwslt_de_en); --fp16, 100 untimed warm-up
@@ -32,7 +33,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
   kernels|training|layer|wmt|iwslt|all) ;;
-  *) sed -n '2,23p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu-checks: torch sees no CUDA GPU; these checks need one (CPU checks: bash scripts/test.sh)" >&2
@@ -58,7 +59,13 @@ stage_layer() {
     "$py" scripts/bench_layer.py --device cuda --backend triton,torch --groups 1,2,4,8,16 \
       --rearrangement none,time --modes train,infer,decode
   } 2>&1 | tee "$out/bench_layer_cuda.txt"
-  return "${PIPESTATUS[0]}"
+  local rc="${PIPESTATUS[0]}"
+  { echo "device: $device"
+    "$py" scripts/bench_layer.py --device cuda --cell gru --backend triton,reference \
+      --groups 1,4,16 --rearrangement none,time --modes train,infer,decode
+  } 2>&1 | tee "$out/bench_layer_cuda_gru.txt"
+  [[ "$rc" == 0 ]] && return "${PIPESTATUS[0]}"
+  return "$rc"
 }
 
 stage_fairseq() {  # name, models

@@ -33,6 +33,18 @@ def test_bench_layer_quick_prints_every_case():
         assert all(float(v) > 0 for v in r[-4:])
 
 
+def test_bench_layer_gru_compares_with_torch_gru():
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--cell", "gru",
+                "--groups", "1,4", "--backend", "auto,reference"])
+    assert "cell gru" in out
+    rows = [line.split() for line in out.splitlines()
+            if line.split()[:1] in (["train"], ["infer"], ["decode"])]
+    assert {r[1] for r in rows if r[0] == "decode"} == {"nn.GRUCell", "group"}
+    assert {r[1] for r in rows if r[0] == "train"} == {"nn.GRU", "group"}
+    assert {(r[3], r[5]) for r in rows if r[0] == "train" and r[1] == "group"} == {
+        (k, b) for k in ("1", "4") for b in ("auto", "reference")}
+
+
 def test_bench_fairseq_quick_with_warmup(tmp_path):
     """Our RNNSearch and fairseq's own LSTM through fairseq-train / -generate; the warm-up
     run happens (its log exists) and the timed run still reports its figures."""

@@ -1,12 +1,13 @@
-"""The Triton LSTM kernels against the reference engine.
+"""The Triton LSTM and GRU kernels against the reference engine.
 
 Without a GPU the kernels run through Triton's interpreter on CPU tensors and tiny sizes;
 there the persistent scans run as one program that walks every tile (barrier trivially
-met).  Outputs, final states and every gradient (x and W_ih through the input projection,
-W_hh, both biases, h0, c0) are compared for K in {1, 4}, with and without the time-step
-shuffle, with and without padding, in both directions; the fused decoding step against
-the reference step.  On a GPU (scripts/gpu-checks.sh kernels) the same tests run compiled,
-plus grids of many programs meeting at the time-step barriers.
+met).  For both cells, outputs, final states and every gradient (x and W_ih through the
+input projection, W_hh, both biases, the initial state) are compared for K in {1, 4},
+with and without the time-step shuffle, with and without padding, in both directions; the
+fused decoding step against the reference step.  On a GPU (scripts/gpu-checks.sh kernels)
+the same tests run compiled, plus grids of many programs meeting at the time-step
+barriers.
 """
 import importlib
 import os
@@ -17,7 +18,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KERNELS = "grnn_fairseq.kernels.triton_lstm"
+KERNELS = "grnn_fairseq.kernels.triton_rnn"
 # Triton picks the interpreter when a function is decorated, its own helpers (tl.zeros, ...)
 # included: the variable must be set before Triton is first imported.
 _SET_INTERPRET = not CUDA and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
@@ -57,18 +58,25 @@ def triton_mode():
         os.environ["TRITON_INTERPRET"] = old
 
 
-def _problem(k, m, t_len, b, i_size, padding, seed=0):
+CELLS = ["lstm", "gru"]
+GATES = {"lstm": 4, "gru": 3}
+
+
+def _problem(k, m, t_len, b, i_size, padding, seed=0, cell="lstm"):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
 
+    gm = GATES[cell] * m
     p = dict(
         x=rand(t_len * b, i_size),
-        w_ih=rand(k, 4 * m, i_size // k, scale=0.5), b_ih=rand(k, 4 * m, scale=0.5),
-        w_hh=rand(k, 4 * m, m, scale=0.5), b_hh=rand(k, 4 * m, scale=0.5),
-        h0=rand(k, b, m), c0=rand(k, b, m),
+        w_ih=rand(k, gm, i_size // k, scale=0.5), b_ih=rand(k, gm, scale=0.5),
+        w_hh=rand(k, gm, m, scale=0.5), b_hh=rand(k, gm, scale=0.5),
+        h0=rand(k, b, m),
     )
+    if cell == "lstm":
+        p["c0"] = rand(k, b, m)
     mask = None
     if padding:
         mask = torch.ones(t_len, b, dtype=torch.bool)
@@ -83,43 +91,52 @@ def _problem(k, m, t_len, b, i_size, padding, seed=0):
 
 def _run(backend, p, mask, upstream, shuffle, reverse, t_len, b):
     k = p["w_hh"].shape[0]
+    cell = "lstm" if "c0" in p else "gru"
     gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
-    out, (h, c) = engine.scan(gx, (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm",
-                              time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
-    loss = sum((a * w).sum() for a, w in zip((out, h, c), upstream))
+    init = (p["h0"], p["c0"]) if cell == "lstm" else (p["h0"],)
+    out, final = engine.scan(gx, init, p["w_hh"], p["b_hh"], cell,
+                             time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
+    loss = sum((a * w).sum() for a, w in zip((out,) + final, upstream))
     names = list(p)
     grads = torch.autograd.grad(loss, [p[n] for n in names])
-    return {"out": out, "h_T": h, "c_T": c, **{"d_" + n: gr for n, gr in zip(names, grads)}}
+    return {"out": out, **{f"state_T[{i}]": s for i, s in enumerate(final)},
+            **{"d_" + n: gr for n, gr in zip(names, grads)}}
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_scan_matches_reference(k, shuffle, padding, reverse):
+@pytest.mark.parametrize("cell", CELLS)
+def test_scan_matches_reference(cell, k, shuffle, padding, reverse):
     m, t_len, b = 4, 5, 3
-    p, mask, upstream = _problem(k, m, t_len, b, i_size=8, padding=padding)
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=8, padding=padding, cell=cell)
     ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
     got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
+    assert len(ref) == (10 if cell == "lstm" else 8)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_tiles_uneven_widths_and_batch():
+@pytest.mark.parametrize("cell", CELLS)
+def test_tiles_uneven_widths_and_batch(cell):
     """m not a multiple of K (the shuffle crosses groups unevenly), several batch and unit
     tiles (B > BLOCK_B, m > BLOCK_J), padding, reverse."""
     k, m, t_len, b = 2, 40, 3, 37
-    p, mask, upstream = _problem(k, m, t_len, b, i_size=6, padding=True, seed=1)
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=6, padding=True, seed=1, cell=cell)
     ref = _run("reference", p, mask, upstream, True, True, t_len, b)
     got = _run("triton", p, mask, upstream, True, True, t_len, b)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
-def test_stack_bidirectional_padded_matches_reference():
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_bidirectional_padded_matches_reference(cell):
     torch.manual_seed(0)
-    ref = RecurrentStack(8, 8, num_layers=2, groups=2, bidirectional=True, backend="reference")
-    fused = RecurrentStack(8, 8, num_layers=2, groups=2, bidirectional=True, backend="triton")
+    ref = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=2, bidirectional=True,
+                         backend="reference")
+    fused = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=2, bidirectional=True,
+                           backend="triton")
     fused.load_state_dict(ref.state_dict())
     ref, fused = ref.to(DEVICE), fused.to(DEVICE)
     x = torch.randn(4, 3, 8, device=DEVICE, requires_grad=True)
@@ -127,38 +144,43 @@ def test_stack_bidirectional_padded_matches_reference():
     pad[3:, 1] = True
     outs = []
     for stack in (ref, fused):
-        out, (h, c) = stack(x, padding_mask=pad)
-        loss = out.square().sum() + h.sum() + c.sum()
+        out, state = stack(x, padding_mask=pad)
+        state = state if cell == "lstm" else (state,)
+        loss = out.square().sum() + sum(s.sum() for s in state)
         grads = torch.autograd.grad(loss, [x] + list(stack.parameters()))
-        outs.append((out, h, c) + grads)
+        outs.append((out,) + state + grads)
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
 
 
-def test_inference_path_matches_reference():
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_path_matches_reference(cell):
     k, m, t_len, b = 4, 4, 4, 2
-    p, mask, _ = _problem(k, m, t_len, b, i_size=8, padding=True)
+    p, mask, _ = _problem(k, m, t_len, b, i_size=8, padding=True, cell=cell)
+    init = (p["h0"], p["c0"]) if cell == "lstm" else (p["h0"],)
     with torch.no_grad():
         gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
-        res = [engine.scan(gx, (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True, mask,
-                           backend=be) for be in ("reference", "triton")]
-    (o1, (h1, c1)), (o2, (h2, c2)) = res
-    for a, b_ in ((o1, o2), (h1, h2), (c1, c2)):
+        res = [engine.scan(gx, init, p["w_hh"], p["b_hh"], cell, True, mask, backend=be)
+               for be in ("reference", "triton")]
+    (o1, s1), (o2, s2) = res
+    assert len(s1) == len(s2) == len(init)
+    for a, b_ in zip((o1,) + s1, (o2,) + s2):
         torch.testing.assert_close(b_, a, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rearr", ["none", "time", "both"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_decode_step_matches_reference(k, rearr):
+@pytest.mark.parametrize("cell", CELLS)
+def test_decode_step_matches_reference(cell, k, rearr):
     """The fused decoding step (input projection + shuffled recurrent product + cell, one
     launch per layer) against the reference step: 2 layers, several batch and unit tiles
     (B = 37 > BLOCK_B, m = 40 > BLOCK_J), three steps so that the states feed back."""
     torch.manual_seed(k)
     width, b = 40 * k, 37
-    ref = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+    ref = RecurrentStack(width, width, num_layers=2, cell=cell, groups=k, rearrangement=rearr,
                          backend="reference")
-    fused = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
-                           backend="triton")
+    fused = RecurrentStack(width, width, num_layers=2, cell=cell, groups=k,
+                           rearrangement=rearr, backend="triton")
     fused.load_state_dict(ref.state_dict())
     ref, fused = ref.to(DEVICE), fused.to(DEVICE)
     xs = torch.randn(3, b, width, device=DEVICE)
@@ -186,13 +208,14 @@ HALF = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_half_precision_matches_reference(dtype):
+@pytest.mark.parametrize("cell", CELLS)
+def test_half_precision_matches_reference(cell, dtype):
     """Half-precision scans (forward and backward) and decoding steps against the fp32
     reference, within half-precision tolerance."""
     torch.manual_seed(0)
-    ref = RecurrentStack(32, 32, num_layers=2, groups=2, bidirectional=True,
+    ref = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=2, bidirectional=True,
                          backend="reference").to(DEVICE)
-    half = RecurrentStack(32, 32, num_layers=2, groups=2, bidirectional=True,
+    half = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=2, bidirectional=True,
                           backend="triton").to(DEVICE)
     half.load_state_dict(ref.state_dict())
     half = half.to(dtype)
@@ -207,8 +230,9 @@ def test_half_precision_matches_reference(dtype):
         results.append((out.float(), xi.grad.float()))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=3e-2, rtol=3e-2)
-    uni_ref = RecurrentStack(32, 32, num_layers=2, groups=4, backend="reference").to(DEVICE)
-    uni = RecurrentStack(32, 32, num_layers=2, groups=4, backend="triton").to(DEVICE)
+    uni_ref = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=4,
+                             backend="reference").to(DEVICE)
+    uni = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=4, backend="triton").to(DEVICE)
     uni.load_state_dict(uni_ref.state_dict())
     uni = uni.to(dtype)
     states = [s[0] for s in uni_ref.zero_state(20, x)]
@@ -222,65 +246,68 @@ def test_half_precision_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_decode_step_under_autocast(dtype):
+@pytest.mark.parametrize("cell", CELLS)
+def test_decode_step_under_autocast(cell, dtype):
     """fairseq's --amp: the fused step runs in autocast's dtype (as the reference step
     does) and returns states in it."""
     torch.manual_seed(0)
-    ref = RecurrentStack(16, 16, num_layers=1, groups=2, backend="reference")
-    fused = RecurrentStack(16, 16, num_layers=1, groups=2, backend="triton")
+    ref = RecurrentStack(16, 16, num_layers=1, cell=cell, groups=2, backend="reference")
+    fused = RecurrentStack(16, 16, num_layers=1, cell=cell, groups=2, backend="triton")
     fused.load_state_dict(ref.state_dict())
     ref, fused = ref.to(DEVICE), fused.to(DEVICE)
     x = torch.randn(20, 16, device=DEVICE)
     states = [s[0] for s in ref.zero_state(20, x)]
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
         (o_ref, s_ref), (o_fused, s_fused) = ref.step(x, states), fused.step(x, states)
-    assert o_fused.dtype == s_fused[0][0].dtype == s_fused[0][1].dtype == dtype
+    assert o_fused.dtype == dtype and all(s.dtype == dtype for s in s_fused[0])
     torch.testing.assert_close(o_fused.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(s_fused[0][1].float(), s_ref[0][1].float(), atol=2e-2, rtol=2e-2)
+    for got, want in zip(s_fused[0], s_ref[0]):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_decode_step_is_one_launch(monkeypatch):
-    """The triton backend really takes the fused step (not the torch step) for the LSTM
-    without autograd, and not with autograd or for other cells."""
-    from grnn_fairseq.kernels import triton_lstm
+    """The triton backend really takes the fused step (not the torch step) for the LSTM and
+    the GRU without autograd, and not with autograd or for the Elman RNN."""
+    from grnn_fairseq.kernels import triton_rnn
 
     calls = []
-    real = triton_lstm.lstm_step_triton
-    monkeypatch.setattr(triton_lstm, "lstm_step_triton",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    stack = RecurrentStack(8, 8, num_layers=2, groups=2, backend="triton").to(DEVICE)
+    real = triton_rnn.step_triton
+    monkeypatch.setattr(triton_rnn, "step_triton",
+                        lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
     x = torch.randn(3, 8, device=DEVICE)
-    states = [s[0] for s in stack.zero_state(3, x)]
-    with torch.no_grad():
-        stack.step(x, states)
-    assert len(calls) == 2
-    stack.step(x, states)  # autograd on: the differentiable step
-    assert len(calls) == 2
+    for cell in ("lstm", "gru", "rnn"):
+        stack = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=2,
+                               backend="triton").to(DEVICE)
+        states = [s[0] for s in stack.zero_state(3, x)]
+        with torch.no_grad():
+            stack.step(x, states)
+        stack.step(x, states)  # autograd on: the differentiable step
+    assert calls == ["lstm", "lstm", "gru", "gru"]
 
 
 def test_tuning_knobs_reject_bad_values(monkeypatch):
-    from grnn_fairseq.kernels import triton_lstm
+    from grnn_fairseq.kernels import triton_rnn
 
     for bad in ("32,16", "32,16,64", "32,15,64,4", "a,b,c,d", "32,16,64,3"):
         with pytest.raises(ValueError, match="GRNN_TRITON_BLOCKS"):
-            triton_lstm._parse_blocks(bad)
-    assert triton_lstm._parse_blocks("16,32,64,8") == (16, 32, 64, 8)
-    monkeypatch.setattr(triton_lstm, "_FORCED_BLOCKS", "16,16")
+            triton_rnn._parse_blocks(bad)
+    assert triton_rnn._parse_blocks("16,32,64,8") == (16, 32, 64, 8)
+    monkeypatch.setattr(triton_rnn, "_FORCED_BLOCKS", "16,16")
     with pytest.raises(ValueError, match="four integers"):
-        triton_lstm._blocks.__wrapped__(64, 64, 4, 132)
+        triton_rnn._blocks.__wrapped__(64, 64, 4, 132)
     for bad in ("0", "-2", "x"):
         with pytest.raises(ValueError, match="GRNN_TRITON_PROGRAMS"):
-            triton_lstm._parse_programs(bad)
+            triton_rnn._parse_programs(bad)
 
 
 def test_a_failed_barrier_is_reported(monkeypatch):
     """The sticky flag that a barrier sets when it gives up turns into an error naming the
     fix at the next check (the first launch is checked)."""
-    from grnn_fairseq.kernels import triton_lstm
+    from grnn_fairseq.kernels import triton_rnn
 
     device = torch.device(DEVICE)
-    monkeypatch.setattr(triton_lstm, "_LAUNCHES", [0])
-    monkeypatch.setitem(triton_lstm._HEALTH, device, torch.ones(1, dtype=torch.int32,
+    monkeypatch.setattr(triton_rnn, "_LAUNCHES", [0])
+    monkeypatch.setitem(triton_rnn._HEALTH, device, torch.ones(1, dtype=torch.int32,
                                                                 device=device))
     p, mask, upstream = _problem(2, 4, 3, 2, i_size=4, padding=False)
     with pytest.raises(RuntimeError, match="GRNN_TRITON_PROGRAMS"):
@@ -289,14 +316,15 @@ def test_a_failed_barrier_is_reported(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="several resident programs need a GPU")
 @pytest.mark.parametrize("programs", ["3", ""])
-def test_persistent_grid_matches_reference(monkeypatch, programs):
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_grid_matches_reference(monkeypatch, cell, programs):
     """Many programs meeting at the time-step barriers: 3 programs walking 24 tiles each
     step, and one program per tile (up to the SM count); forward and backward, padding."""
-    from grnn_fairseq.kernels import triton_lstm
+    from grnn_fairseq.kernels import triton_rnn
 
-    monkeypatch.setattr(triton_lstm, "_FORCED_PROGRAMS", programs)
+    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", programs)
     k, m, t_len, b = 4, 64, 9, 70
-    p, mask, upstream = _problem(k, m, t_len, b, i_size=32, padding=True, seed=2)
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=32, padding=True, seed=2, cell=cell)
     for shuffle, reverse in ((True, False), (True, True), (False, False)):
         ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
         got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
@@ -306,20 +334,23 @@ def test_persistent_grid_matches_reference(monkeypatch, programs):
 
 @pytest.mark.skipif(not CUDA, reason="compilation caches exist on a GPU only")
 def test_no_recompilation_for_new_lengths_or_batch_sizes():
-    from grnn_fairseq.kernels import triton_lstm
+    from grnn_fairseq.kernels import triton_rnn
 
-    kernels = (triton_lstm._lstm_fwd, triton_lstm._lstm_bwd, triton_lstm._lstm_decode_step)
+    kernels = (triton_rnn._scan_fwd, triton_rnn._scan_bwd, triton_rnn._decode_step)
 
     def compiled():
         return [sum(len(c[0]) for c in f.device_caches.values()) for f in kernels]
 
-    stack = RecurrentStack(64, 64, groups=4, backend="triton").cuda()
+    stacks = [RecurrentStack(64, 64, cell=cell, groups=4, backend="triton").cuda()
+              for cell in CELLS]
 
     def run(t_len, b):
-        stack(torch.randn(t_len, b, 64, device="cuda", requires_grad=True))[0].sum().backward()
-        x = torch.randn(b, 64, device="cuda")
-        with torch.no_grad():
-            stack.step(x, [s[0] for s in stack.zero_state(b, x)])
+        for stack in stacks:
+            out = stack(torch.randn(t_len, b, 64, device="cuda", requires_grad=True))[0]
+            out.sum().backward()
+            x = torch.randn(b, 64, device="cuda")
+            with torch.no_grad():
+                stack.step(x, [s[0] for s in stack.zero_state(b, x)])
 
     run(5, 17)
     n = compiled()
@@ -336,7 +367,11 @@ def test_dispatch(monkeypatch):
         "cpp" if engine.cpp_available() else "torch")
     assert engine.resolve_backend(None, "lstm", cuda, torch.bfloat16) == "triton"
     assert engine.resolve_backend(None, "lstm", cuda, torch.float64) == "torch"
-    assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "triton"
+    assert engine.resolve_backend(None, "rnn", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend(None, "gru", cpu, torch.float32) == "reference"
+    assert engine.resolve_backend("cpp", "gru", cpu, torch.float32) == "reference"
+    assert engine.resolve_backend("triton", "rnn", cuda, torch.float32) == "reference"
     assert engine.resolve_backend("reference", "lstm", cuda, torch.float32) == "reference"
     monkeypatch.setenv("GRNN_BACKEND", "reference")
     assert engine.resolve_backend(None, "lstm", cuda, torch.float32) == "reference"
@@ -357,11 +392,11 @@ def test_kernels_compile_for_h100():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    code = ("from grnn_fairseq.kernels.triton_lstm import compile_check; "
+    code = ("from grnn_fairseq.kernels.triton_rnn import compile_check; "
             "print('compiled', compile_check(90))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 6" in proc.stdout
+    assert "compiled 12" in proc.stdout  # 2 dtypes x 2 cells x (forward, backward, step)

@@ -1,6 +1,6 @@
 """Fused kernels of the recurrence engine, loaded on demand by :mod:`grnn_fairseq.engine`:
 
-* :mod:`.triton_lstm`: the GPU LSTM in Triton (optional: needs Triton);
+* :mod:`.triton_rnn`: the GPU LSTM and GRU in Triton (optional: needs Triton);
 * :mod:`.cpu_lstm`: the CPU LSTM loops in C++ (``lstm_cpu.cpp``, compiled at first use;
   needs a C++ compiler and ninja).
 

@@ -11,7 +11,10 @@ import time
 import torch
 
 from grnn_fairseq import engine
-from grnn_fairseq.kernels import triton_lstm
+try:  # the kernels' module was renamed when the GRU joined it
+    from grnn_fairseq.kernels import triton_rnn as triton_lstm
+except ImportError:
+    from grnn_fairseq.kernels import triton_lstm
 from grnn_fairseq.recurrent import RecurrentStack
 
 
@@ -20,7 +23,10 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-triton_lstm._lstm_decode_step = _NoLaunch()
+if hasattr(triton_lstm, "_decode_step"):  # one kernel for both cells since the GRU
+    triton_lstm._decode_step = _NoLaunch()
+else:
+    triton_lstm._lstm_decode_step = _NoLaunch()
 engine.resolve_backend = lambda *args, **kwargs: "triton"
 engine._interpreting = lambda: True  # let fused_step take CPU tensors
 stack = RecurrentStack(1024, 1024, 1, "lstm", groups=4, rearrangement="time", backend="triton")
