@@ -17,17 +17,17 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     multiple of 16.  fp32 and fp64 (other dtypes fall back to ``torch``).  Default on CPU
     when it builds.
 ``triton``
-    Fused Triton kernels for the LSTM and the GRU (:mod:`grnn_fairseq.kernels.triton_rnn`):
+    Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):
     one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
     the recurrent product, the time-step shuffle (read through the permuted index) and
     the pointwise cell; decoding steps are one launch per layer (:func:`fused_step`).
     Default for CUDA tensors when Triton is importable.
 
-``auto`` (the default) picks ``triton`` for LSTM and GRU CUDA tensors when Triton is
-available; on the CPU, for the LSTM, ``cpp`` for fp32 / fp64 tensors when the extension
-builds (a failed build warns once and falls back to ``torch``), ``torch`` otherwise.  A
-cell that a backend does not cover runs on ``reference`` (the GRU on the CPU, the Elman
-RNN everywhere).  Force a backend with the ``backend=`` argument or the environment variable
+``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is available; on the
+CPU, for the LSTM, ``cpp`` for fp32 / fp64 tensors when the extension builds (a failed
+build warns once and falls back to ``torch``), ``torch`` otherwise.  A cell that a backend
+does not cover runs on ``reference`` (the GRU and the Elman RNN on the CPU).  Force a
+backend with the ``backend=`` argument or the environment variable
 ``GRNN_BACKEND=reference|torch|cpp|triton|auto`` (the argument wins).
 
 Efficiency rules of the reference loop (shared by the others):
@@ -49,7 +49,7 @@ from .rearrangement import rearrange_grouped
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
 CPU_CELLS = ("lstm",)           # cells of the torch and cpp backends
-TRITON_CELLS = ("lstm", "gru")  # cells of the triton backend
+TRITON_CELLS = ("lstm", "gru", "rnn")  # cells of the triton backend
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -99,7 +99,7 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
                backend=None):
     """One decoding step of a whole layer in one launch (input projection, recurrence and
-    cell fused), where a kernel for it exists: the LSTM and the GRU without autograd on the
+    cell fused), where a kernel for it exists: every cell without autograd on the
     ``triton`` backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
     and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
     recurrent_step)."""

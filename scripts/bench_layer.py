@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Layer-level benchmark: group LSTM / GRU (RecurrentStack) against torch.nn.LSTM /
-LSTMCell (or torch.nn.GRU / GRUCell with --cell gru).
+"""Layer-level benchmark: group LSTM (RecurrentStack) against torch.nn.LSTM / LSTMCell;
+with --cell gru / rnn the GRU / Elman RNN against torch.nn.GRU / GRUCell, RNN / RNNCell.
 
 Every case of a mode is timed side by side in one run: the repetitions visit the cases
 round-robin (so slow drifts of a shared machine hit all of them alike) and the table
@@ -34,7 +34,8 @@ import torch
 from grnn_fairseq.recurrent import RecurrentStack
 
 NN = {"lstm": (torch.nn.LSTM, torch.nn.LSTMCell, "LSTM"),
-      "gru": (torch.nn.GRU, torch.nn.GRUCell, "GRU")}
+      "gru": (torch.nn.GRU, torch.nn.GRUCell, "GRU"),
+      "rnn": (torch.nn.RNN, torch.nn.RNNCell, "RNN")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 

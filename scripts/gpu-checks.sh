@@ -10,7 +10,7 @@
 #                                   # fairseq training (more than 4 minutes: its own call)
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
 #                                   # decode steps vs LSTMCell; backends triton and torch;
-#                                   # then the GRU vs nn.GRU / GRUCell (triton, reference)
+#                                   # then GRU and RNN vs nn.GRU / GRUCell, nn.RNN / RNNCell
 #   scripts/gpu-checks.sh wmt       # scripts/bench_fairseq.sh, WMT14 sizes: group K=4, K=1,
 #   scripts/gpu-checks.sh iwslt     # fairseq's lstm_luong_wmt_en_de (resp. IWSLT sizes and
 #                                   # lstm_wiseman_iwslt_de_en); --fp16, 100 untimed warm-up
@@ -59,12 +59,14 @@ stage_layer() {
     "$py" scripts/bench_layer.py --device cuda --backend triton,torch --groups 1,2,4,8,16 \
       --rearrangement none,time --modes train,infer,decode
   } 2>&1 | tee "$out/bench_layer_cuda.txt"
-  local rc="${PIPESTATUS[0]}"
-  { echo "device: $device"
-    "$py" scripts/bench_layer.py --device cuda --cell gru --backend triton,reference \
-      --groups 1,4,16 --rearrangement none,time --modes train,infer,decode
-  } 2>&1 | tee "$out/bench_layer_cuda_gru.txt"
-  [[ "$rc" == 0 ]] && return "${PIPESTATUS[0]}"
+  local rc="${PIPESTATUS[0]}" cell
+  for cell in gru rnn; do
+    { echo "device: $device"
+      "$py" scripts/bench_layer.py --device cuda --cell "$cell" --backend triton,reference \
+        --groups 1,4,16 --rearrangement none,time --modes train,infer,decode
+    } 2>&1 | tee "$out/bench_layer_cuda_$cell.txt"
+    [[ "${PIPESTATUS[0]}" == 0 ]] || rc=1
+  done
   return "$rc"
 }
 

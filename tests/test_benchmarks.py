@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,14 +35,16 @@ def test_bench_layer_quick_prints_every_case():
         assert all(float(v) > 0 for v in r[-4:])
 
 
-def test_bench_layer_gru_compares_with_torch_gru():
-    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--cell", "gru",
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_bench_layer_other_cells_compare_with_torch(cell):
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--cell", cell,
                 "--groups", "1,4", "--backend", "auto,reference"])
-    assert "cell gru" in out
+    assert f"cell {cell}" in out
+    name = cell.upper()
     rows = [line.split() for line in out.splitlines()
             if line.split()[:1] in (["train"], ["infer"], ["decode"])]
-    assert {r[1] for r in rows if r[0] == "decode"} == {"nn.GRUCell", "group"}
-    assert {r[1] for r in rows if r[0] == "train"} == {"nn.GRU", "group"}
+    assert {r[1] for r in rows if r[0] == "decode"} == {f"nn.{name}Cell", "group"}
+    assert {r[1] for r in rows if r[0] == "train"} == {f"nn.{name}", "group"}
     assert {(r[3], r[5]) for r in rows if r[0] == "train" and r[1] == "group"} == {
         (k, b) for k in ("1", "4") for b in ("auto", "reference")}
 

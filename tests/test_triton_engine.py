@@ -1,8 +1,8 @@
-"""The Triton LSTM and GRU kernels against the reference engine.
+"""The Triton LSTM, GRU and Elman RNN kernels against the reference engine.
 
 Without a GPU the kernels run through Triton's interpreter on CPU tensors and tiny sizes;
 there the persistent scans run as one program that walks every tile (barrier trivially
-met).  For both cells, outputs, final states and every gradient (x and W_ih through the
+met).  For every cell, outputs, final states and every gradient (x and W_ih through the
 input projection, W_hh, both biases, the initial state) are compared for K in {1, 4},
 with and without the time-step shuffle, with and without padding, in both directions; the
 fused decoding step against the reference step.  On a GPU (scripts/gpu-checks.sh kernels)
@@ -58,8 +58,8 @@ def triton_mode():
         os.environ["TRITON_INTERPRET"] = old
 
 
-CELLS = ["lstm", "gru"]
-GATES = {"lstm": 4, "gru": 3}
+CELLS = ["lstm", "gru", "rnn"]
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def _problem(k, m, t_len, b, i_size, padding, seed=0, cell="lstm"):
@@ -90,8 +90,8 @@ def _problem(k, m, t_len, b, i_size, padding, seed=0, cell="lstm"):
 
 
 def _run(backend, p, mask, upstream, shuffle, reverse, t_len, b):
-    k = p["w_hh"].shape[0]
-    cell = "lstm" if "c0" in p else "gru"
+    k, gm, m = p["w_hh"].shape
+    cell = {4: "lstm", 3: "gru", 1: "rnn"}[gm // m]
     gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
     init = (p["h0"], p["c0"]) if cell == "lstm" else (p["h0"],)
     out, final = engine.scan(gx, init, p["w_hh"], p["b_hh"], cell,
@@ -113,7 +113,7 @@ def test_scan_matches_reference(cell, k, shuffle, padding, reverse):
     p, mask, upstream = _problem(k, m, t_len, b, i_size=8, padding=padding, cell=cell)
     ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
     got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
-    assert len(ref) == (10 if cell == "lstm" else 8)
+    assert len(ref) == (10 if cell == "lstm" else 8)  # every output and gradient compared
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
 
@@ -266,8 +266,8 @@ def test_decode_step_under_autocast(cell, dtype):
 
 
 def test_decode_step_is_one_launch(monkeypatch):
-    """The triton backend really takes the fused step (not the torch step) for the LSTM and
-    the GRU without autograd, and not with autograd or for the Elman RNN."""
+    """The triton backend really takes the fused step (not the torch step) for every cell
+    without autograd, and not with autograd."""
     from grnn_fairseq.kernels import triton_rnn
 
     calls = []
@@ -282,7 +282,7 @@ def test_decode_step_is_one_launch(monkeypatch):
         with torch.no_grad():
             stack.step(x, states)
         stack.step(x, states)  # autograd on: the differentiable step
-    assert calls == ["lstm", "lstm", "gru", "gru"]
+    assert calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"]
 
 
 def test_tuning_knobs_reject_bad_values(monkeypatch):
@@ -368,10 +368,10 @@ def test_dispatch(monkeypatch):
     assert engine.resolve_backend(None, "lstm", cuda, torch.bfloat16) == "triton"
     assert engine.resolve_backend(None, "lstm", cuda, torch.float64) == "torch"
     assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "triton"
-    assert engine.resolve_backend(None, "rnn", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend(None, "rnn", cuda, torch.float32) == "triton"
     assert engine.resolve_backend(None, "gru", cpu, torch.float32) == "reference"
     assert engine.resolve_backend("cpp", "gru", cpu, torch.float32) == "reference"
-    assert engine.resolve_backend("triton", "rnn", cuda, torch.float32) == "reference"
+    assert engine.resolve_backend("torch", "rnn", cuda, torch.float32) == "reference"
     assert engine.resolve_backend("reference", "lstm", cuda, torch.float32) == "reference"
     monkeypatch.setenv("GRNN_BACKEND", "reference")
     assert engine.resolve_backend(None, "lstm", cuda, torch.float32) == "reference"
@@ -399,4 +399,4 @@ def test_kernels_compile_for_h100():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 12" in proc.stdout  # 2 dtypes x 2 cells x (forward, backward, step)
+    assert "compiled 18" in proc.stdout  # 2 dtypes x 3 cells x (forward, backward, step)

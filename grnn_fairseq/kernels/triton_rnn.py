@@ -1,5 +1,5 @@
-"""Group LSTM and GRU recurrences in Triton: persistent forward and backward kernels, and
-fused decoding steps.
+"""Group LSTM, GRU and Elman RNN recurrences in Triton: persistent forward and backward
+kernels, and fused decoding steps.
 
 Design
 ------
@@ -14,25 +14,25 @@ raises a flag; the host turns it into an error instead of returning wrong number
 persistent drivers (:func:`_scan_fwd`, :func:`_scan_bwd`) are shared by the cells; a
 constexpr ``CELL`` picks the tile functions.
 
-* forward tile (:func:`_fwd_tile`; the cells in :func:`_lstm_fwd_cell` and
-  :func:`_gru_fwd_cell`), tile = (batch tile, group k, tile of m units): the recurrent
-  product of those units' gate rows with h_{t-1} **read through the shuffle index**
+* forward tile (:func:`_fwd_tile`; the cells in ``_lstm_fwd_cell``, ``_gru_fwd_cell``,
+  ``_rnn_fwd_cell``), tile = (batch tile, group k, tile of m units): the recurrent product
+  of those units' gate rows with h_{t-1} **read through the shuffle index**
   (``src = (q % K) * m + q // K`` computed in the kernel; no permuted copy of h is ever
   made), + the input projection gx[t] and b_hh, the cell, the padding mask (padded steps
   keep the state and output zeros), and the stores: output h_t, states and, for training,
-  the activations (4 per unit for both cells: LSTM i, f, g, o; GRU r, z, n and
-  W_hn h' + b_hn).
-* backward tile (:func:`_bwd_tile`; the cells in :func:`_lstm_bwd_cell` and
-  :func:`_gru_bwd_cell`), tile = (batch tile, group k, tile of m operand positions q): the
+  the activations (LSTM i, f, g, o; GRU r, z, n and W_hn h' + b_hn; the RNN none: its
+  backward reads h_t).
+* backward tile (:func:`_bwd_tile`; the cells in ``_lstm_bwd_cell``, ``_gru_bwd_cell``,
+  ``_rnn_bwd_cell``), tile = (batch tile, group k, tile of m operand positions q): the
   product dG_{t+1}[k] W_hh[k] for those positions (the gradient of the shuffled operand,
   :func:`_operand_grad`), mapped back to the units that fed them (``u = src(q)``), then
   the cell's backward at time t for exactly those units: gate gradients, and the
   gradients carried to step t-1 per unit (LSTM: dc; GRU: z dh, the interpolation term;
-  both: the pass-through of padded steps).  Each unit is owned by one tile, so the
+  all: the pass-through of padded steps).  Each unit is owned by one tile, so the
   in-place updates of the carried gradients are race free.  After the last step a pass
   with ``DO_CELL=False`` turns dG_0 W_hh into dh_0.
-* decoding (:func:`_decode_step`; the cells in :func:`_lstm_step_cell` and
-  :func:`_gru_step_cell`): one launch per layer and step computes x_t W_ih^T + b_ih and
+* decoding (:func:`_decode_step`; the cells in ``_lstm_step_cell``, ``_gru_step_cell``,
+  ``_rnn_step_cell``): one launch per layer and step computes x_t W_ih^T + b_ih and
   shuffle(h_{t-1}) W_hh^T + b_hh, the cell, and writes h_t in both the state layout
   [K, B, m] and the output layout [B, H].
 
@@ -65,8 +65,9 @@ from ..engine import _interpreting
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
 _SPIN_LIMIT = tl.constexpr(1 << 20)
-CELLS = ("lstm", "gru")
-GATES = {"lstm": 4, "gru": 3}
+CELLS = ("lstm", "gru", "rnn")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+ACTS = {"lstm": 4, "gru": 4, "rnn": 0}  # activations saved per unit for the backward
 
 
 @triton.jit
@@ -172,6 +173,17 @@ def _operand(h_base, row_b, mask_b, k, r0, offs_j, mask_j, ty,
 
 
 @triton.jit
+def _gates(CELL: tl.constexpr):
+    """Gate rows per unit: LSTM 4, GRU 3, Elman RNN 1 (a constexpr)."""
+    if CELL == "gru":
+        return 3
+    elif CELL == "rnn":
+        return 1
+    else:
+        return 4
+
+
+@triton.jit
 def _keep(mask_ptr, t, offs_b, mask_b, B):
     """The padding mask of step t for a batch tile: [BLOCK_B, 1], true at tokens."""
     return (tl.load(mask_ptr + t * B + offs_b, mask=mask_b, other=0) != 0)[:, None]
@@ -260,6 +272,28 @@ def _gru_fwd_cell(w_base, h_base, row_b, offs_b, mask_b, k, offs_j, mask_j, gx_b
 
 
 @triton.jit
+def _rnn_fwd_cell(w_base, h_base, row_b, mask_b, k, offs_j, mask_j, gx_base, b_base, bm, unit,
+                  K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr,
+                  HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+                  BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The Elman RNN at step t for a tile's units: h_t = tanh(x W_ih^T + b_ih + h' W_hh^T +
+    b_hh), h' = shuffle(h_{t-1}).  Nothing to save: the backward reads h_t from its slot.
+    -> (h_t, h_{t-1}; the latter read only with a mask)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    for r0 in range(0, M, BLOCK_R):
+        hp, w_off, w_mask = _operand(h_base, row_b, mask_b, k, r0, offs_j, mask_j,
+                                     w_base.dtype.element_ty, K, M, SHUFFLE, BLOCK_R)
+        acc += tl.dot(hp, tl.load(w_base + w_off, mask=w_mask, other=0.0),
+                      input_precision=PRECISION)
+    h_new = _tanh(acc + _gate_input(gx_base, b_base, 0, bm, mask_j))
+    if HAS_MASK:
+        h_prev = tl.load(h_base + unit, mask=bm, other=0.0, cache_modifier=".cg")
+    else:
+        h_prev = h_new
+    return h_new, h_prev
+
+
+@triton.jit
 def _fwd_tile(
     CELL: tl.constexpr, pid_b, pid_u, gx_ptr, stride_gx_t, stride_gx_k, stride_gx_b,
     w_ptr, b_ptr, h_ptr, c_ptr, out_ptr, act_ptr, mask_ptr,
@@ -273,10 +307,7 @@ def _fwd_tile(
     then h_t stored as the state (slot s_out) and as the output of step t; a padded row
     keeps h_{t-1} and outputs zeros."""
     H = K * M
-    if CELL == "gru":
-        G = 3 * M
-    else:
-        G = 4 * M
+    G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(pid_b, pid_u, B, M, BLOCK_B, BLOCK_J)
     row_b = offs_b.to(tl.int64) * H
     w_base = w_ptr + k.to(tl.int64) * G * M
@@ -295,6 +326,10 @@ def _fwd_tile(
                                       mask_j, gx_base, b_base, bm, unit, act_ptr, t, T, B,
                                       K, M, SHUFFLE, SAVE, BLOCK_B, BLOCK_J, BLOCK_R,
                                       PRECISION)
+    elif CELL == "rnn":
+        h_new, h_prev = _rnn_fwd_cell(w_base, h_base, row_b, mask_b, k, offs_j, mask_j,
+                                      gx_base, b_base, bm, unit, K, M, SHUFFLE, HAS_MASK,
+                                      BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
     else:
         h_new, h_prev = _lstm_fwd_cell(w_base, h_base, row_b, offs_b, mask_b, k, offs_j,
                                        mask_j, gx_base, b_base, bm, unit, keep, c_ptr, act_ptr,
@@ -462,6 +497,19 @@ def _gru_bwd_cell(dg_ptr, dgx_ptr, act_ptr, h_ptr, dh, passed, row, ju, unit, bm
 
 
 @triton.jit
+def _rnn_bwd_cell(dg_ptr, h_ptr, dh, passed, row, ju, unit, bm, s_now, B,
+                  K: tl.constexpr, M: tl.constexpr):
+    """The Elman RNN's backward at step t: the pre-activation gradient dh (1 - h_t^2) (input
+    and recurrent side alike; h_t read from its slot s_now); h_{t-1} is reached through
+    the product only, so -> ``passed``."""
+    h_now = tl.load(h_ptr + s_now.to(tl.int64) * B * (K * M) + unit, mask=bm, other=0.0,
+                    cache_modifier=".cg")
+    d = dh * (1.0 - h_now * h_now)
+    tl.store(dg_ptr + row * M + ju[None, :], d.to(dg_ptr.dtype.element_ty), mask=bm)
+    return passed
+
+
+@triton.jit
 def _bwd_tile(
     CELL: tl.constexpr, pid_b, pid_u, dg_ptr, dgx_ptr, w_ptr, act_ptr, st_ptr, dout_ptr,
     stride_do_t, stride_do_b, stride_do_u, ph_ptr, gc_ptr, mask_ptr, dh0_ptr,
@@ -475,12 +523,9 @@ def _bwd_tile(
     """One backward step t for one tile (batch tile, operand positions q of group k): the
     gradient of h_t at the units u = src(q) that feed those positions (the operand gradient
     + what ph carries from later steps), then the cell's backward (DO_CELL; st_ptr: the
-    saved c slots of the LSTM, h slots of the GRU) or, after the last step, dh_0."""
+    saved c slots of the LSTM, h slots of the GRU and RNN) or, after the last step, dh_0."""
     H = K * M
-    if CELL == "gru":
-        G = 3 * M
-    else:
-        G = 4 * M
+    G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(pid_b, pid_u, B, M, BLOCK_B, BLOCK_J)
     offs_b64 = offs_b.to(tl.int64)
     acc = _operand_grad(dg_ptr, w_ptr, k, t_next, n_red, offs_b64, mask_b, offs_j, mask_j,
@@ -506,6 +551,9 @@ def _bwd_tile(
         if CELL == "gru":
             ph_new = _gru_bwd_cell(dg_ptr, dgx_ptr, act_ptr, st_ptr, dh, passed, row, ju,
                                    unit, bm, s_in, B, K, M)
+        elif CELL == "rnn":
+            ph_new = _rnn_bwd_cell(dg_ptr, st_ptr, dh, passed, row, ju, unit, bm, t + 1, B,
+                                   K, M)
         else:
             ph_new = _lstm_bwd_cell(dg_ptr, act_ptr, st_ptr, gc_ptr, dh, keep, passed, row,
                                     ju, unit, bm, s_in, t + 1, B, K, M, HAS_MASK)
@@ -529,10 +577,7 @@ def _scan_bwd(
     dg_ptr: the gradients of the recurrent pre-activations; dgx_ptr: those of the input
     side where they differ (GRU), gc_ptr: the carried dc (LSTM); unused ones are dummies."""
     pid = tl.program_id(0)
-    if CELL == "gru":
-        G = 3 * M
-    else:
-        G = 4 * M
+    G = _gates(CELL) * M
     n_u = K * ((M + BLOCK_J - 1) // BLOCK_J)
     n_tiles = ((B + BLOCK_B - 1) // BLOCK_B) * n_u
     limit = tl.full([], _SPIN_LIMIT, tl.int32)
@@ -653,6 +698,28 @@ def _gru_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, state
     return n + z * (h_prev - n)
 
 
+@triton.jit
+def _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_b64, mask_b, k,
+                   offs_j, mask_j, B, ty,
+                   K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr, SHUFFLE: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """The Elman RNN's decoding step for a tile: -> h_t = tanh(x W_ih^T + b_ih +
+    shuffle(h_{t-1}) W_hh^T + b_hh)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    for r0 in range(0, MI, BLOCK_R):
+        xv, w_off, w_mask = _step_input(x_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, ty,
+                                        K, MI, BLOCK_R)
+        acc += tl.dot(xv, tl.load(wi_base + w_off, mask=w_mask, other=0.0),
+                      input_precision=PRECISION)
+    for r0 in range(0, M, BLOCK_R):
+        hp, w_off, w_mask = _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B,
+                                          ty, K, M, SHUFFLE, BLOCK_R)
+        acc += tl.dot(hp, tl.load(wh_base + w_off, mask=w_mask, other=0.0),
+                      input_precision=PRECISION)
+    return _tanh(acc + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
+
+
 @triton.jit(do_not_specialize=["B"])
 def _decode_step(
     x_ptr, wih_ptr, bih_ptr, whh_ptr, bhh_ptr, h_ptr, c_ptr, h_new_ptr, c_new_ptr, out_ptr,
@@ -665,10 +732,7 @@ def _decode_step(
     input projection, the recurrent product and the cell fused.  x: [B, K*MI];
     W_ih: [K, G*M, MI]; W_hh: [K, G*M, M]; h, c (in and out; c for the LSTM only, unused
     dummies for the GRU): [K, B, M]; out: [B, K*M] (the layer output, unit order)."""
-    if CELL == "gru":
-        G = 3 * M
-    else:
-        G = 4 * M
+    G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
     offs_b64 = offs_b.to(tl.int64)
@@ -682,6 +746,10 @@ def _decode_step(
         h = _gru_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, state,
                            offs_b64, mask_b, k, offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE,
                            BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
+    elif CELL == "rnn":
+        h = _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_b64,
+                           mask_b, k, offs_j, mask_j, B, ty, K, M, MI, SHUFFLE, BLOCK_B,
+                           BLOCK_J, BLOCK_R, PRECISION)
     else:
         h = _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, wi_base, wh_base, bih_ptr,
                             bhh_ptr, bias, state, offs_b64, mask_b, k, offs_j, mask_j, bm, B,
@@ -852,7 +920,8 @@ def _forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, s
     if lstm:
         cs[first] = _flat(state[1])
     out = gx.new_empty(t_len, b, width)
-    acts = gx.new_empty(k, t_len, b, 4 * m, dtype=torch.float32) if save else out
+    acts = (gx.new_empty(k, t_len, b, ACTS[cell] * m, dtype=torch.float32)
+            if save and ACTS[cell] else out)
     mask8 = mask.to(torch.int8).contiguous() if mask is not None else out
     bb, bj, br, nw, n_prog = _grid(b, m, k, gx.device)
     sync, err = _sync_buffers(gx.device)
@@ -865,28 +934,26 @@ def _forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, s
     )
     _check_health(gx.device)
     final = tuple(_grouped(s[last], k, gx.dtype) for s in ((hs, cs) if lstm else (hs,)))
-    return out, final, ((acts, hs, cs) if save else None)
+    return out, final, ((acts, hs, cs, (k, t_len, b, m)) if save else None)
 
 
 def _backward(ctx, d_out, d_state):
     """-> (d_gx [T, K, B, G*m], d_weight_hh, d_bias_hh, gradients of the initial state)."""
-    acts, hs, cs = ctx.buffers
+    acts, hs, cs, (k, t_len, b, m) = ctx.buffers
     w, = ctx.saved_tensors
     cell = ctx.cell
     lstm = cell == "lstm"
-    k, t_len, b, m4 = acts.shape
-    m = m4 // 4
     gm = GATES[cell] * m
     width = k * m
     dtype, mask, time_shuffle, reverse = ctx.dtype, ctx.mask, ctx.time_shuffle, ctx.reverse
-    dg = acts.new_empty(k, t_len, b, gm, dtype=dtype)       # recurrent pre-activations
-    dgx = dg if lstm else torch.empty_like(dg)              # input side (GRU: n differs)
-    ph = _flat(d_state[0]) if d_state[0] is not None else acts.new_zeros(b, width)
+    dg = hs.new_empty(k, t_len, b, gm, dtype=dtype)         # recurrent pre-activations
+    dgx = torch.empty_like(dg) if cell == "gru" else dg     # input side (GRU: n differs)
+    ph = _flat(d_state[0]) if d_state[0] is not None else hs.new_zeros(b, width)
     if lstm:
-        gc = _flat(d_state[1]) if d_state[1] is not None else acts.new_zeros(b, width)
+        gc = _flat(d_state[1]) if d_state[1] is not None else hs.new_zeros(b, width)
     else:
         gc = ph                                             # unused
-    dh0 = acts.new_empty(b, width)
+    dh0 = hs.new_empty(b, width)
     mask8 = mask.to(torch.int8).contiguous() if mask is not None else ph
     has_dout = d_out is not None
     if not has_dout:
@@ -894,16 +961,16 @@ def _backward(ctx, d_out, d_state):
         strides = (0, 0, 0)
     else:
         strides = d_out.stride()
-    bb, bj, _, nw, n_prog = _grid(b, m, k, acts.device)
+    bb, bj, _, nw, n_prog = _grid(b, m, k, hs.device)
     bn = _pow2(gm, 16, 64)
-    sync, err = _sync_buffers(acts.device)
+    sync, err = _sync_buffers(hs.device)
     _scan_bwd[(n_prog,)](
         dg, dgx, w, acts, cs if lstm else hs, d_out, *strides, ph, gc, mask8, dh0, sync, err,
         b, t_len, n_prog,
         CELL=cell, K=k, M=m, SHUFFLE=bool(time_shuffle), HAS_MASK=mask is not None,
         HAS_DOUT=has_dout, REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_J=bj, BLOCK_N=bn,
         PRECISION=_precision(w.dtype), num_warps=nw)
-    _check_health(acts.device)
+    _check_health(hs.device)
     # dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: h_in_t = the state slot before t, shuffled
     h_in = hs[2:] if reverse else hs[:t_len]                      # [T, B, H] unit order
     if time_shuffle:
@@ -947,9 +1014,9 @@ def _check(cell, dtype):
 
 def scan_triton(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=False,
                 reverse=False):
-    """``engine.scan`` for the LSTM or the GRU with the Triton kernels.
+    """``engine.scan`` for the LSTM, the GRU or the Elman RNN with the Triton kernels.
 
-    gx: [T, K, B, G*m] (G = 4 LSTM, 3 GRU); state: (h0, c0) (LSTM) or (h0,) (GRU), each
+    gx: [T, K, B, G*m] (G = 4 LSTM, 3 GRU, 1 RNN); state: (h0, c0) (LSTM) or (h0,), each
     [K, B, m]; weight_hh: [K, G*m, m]; bias_hh: [K, G*m]; mask: [T, B] bool (True at
     tokens) or None.  -> (out [T, K, B, m], final state tuple).
     """
@@ -972,7 +1039,7 @@ def scan_triton(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=Fal
 def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle=False):
     """One decoding step of one layer, fused into one launch (no autograd).
 
-    x: [B, I]; state: (h, c) (LSTM) or (h,) (GRU), each [K, B, m]; weight_ih: [K, G*m, I/K];
+    x: [B, I]; state: (h, c) (LSTM) or (h,), each [K, B, m]; weight_ih: [K, G*m, I/K];
     bias_ih: [K, G*m]; weight_hh: [K, G*m, m]; bias_hh: [K, G*m]
     ->  (out [B, K*m], new state tuple).  Operands in the weights' dtype; the gates are
     computed in fp32.
