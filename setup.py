@@ -27,7 +27,7 @@ setup(
         "sacrebleu>=2.0",
         "rouge-score",
         "pyyaml",
-        "ninja",   # builds the fused CPU LSTM (grnn_fairseq/kernels/lstm_cpu.cpp) at first use
+        "ninja",   # builds the fused CPU loops (grnn_fairseq/kernels/rnn_cpu.cpp) at first use
     ],
     extras_require={
         "fairseq": ["fairseq-fixed==0.12.3.1"],

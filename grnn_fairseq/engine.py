@@ -10,12 +10,12 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     loop runs without autograd on preallocated buffers, and the backward through time is
     written by hand.  The fallback on CPU.
 ``cpp``
-    The same node with both loops in C++ (:mod:`grnn_fairseq.kernels.cpu_lstm`, compiled
-    just in time at first use; needs a C++ compiler and ``ninja``): per step one batched
-    product and one fused, vectorised and threaded pointwise pass; in fp32 the forward
-    step is one pass (product in registers, cell on it at once) where the group width is a
-    multiple of 16.  fp32 and fp64 (other dtypes fall back to ``torch``).  Default on CPU
-    when it builds.
+    The same node with both loops in C++ (:mod:`grnn_fairseq.kernels.cpu_rnn`, compiled
+    just in time at first use; needs a C++ compiler and ``ninja``), for the LSTM, the GRU
+    and the Elman RNN: per step one batched product and one fused, vectorised and threaded
+    pointwise pass; for the LSTM in fp32 the forward step is one pass (product in
+    registers, cell on it at once).  fp32 and fp64 (other dtypes: ``torch`` for the LSTM,
+    ``reference`` for the others).  Default on CPU when it builds.
 ``triton``
     Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):
     one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
@@ -24,10 +24,10 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     Default for CUDA tensors when Triton is importable.
 
 ``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is available; on the
-CPU, for the LSTM, ``cpp`` for fp32 / fp64 tensors when the extension builds (a failed
-build warns once and falls back to ``torch``), ``torch`` otherwise.  A cell that a backend
-does not cover runs on ``reference`` (the GRU and the Elman RNN on the CPU).  Force a
-backend with the ``backend=`` argument or the environment variable
+CPU ``cpp`` for fp32 / fp64 tensors when the extension builds (a failed build warns once
+and falls back), else ``torch`` for the LSTM.  A cell that a backend does not cover runs
+on ``reference`` (``torch`` covers the LSTM only).  Force a backend with the ``backend=``
+argument or the environment variable
 ``GRNN_BACKEND=reference|torch|cpp|triton|auto`` (the argument wins).
 
 Efficiency rules of the reference loop (shared by the others):
@@ -48,8 +48,9 @@ from .cells import POINTWISE
 from .rearrangement import rearrange_grouped
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
-CPU_CELLS = ("lstm",)           # cells of the torch and cpp backends
-TRITON_CELLS = ("lstm", "gru", "rnn")  # cells of the triton backend
+CELLS = {"torch": ("lstm",),                # the cells each backend covers
+         "cpp": ("lstm", "gru", "rnn"),
+         "triton": ("lstm", "gru", "rnn")}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -104,7 +105,7 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
     and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
     recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
-    if cell not in TRITON_CELLS or (x_t.device.type != "cuda" and not _interpreting()) or (
+    if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()) or (
             torch.is_grad_enabled() and _any_requires_grad(
                 x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
         return None
@@ -149,12 +150,12 @@ def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
 
 def _lstm_step_cpp(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
     """``recurrent_step`` for the LSTM without autograd, through the fused C++ loop (T=1)."""
-    from .kernels import cpu_lstm
+    from .kernels import cpu_rnn
 
     h_prev, c_prev = state
     k = h_prev.shape[0]
     with torch.no_grad():
-        _, h, c, _, _ = cpu_lstm.load().forward(
+        _, h, c, _, _ = cpu_rnn.load().forward(
             gx_t.unsqueeze(0), h_prev, c_prev, weight_hh_t.transpose(1, 2), bias_hh.view(k, -1),
             None, time_shuffle, False, False)
     return h, (h, c)
@@ -189,9 +190,9 @@ def triton_available():
 def cpp_available():
     """True when the fused CPU loops (backend ``cpp``) build and load.  Built at the first
     call, then cached; a failure warns once and returns False."""
-    from .kernels import cpu_lstm
+    from .kernels import cpu_rnn
 
-    return cpu_lstm.available()
+    return cpu_rnn.available()
 
 
 def _interpreting():
@@ -205,26 +206,26 @@ def resolve_backend(backend, cell, device, dtype=None):
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
                          "(argument backend= or environment variable GRNN_BACKEND)")
+    fallback = "torch" if cell in CELLS["torch"] else "reference"
     if name == "auto":
-        if (device.type == "cuda" and cell in TRITON_CELLS and dtype in TRITON_DTYPES
+        if (device.type == "cuda" and cell in CELLS["triton"] and dtype in TRITON_DTYPES
                 and triton_available()):
             return "triton"
-        if cell not in CPU_CELLS:
-            return "reference"
-        if device.type == "cpu" and dtype in CPP_DTYPES and cpp_available():
+        if (device.type == "cpu" and cell in CELLS["cpp"] and dtype in CPP_DTYPES
+                and cpp_available()):
             return "cpp"
-        return "torch"
-    if cell not in (TRITON_CELLS if name == "triton" else CPU_CELLS):
+        return fallback
+    if name != "reference" and cell not in CELLS[name]:
         return "reference"
     if name == "cpp":
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' runs on CPU tensors (got {device.type}); use "
                                "backend='triton' or 'torch' on the GPU")
         if dtype is not None and dtype not in CPP_DTYPES:
-            return "torch"  # the C++ loops cover fp32 / fp64
-        from .kernels import cpu_lstm
+            return fallback  # the C++ loops cover fp32 / fp64
+        from .kernels import cpu_rnn
 
-        cpu_lstm.load()  # a RuntimeError naming the cause and the fix if it cannot build
+        cpu_rnn.load()  # a RuntimeError naming the cause and the fix if it cannot build
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs Triton: pip install triton")
@@ -260,8 +261,7 @@ def scan(gx, state, weight_hh, bias_hh, cell, time_shuffle=False, mask=None, rev
         from .kernels.triton_rnn import scan_triton
         return scan_triton(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse)
     if name == "cpp":
-        return lstm_scan_cpp(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle,
-                             reverse)
+        return scan_cpp(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse)
     return lstm_scan_torch(gx, state[0], state[1], weight_hh, bias_hh, mask, time_shuffle, reverse)
 
 
@@ -514,46 +514,55 @@ def lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=Fals
     return out.view(t_len, b, k, -1).transpose(1, 2), (h_t, c_t)
 
 
-# --------------------------------------------------------------------------- cpp LSTM
-class CppLSTMScan(torch.autograd.Function):
-    """``LSTMScan`` with the forward and backward loops in C++ (backend ``cpp``): the same
-    inputs, outputs, gradients and saved tensors (``hs`` through save_for_backward)."""
+# --------------------------------------------------------------------------- cpp
+class CppScan(torch.autograd.Function):
+    """The recurrence of one layer direction with the forward and backward loops in C++
+    (backend ``cpp``), for every cell; for the LSTM the same inputs, outputs, gradients and
+    saved tensors as ``LSTMScan`` (``hs`` through save_for_backward)."""
 
     @staticmethod
-    def forward(ctx, gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse):
-        from .kernels import cpu_lstm
+    def forward(ctx, cell, gx, weight_hh, bias_hh, mask, time_shuffle, reverse, *state):
+        from .kernels import cpu_rnn
 
-        out, h_t, c_t, fac, hs = cpu_lstm.load().forward(gx, h0, c0, weight_hh, bias_hh, mask,
-                                                         time_shuffle, reverse, True)
-        ctx.fac = fac
+        cell_id = cpu_rnn.CELL_IDS[cell]
+        c0 = state[1] if cell == "lstm" else None
+        out, h_t, c_t, fac, hs = cpu_rnn.load().forward(gx, state[0], c0, weight_hh, bias_hh,
+                                                        mask, time_shuffle, reverse, True,
+                                                        cell_id)
+        ctx.fac, ctx.cell_id = fac, cell_id
         ctx.save_for_backward(weight_hh, hs)
         ctx.mask, ctx.time_shuffle, ctx.reverse = mask, time_shuffle, reverse
-        return out, h_t, c_t
+        return (out, h_t, c_t) if cell == "lstm" else (out, h_t)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_h, d_c):
-        from .kernels import cpu_lstm
+    def backward(ctx, d_out, d_h, d_c=None):
+        from .kernels import cpu_rnn
 
         weight_hh, hs = ctx.saved_tensors
-        grads = cpu_lstm.load().backward(ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c,
-                                         ctx.time_shuffle, ctx.reverse)
-        return tuple(grads) + (None, None, None)
+        d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
+            ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
+            ctx.cell_id)
+        d_state = (d_h0, d_c0) if ctx.cell_id == cpu_rnn.CELL_IDS["lstm"] else (d_h0,)
+        return (None, d_gx, d_w, d_b, None, None, None) + d_state
 
 
-def lstm_scan_cpp(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=False,
-                  reverse=False):
-    """``scan`` for the LSTM, backend ``cpp``: -> (out [T, K, B, m], (h_T, c_T))."""
-    t_len, k, b, _ = gx.shape
-    if t_len == 0 or b == 0:
-        return lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle, reverse)
-    if torch.is_grad_enabled() and _any_requires_grad(gx, h0, c0, weight_hh, bias_hh):
-        out, h_t, c_t = CppLSTMScan.apply(gx, h0, c0, weight_hh, bias_hh, mask, time_shuffle,
-                                          reverse)
+def scan_cpp(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=False,
+             reverse=False):
+    """``scan`` on backend ``cpp``: -> (out [T, K, B, m], final state tuple)."""
+    t_len, k, b, gm = gx.shape
+    if t_len == 0 or b == 0:  # nothing to run: no output, the state unchanged
+        return gx.new_zeros(t_len, k, b, weight_hh.shape[-1]), tuple(state)
+    if torch.is_grad_enabled() and _any_requires_grad(gx, weight_hh, bias_hh, *state):
+        out, *final = CppScan.apply(cell, gx, weight_hh, bias_hh, mask, time_shuffle, reverse,
+                                    *state)
     else:
-        from .kernels import cpu_lstm
+        from .kernels import cpu_rnn
 
+        c0 = state[1] if cell == "lstm" else None
         with torch.no_grad():
-            out, h_t, c_t, _, _ = cpu_lstm.load().forward(gx, h0, c0, weight_hh, bias_hh, mask,
-                                                          time_shuffle, reverse, False)
-    return out.view(t_len, b, k, -1).transpose(1, 2), (h_t, c_t)
+            out, h_t, c_t, _, _ = cpu_rnn.load().forward(
+                gx, state[0], c0, weight_hh, bias_hh, mask, time_shuffle, reverse, False,
+                cpu_rnn.CELL_IDS[cell])
+        final = (h_t, c_t) if cell == "lstm" else (h_t,)
+    return out.view(t_len, b, k, -1).transpose(1, 2), tuple(final)

@@ -1,7 +1,8 @@
-"""The ``cpp`` engine backend (the LSTM loops in C++, built just in time) against the
-reference loop: outputs, final states and every gradient, in float64 (1e-10) and float32,
-with and without the time-step shuffle, padding on either side, both directions; then
-the edge cases (batch 1, T=1, T=0), inference, the decode step and the dispatch rules."""
+"""The ``cpp`` engine backend (the LSTM, GRU and Elman RNN loops in C++, built just in
+time) against the reference loop: outputs, final states and every gradient, in float64
+(1e-10) and float32, with and without the time-step shuffle, padding on either side, both
+directions; then the edge cases (batch 1, T=1, T=0), inference, the decode step and the
+dispatch rules."""
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from grnn_fairseq import engine
-from grnn_fairseq.kernels import cpu_lstm
+from grnn_fairseq.kernels import cpu_rnn
 from grnn_fairseq.recurrent import RecurrentStack
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -20,22 +21,26 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:
                 allow_module_level=True)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     """Build (or load from the cache) once; a failure here names the cause."""
-    return cpu_lstm.load()
+    return cpu_rnn.load()
 
 
-def _problem(k, m, t_len, b, dtype, padding=False, seed=0):
+def _problem(k, m, t_len, b, dtype, padding=False, seed=0, cell="lstm"):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    p = dict(gx=rand(t_len, k, b, 4 * m), h0=rand(k, b, m), c0=rand(k, b, m),
-             w_hh=rand(k, 4 * m, m, scale=0.5), b_hh=rand(k, 4 * m, scale=0.5))
+    gm = GATES[cell] * m
+    p = dict(gx=rand(t_len, k, b, gm), h0=rand(k, b, m), c0=rand(k, b, m),
+             w_hh=rand(k, gm, m, scale=0.5), b_hh=rand(k, gm, scale=0.5))
+    if cell != "lstm":
+        del p["c0"]
     p = {n: v.requires_grad_() for n, v in p.items()}
     mask = None
     if padding and t_len >= 2:
@@ -46,19 +51,33 @@ def _problem(k, m, t_len, b, dtype, padding=False, seed=0):
     return p, mask, up
 
 
+def _cell(p):
+    k, gm, m = p["w_hh"].shape
+    return {4: "lstm", 3: "gru", 1: "rnn"}[gm // m]
+
+
+def _state(p):
+    return (p["h0"], p["c0"]) if "c0" in p else (p["h0"],)
+
+
+def _names(p):
+    return ("out", "h_T", "c_T")[:1 + len(_state(p))] + tuple(f"d_{n}" for n in p)
+
+
 def _run(backend, p, mask, up, shuffle, reverse, grad=True):
-    out, (h, c) = engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm",
-                              time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
+    out, final = engine.scan(p["gx"], _state(p), p["w_hh"], p["b_hh"], _cell(p),
+                             time_shuffle=shuffle, mask=mask, reverse=reverse, backend=backend)
     if not grad:
-        return out, h, c
-    loss = (out * up[0]).sum() + (h * up[1]).sum() + (c * up[2]).sum()
-    return (out, h, c) + torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        return (out,) + final
+    loss = sum((a * w).sum() for a, w in zip((out,) + final, up))
+    return (out,) + final + torch.autograd.grad(loss, list(p.values()), allow_unused=True)
 
 
 def _compare(p, mask, up, shuffle, reverse, dtype):
     ref = _run("reference", p, mask, up, shuffle, reverse)
     got = _run("cpp", p, mask, up, shuffle, reverse)
-    names = ("out", "h_T", "c_T") + tuple(f"d_{n}" for n in p)
+    names = _names(p)
+    assert len(names) == len(ref) == len(got)
     for name, a, b_ in zip(names, ref, got):
         assert b_.dtype == a.dtype and b_.shape == a.shape, name
         torch.testing.assert_close(b_, a, atol=TOL[dtype], rtol=TOL[dtype], msg=name)
@@ -71,6 +90,19 @@ def _compare(p, mask, up, shuffle, reverse, dtype):
 @pytest.mark.parametrize("k,m", [(1, 5), (2, 6), (4, 8), (4, 6)])  # m % K != 0 included
 def test_cpp_matches_reference(k, m, shuffle, padding, reverse, dtype):
     p, mask, up = _problem(k, m, 6, 3, dtype, padding)
+    _compare(p, mask, up, shuffle, reverse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
+@pytest.mark.parametrize("k,m", [(1, 5), (2, 6), (4, 6)])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_gru_and_rnn_match_reference(cell, k, m, shuffle, padding, reverse, dtype):
+    """The GRU's and the Elman RNN's C++ loops: outputs, final state and the gradients of
+    gx, h0, W_hh and b_hh (the GRU's input- and recurrent-side gate gradients differ)."""
+    p, mask, up = _problem(k, m, 6, 3, dtype, padding, cell=cell)
     _compare(p, mask, up, shuffle, reverse, dtype)
 
 
@@ -100,7 +132,7 @@ def _compare_fp64(p, mask, up, shuffle, reverse):
     p64 = {n: v.detach().double().requires_grad_() for n, v in p.items()}
     ref = _run("reference", p64, mask, [u.double() for u in up], shuffle, reverse)
     got = _run("cpp", p, mask, up, shuffle, reverse)
-    names = ("out", "h_T", "c_T") + tuple(f"d_{n}" for n in p)
+    names = _names(p)
     for name, a, b_ in zip(names, ref, got):
         assert b_.dtype == torch.float32 and b_.shape == a.shape, name
         tol = 2e-5 * max(1.0, a.abs().max().item())
@@ -152,19 +184,21 @@ def test_fp32_steps_split_between_threads(fused, monkeypatch):
 
 @pytest.mark.parametrize("t_len,b", [(1, 3), (5, 1), (1, 1)], ids=["T1", "B1", "T1B1"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
-def test_small_shapes(t_len, b, padding):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_small_shapes(cell, t_len, b, padding):
     for reverse in (False, True):
-        p, mask, up = _problem(4, 8, t_len, b, torch.float64, padding)
+        p, mask, up = _problem(4, 8, t_len, b, torch.float64, padding, cell=cell)
         _compare(p, mask, up, True, reverse, torch.float64)
 
 
-def test_fully_padded_rows_and_partial_upstream():
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_fully_padded_rows_and_partial_upstream(cell):
     """A sequence that is all padding keeps its initial state; only h_T is used."""
-    p, _, up = _problem(2, 4, 5, 3, torch.float64)
+    p, _, up = _problem(2, 4, 5, 3, torch.float64, cell=cell)
     mask = torch.ones(5, 3, dtype=torch.bool)
     mask[:, 1] = False
     mask[3:, 2] = False
-    ref, got = [engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True,
+    ref, got = [engine.scan(p["gx"], _state(p), p["w_hh"], p["b_hh"], cell, True,
                             mask, False, backend=be) for be in ("reference", "cpp")]
     torch.testing.assert_close(got[1][0][:, 1], p["h0"][:, 1], atol=0, rtol=0)
     g_ref = torch.autograd.grad(ref[1][0].square().sum(), list(p.values()), allow_unused=True)
@@ -176,18 +210,21 @@ def test_fully_padded_rows_and_partial_upstream():
             torch.testing.assert_close(b_, a, atol=1e-10, rtol=1e-10)
 
 
-def test_zero_length():
-    p, _, _ = _problem(4, 8, 0, 3, torch.float64)
-    out, (h, c) = engine.scan(p["gx"], (p["h0"], p["c0"]), p["w_hh"], p["b_hh"], "lstm", True,
-                              backend="cpp")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_zero_length(cell):
+    p, _, _ = _problem(4, 8, 0, 3, torch.float64, cell=cell)
+    out, final = engine.scan(p["gx"], _state(p), p["w_hh"], p["b_hh"], cell, True,
+                             backend="cpp")
     assert out.shape == (0, 4, 3, 8)
-    torch.testing.assert_close(h, p["h0"])
-    torch.testing.assert_close(c, p["c0"])
+    assert len(final) == len(_state(p))
+    for got, want in zip(final, _state(p)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_inference_matches_reference(dtype):
-    p, mask, up = _problem(4, 8, 6, 3, dtype, padding=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_inference_matches_reference(cell, dtype):
+    p, mask, up = _problem(4, 8, 6, 3, dtype, padding=True, cell=cell)
     with torch.no_grad():
         for shuffle in (False, True):
             for reverse in (False, True):
@@ -197,7 +234,8 @@ def test_inference_matches_reference(dtype):
                     torch.testing.assert_close(b_, a, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_layer_with_non_contiguous_inputs_and_large_rows():
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_layer_with_non_contiguous_inputs_and_large_rows(cell):
     """Through RecurrentStack (strided gx from the input projection, both directions, two
     layers), with enough rows (B*K) for the pointwise pass to be split between threads."""
     torch.manual_seed(0)
@@ -208,8 +246,9 @@ def test_layer_with_non_contiguous_inputs_and_large_rows():
     results = []
     for backend in ("reference", "cpp"):
         torch.manual_seed(1)
-        stack = RecurrentStack(256, 256, num_layers=2, groups=4, rearrangement="both",
-                               bidirectional=True, backend=backend).double()
+        stack = RecurrentStack(256, 256, num_layers=2, cell=cell, groups=4,
+                               rearrangement="both", bidirectional=True,
+                               backend=backend).double()
         out, _ = stack(x, padding_mask=pad)[:2]
         grads = torch.autograd.grad((out * out.detach().cos()).sum(), [x] + list(stack.parameters()))
         results.append((out,) + grads)
@@ -260,25 +299,31 @@ def test_dispatch(monkeypatch):
     assert engine.resolve_backend("auto", "lstm", cpu, torch.float64) == "cpp"
     assert engine.resolve_backend("auto", "lstm", cpu, torch.bfloat16) == "torch"
     assert engine.resolve_backend("cpp", "lstm", cpu, torch.bfloat16) == "torch"
-    assert engine.resolve_backend("cpp", "gru", cpu, torch.float32) == "reference"
     assert engine.resolve_backend("torch", "lstm", cpu, torch.float32) == "torch"
+    for cell in ("gru", "rnn"):  # cpp covers them; torch does not
+        assert engine.resolve_backend(None, cell, cpu, torch.float32) == "cpp"
+        assert engine.resolve_backend("cpp", cell, cpu, torch.float64) == "cpp"
+        assert engine.resolve_backend("cpp", cell, cpu, torch.bfloat16) == "reference"
+        assert engine.resolve_backend("auto", cell, cpu, torch.bfloat16) == "reference"
+        assert engine.resolve_backend("torch", cell, cpu, torch.float32) == "reference"
     with pytest.raises(RuntimeError, match="CPU tensors"):
         engine.resolve_backend("cpp", "lstm", torch.device("cuda"), torch.float32)
 
 
 def test_build_failure_falls_back_or_raises(monkeypatch):
     """auto: warn once and use ``torch``; forced: a RuntimeError naming the cause and fix."""
-    error = RuntimeError("the fused CPU LSTM could not be built or loaded (OSError: no "
-                         f"compiler); {cpu_lstm.FIX}")
-    monkeypatch.setattr(cpu_lstm, "_ops", None)
-    monkeypatch.setattr(cpu_lstm, "_error", error)
-    monkeypatch.setattr(cpu_lstm, "_warned", False)
+    error = RuntimeError("the fused CPU recurrence (C++) could not be built or loaded "
+                         f"(OSError: no compiler); {cpu_rnn.FIX}")
+    monkeypatch.setattr(cpu_rnn, "_ops", None)
+    monkeypatch.setattr(cpu_rnn, "_error", error)
+    monkeypatch.setattr(cpu_rnn, "_warned", False)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match="Falling back to backend 'torch'"):
         assert engine.resolve_backend("auto", "lstm", cpu, torch.float32) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # only once
         assert engine.resolve_backend("auto", "lstm", cpu, torch.float32) == "torch"
+        assert engine.resolve_backend("auto", "gru", cpu, torch.float32) == "reference"
     with pytest.raises(RuntimeError, match="pip install ninja"):
         engine.resolve_backend("cpp", "lstm", cpu, torch.float32)
     monkeypatch.setenv("GRNN_BACKEND", "cpp")
@@ -289,8 +334,8 @@ def test_build_failure_falls_back_or_raises(monkeypatch):
 
 def test_import_does_not_build():
     code = ("import grnn_fairseq, grnn_fairseq.engine, grnn_fairseq.recurrent\n"
-            "from grnn_fairseq.kernels import cpu_lstm\n"
-            "assert cpu_lstm._ops is None and cpu_lstm._error is None\n")
+            "from grnn_fairseq.kernels import cpu_rnn\n"
+            "assert cpu_rnn._ops is None and cpu_rnn._error is None\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -301,14 +346,14 @@ def test_stale_build_lock_is_removed(tmp_path):
     later process would wait forever: a lock older than STALE_LOCK_SECONDS is removed."""
     code = ("import os, time, warnings\n"
             "from torch.utils.cpp_extension import _get_build_directory\n"
-            "from grnn_fairseq.kernels import cpu_lstm\n"
-            "lock = os.path.join(_get_build_directory(cpu_lstm._name(), False), 'lock')\n"
+            "from grnn_fairseq.kernels import cpu_rnn\n"
+            "lock = os.path.join(_get_build_directory(cpu_rnn._name(), False), 'lock')\n"
             "open(lock, 'w').close()\n"
-            "old = time.time() - cpu_lstm.STALE_LOCK_SECONDS - 60\n"
+            "old = time.time() - cpu_rnn.STALE_LOCK_SECONDS - 60\n"
             "os.utime(lock, (old, old))\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
-            "    cpu_lstm.load()\n"
+            "    cpu_rnn.load()\n"
             "assert any('stale build lock' in str(x.message) for x in w), [str(x.message) for x in w]\n"
             "assert not os.path.exists(lock)\n")
     # the same extension cache as the other tests (the build is reused, not redone)

@@ -39,7 +39,7 @@ def test_installed_copy_works_as_user_dir(tmp_path):
         pytest.fail(f"pip install failed: {r.stderr[-2000:]}")
     installed = target / "grnn_fairseq"
     assert (installed / "models" / "rnnsearch.py").is_file()
-    assert (installed / "kernels" / "lstm_cpu.cpp").is_file()  # the fused CPU LSTM's source
+    assert (installed / "kernels" / "rnn_cpu.cpp").is_file()  # the fused CPU loops' source
     env = dict(os.environ, PYTHONPATH=str(target))
     r = run_check(installed, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

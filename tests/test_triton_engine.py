@@ -369,8 +369,9 @@ def test_dispatch(monkeypatch):
     assert engine.resolve_backend(None, "lstm", cuda, torch.float64) == "torch"
     assert engine.resolve_backend(None, "gru", cuda, torch.float32) == "triton"
     assert engine.resolve_backend(None, "rnn", cuda, torch.float32) == "triton"
-    assert engine.resolve_backend(None, "gru", cpu, torch.float32) == "reference"
-    assert engine.resolve_backend("cpp", "gru", cpu, torch.float32) == "reference"
+    assert engine.resolve_backend(None, "gru", cpu, torch.float32) == (
+        "cpp" if engine.cpp_available() else "reference")
+    assert engine.resolve_backend(None, "rnn", cpu, torch.float16) == "reference"
     assert engine.resolve_backend("torch", "rnn", cuda, torch.float32) == "reference"
     assert engine.resolve_backend("reference", "lstm", cuda, torch.float32) == "reference"
     monkeypatch.setenv("GRNN_BACKEND", "reference")

@@ -13,7 +13,10 @@ import time
 
 import torch
 
-from grnn_fairseq.kernels import cpu_lstm
+try:  # the loader was renamed when the GRU and RNN joined the C++ loops
+    from grnn_fairseq.kernels import cpu_rnn as cpu_lstm
+except ImportError:
+    from grnn_fairseq.kernels import cpu_lstm
 
 p = argparse.ArgumentParser()
 p.add_argument("--threads", type=int, default=1)

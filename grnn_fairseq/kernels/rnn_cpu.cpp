@@ -1,21 +1,24 @@
-// Fused CPU loops of the group-LSTM recurrence: backend ``cpp`` of grnn_fairseq.engine.
+// Fused CPU loops of the group recurrences (LSTM, GRU, Elman RNN): backend ``cpp`` of
+// grnn_fairseq.engine.
 //
-// The math, the inputs, the outputs and the gradients are those of engine.LSTMScan
-// (backend ``torch``).  Each time step is one batched product of the K groups
-// (at::bmm_out into a preallocated buffer) and ONE pointwise pass (at::parallel_for over
-// the batch rows; per row the K groups of m units: gates, cell, tanh, output, the factors
-// the backward needs, masking, and the time shuffle written into the next product's
-// operand).  The backward is the mirror image: one pass, then one product per step.  The
-// pointwise loops vectorise (exp in plain arithmetic) and are cloned for AVX2 / AVX-512.
+// The math, the inputs, the outputs and the gradients are those of the reference loop
+// (for the LSTM, of engine.LSTMScan, backend ``torch``).  Each time step is one batched
+// product of the K groups (at::bmm_out into a preallocated buffer) and ONE pointwise pass
+// (at::parallel_for over the batch rows; per row the K groups of m units: gates, cell,
+// output, the factors the backward needs, masking, and the time shuffle written into the
+// next product's operand).  The backward is the mirror image: one pass, then one product
+// per step.  The pointwise loops vectorise (exp in plain arithmetic) and are cloned for
+// AVX2 / AVX-512.  The LSTM's fp32 forward has a one-pass step (below, "fused forward").
 //
-// Shapes (H = K*m):  gx [T, K, B, 4m] (any strides, unit stride along the gates),
-// h0 / c0 [K, B, m], weight_hh [K, 4m, m], bias_hh [K, 4m], mask [T, B] (true: token).
+// Shapes (H = K*m, G gate rows per unit: LSTM 4, GRU 3, RNN 1):  gx [T, K, B, Gm] (any
+// strides, unit stride along the gates), h0 / c0 [K, B, m] (c0: LSTM only),
+// weight_hh [K, Gm, m], bias_hh [K, Gm], mask [T, B] (true: token).
 // Hidden states are flat [B, H] rows: hu[s] in unit order (unit j of group k at column
 // k*m + j), hs[s] in the time-shuffled order that the next product reads (the same unit
 // at column j*K + k, rearrangement.rearrange); hs is hu without the shuffle.  Slot
 // s = t + 1 holds the state after step t, slot 0 (forward) or T + 1 (reverse) the initial
-// state.  fac [K, T, B, 6m], per step and row: the factors that map (dh, dc) to the gate
-// gradients: g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o), o(1-tanh(c)^2), f.
+// state.  fac [K, T, B, Fm], per step and row: the factors that map the gradient of h_t
+// (and of c_t) to the gate gradients and on to step t-1 (F per cell: see the cells).
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -125,31 +128,38 @@ GRNN_INLINE T tanh_(T x) {  // 2 sigmoid(2x) - 1
   return T(2) / (T(1) + exp_(T(-2) * x)) - T(1);
 }
 
+// The cells (their order: PyTorch's gates; kinds as engine passes them)
+enum CellKind : int64_t { kLSTM = 0, kGRU = 1, kRNN = 2 };
+constexpr int64_t gates_of(int64_t c) { return c == kLSTM ? 4 : c == kGRU ? 3 : 1; }
+constexpr int64_t factors_of(int64_t c) { return c == kLSTM ? 6 : c == kGRU ? 5 : 1; }
+
 // ----------------------------------------------------------------------------- forward
 template <typename T>
 struct Fwd {               // one step
-  const T* pre;            // [K, B, 4m] recurrent product of the step (no bias)
+  const T* pre;            // [K, B, Gm] recurrent product of the step (no bias)
   const T* gx;             // gx[t]: row (k, b) at k * gx_sk + b * gx_sb
   int64_t gx_sk, gx_sb;
-  const T* bias;           // [K, 4m]
-  const T* c_prev;         // [K, B, m]
-  T* c_new;                // [K, B, m]
+  const T* bias;           // [K, Gm]
+  const T* c_prev;         // [K, B, m] (LSTM)
+  T* c_new;                // [K, B, m] (LSTM)
   const T* h_prev;         // [B, H] unit order
   T* h_new;                // [B, H] unit order
   T* hs_new;               // [B, H] shuffled order, or null (no shuffle)
   T* out;                  // [B, H] output of the step, or null (it is h_new)
-  T* fac;                  // fac[:, t] (row (k, b) at k * fac_sk + b * 6m), or null
+  T* fac;                  // fac[:, t] (row (k, b) at k * fac_sk + b * Fm), or null
   int64_t fac_sk;
   const bool* keep;        // mask[t] ([B]), or null
   int64_t K, B, m;
 };
 
-// The cell on n units of one row (restrict parameters: the loop vectorises).
+// The LSTM (Hochreiter & Schmidhuber; gates i, f, g, o) on n units of one row (restrict
+// parameters: the loop vectorises).  F = 6 factors: g i(1-i), c_prev f(1-f), i(1-g^2),
+// tanh(c) o(1-o), o(1-tanh(c)^2), f.
 // pr / xr / br: product, input projection, bias of the 4 gates, gate g of unit j at
 // [g * ps + j] (pr) and [g * m + j] (xr, br); cp / cn: c before / after; hn: h after;
 // fr: the 6 backward factors at [f * m + j] (SAVE).  A whole row: n = ps = m.
 template <typename T, bool SAVE>
-GRNN_INLINE void cell_forward(int64_t n, int64_t ps, int64_t m, const T* __restrict pr,
+GRNN_INLINE void lstm_cell(int64_t n, int64_t ps, int64_t m, const T* __restrict pr,
                               const T* __restrict xr, const T* __restrict br,
                               const T* __restrict cp, T* __restrict cn, T* __restrict hn,
                               T* __restrict fr) {
@@ -175,6 +185,45 @@ GRNN_INLINE void cell_forward(int64_t n, int64_t ps, int64_t m, const T* __restr
   }
 }
 
+// The GRU (Cho et al. 2014 in PyTorch's form; gates r, z, n) on the m units of one row:
+// r = s(p_r + x_r + b_r), z = s(p_z + x_z + b_z), n = tanh(x_n + r (p_n + b_n)),
+// h = n + z (h_{t-1} - n), with p the recurrent product (of the shuffled operand) and
+// hp the unit's own h_{t-1}.  F = 5 factors: (h_{t-1} - n) z(1-z), (1-z)(1-n^2),
+// (p_n + b_n) r(1-r), r, z.
+template <typename T, bool SAVE>
+GRNN_INLINE void gru_cell(int64_t m, const T* __restrict pr, const T* __restrict xr,
+                             const T* __restrict br, const T* __restrict hp, T* __restrict hn,
+                             T* __restrict fr) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    const T r = sigmoid_(pr[j] + xr[j] + br[j]);
+    const T z = sigmoid_(pr[m + j] + xr[m + j] + br[m + j]);
+    const T hh = pr[2 * m + j] + br[2 * m + j];
+    const T n = tanh_(xr[2 * m + j] + r * hh);
+    const T d = hp[j] - n;
+    hn[j] = n + z * d;
+    if constexpr (SAVE) {
+      fr[j] = d * z * (T(1) - z);
+      fr[m + j] = (T(1) - z) * (T(1) - n * n);
+      fr[2 * m + j] = hh * r * (T(1) - r);
+      fr[3 * m + j] = r;
+      fr[4 * m + j] = z;
+    }
+  }
+}
+
+// The Elman RNN, h = tanh(p + x + b), on the m units of one row.  F = 1 factor: 1 - h^2.
+template <typename T, bool SAVE>
+GRNN_INLINE void rnn_cell(int64_t m, const T* __restrict pr, const T* __restrict xr,
+                             const T* __restrict br, T* __restrict hn, T* __restrict fr) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    const T h = tanh_(pr[j] + xr[j] + br[j]);
+    hn[j] = h;
+    if constexpr (SAVE) fr[j] = T(1) - h * h;
+  }
+}
+
 // Channel shuffle of one flat row: s[j*K + k] = u[k*m + j] (u: unit order, s: the
 // order the next product reads); contiguous writes, the reads stay in L1.
 template <typename T>
@@ -183,24 +232,34 @@ GRNN_INLINE void to_shuffled(const T* __restrict u, T* __restrict s, int64_t K, 
     for (int64_t k = 0; k < K; ++k) s[j * K + k] = u[k * m + j];
 }
 
-// Batch rows [b0, b1) of one step: the K groups of a row, then its shuffled copy.
-template <typename T, bool SAVE>
+// Batch rows [b0, b1) of one step of cell C: the K groups of a row, then its shuffled copy.
+template <typename T, bool SAVE, int64_t C>
 GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
   const int64_t K = a.K, B = a.B, m = a.m, H = K * m;
+  const int64_t G = gates_of(C) * m, F = factors_of(C) * m;
   for (int64_t b = b0; b < b1; ++b) {
     T* hn = a.h_new + b * H;
     if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
       std::copy(a.h_prev + b * H, a.h_prev + b * H + H, hn);
-      for (int64_t k = 0; k < K; ++k)
-        std::copy(a.c_prev + (k * B + b) * m, a.c_prev + (k * B + b) * m + m,
-                  a.c_new + (k * B + b) * m);
+      if constexpr (C == kLSTM)
+        for (int64_t k = 0; k < K; ++k)
+          std::copy(a.c_prev + (k * B + b) * m, a.c_prev + (k * B + b) * m + m,
+                    a.c_new + (k * B + b) * m);
       if (a.out) std::fill(a.out + b * H, a.out + b * H + H, T(0));
     } else {
-      for (int64_t k = 0; k < K; ++k)
-        cell_forward<T, SAVE>(m, m, m, a.pre + (k * B + b) * 4 * m, a.gx + k * a.gx_sk + b * a.gx_sb,
-                              a.bias + k * 4 * m, a.c_prev + (k * B + b) * m,
-                              a.c_new + (k * B + b) * m, hn + k * m,
-                              SAVE ? a.fac + k * a.fac_sk + b * 6 * m : nullptr);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* pr = a.pre + (k * B + b) * G;
+        const T* xr = a.gx + k * a.gx_sk + b * a.gx_sb;
+        const T* br = a.bias + k * G;
+        T* fr = SAVE ? a.fac + k * a.fac_sk + b * F : nullptr;
+        if constexpr (C == kLSTM)
+          lstm_cell<T, SAVE>(m, m, m, pr, xr, br, a.c_prev + (k * B + b) * m,
+                                a.c_new + (k * B + b) * m, hn + k * m, fr);
+        else if constexpr (C == kGRU)
+          gru_cell<T, SAVE>(m, pr, xr, br, a.h_prev + b * H + k * m, hn + k * m, fr);
+        else
+          rnn_cell<T, SAVE>(m, pr, xr, br, hn + k * m, fr);
+      }
       if (a.out) std::copy(hn, hn + H, a.out + b * H);
     }
     if (a.hs_new) to_shuffled(hn, a.hs_new + b * H, K, m);
@@ -272,7 +331,7 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
     const float* xr = a.gx + k * a.gx_sk + b * a.gx_sb + u * NU;
     const float* br = a.bias + k * 4 * m + u * NU;
     float* fr = SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr;
-    cell_forward<float, SAVE>(n, NU, m, pre[r], xr, br, a.c_prev + cb, a.c_new + cb,
+    lstm_cell<float, SAVE>(n, NU, m, pre[r], xr, br, a.c_prev + cb, a.c_new + cb,
                               a.h_new + hb, fr);
     if (a.out) std::copy(a.h_new + hb, a.h_new + hb + n, a.out + hb);
   }
@@ -333,12 +392,13 @@ struct Bwd {               // one step
   const T* dout;           // [B, H] gradient of the step's output, or null
   const T* fac;            // fac[:, t] as in Fwd, or null: only ph += mg (gradient of h0)
   int64_t fac_sk;
-  T* dg;                   // dg[:, t]: row (k, b) at k * dg_sk + b * 4m
+  T* dg;                   // dg[:, t]: row (k, b) at k * dg_sk + b * Gm (recurrent side)
+  T* dx;                   // the same for the input side where it differs (GRU), or null
   int64_t dg_sk;
-  double* dbias;           // [threads, K, 4m] partial sums of dg (the bias gradient)
+  double* dbias;           // [threads, K, Gm] partial sums of dg (the bias gradient)
   int64_t threads;
   T* ph;                   // [K, B, m] gradient of h not yet taken by a cell
-  T* gc;                   // [K, B, m] gradient of c
+  T* gc;                   // [K, B, m] gradient of c (LSTM)
   const bool* keep;
   int64_t K, B, m;
 };
@@ -361,10 +421,10 @@ GRNN_INLINE void from_shuffled(const T* mg, int64_t B, int64_t b, T* __restrict 
   }
 }
 
-// The backward of the cell on one row: ph holds dh (the total gradient of h_t, consumed:
+// The backward of the LSTM on one row: ph holds dh (the total gradient of h_t, consumed:
 // reset to 0), gc the gradient of c_t (replaced by that of c_{t-1}); dg: the gates.
 template <typename T>
-GRNN_INLINE void cell_backward(int64_t m, const T* __restrict fr, T* __restrict ph,
+GRNN_INLINE void lstm_cell_backward(int64_t m, const T* __restrict fr, T* __restrict ph,
                                T* __restrict gc, T* __restrict dg) {
   GRNN_IVDEP
   for (int64_t j = 0; j < m; ++j) {
@@ -379,6 +439,40 @@ GRNN_INLINE void cell_backward(int64_t m, const T* __restrict fr, T* __restrict 
   }
 }
 
+// The GRU's backward on one row: ph holds dh (replaced by z dh, the gradient that goes to
+// the unit's own h_{t-1}); pre-activation gradients dn' = dh (1-z)(1-n^2),
+// dz' = dh (h_{t-1} - n) z(1-z), dr' = dn' (p_n + b_n) r(1-r); dg (recurrent side: the
+// next product, dW_hh, db_hh) = (dr', dz', r dn'), dx (input side) = (dr', dz', dn').
+template <typename T>
+GRNN_INLINE void gru_cell_backward(int64_t m, const T* __restrict fr, T* __restrict ph,
+                              T* __restrict dg, T* __restrict dx) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    const T dh = ph[j];
+    const T dn = dh * fr[m + j];
+    const T dz = dh * fr[j];
+    const T dr = dn * fr[2 * m + j];
+    dg[j] = dr;
+    dg[m + j] = dz;
+    dg[2 * m + j] = dn * fr[3 * m + j];
+    dx[j] = dr;
+    dx[m + j] = dz;
+    dx[2 * m + j] = dn;
+    ph[j] = dh * fr[4 * m + j];
+  }
+}
+
+// The Elman RNN's backward on one row: dg = dh (1 - h^2); h_{t-1} gets nothing directly.
+template <typename T>
+GRNN_INLINE void rnn_cell_backward(int64_t m, const T* __restrict fr, T* __restrict ph,
+                              T* __restrict dg) {
+  GRNN_IVDEP
+  for (int64_t j = 0; j < m; ++j) {
+    dg[j] = ph[j] * fr[j];
+    ph[j] = T(0);
+  }
+}
+
 template <typename T>
 GRNN_INLINE void add_row(T* __restrict y, const T* __restrict x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += x[j];
@@ -389,14 +483,15 @@ GRNN_INLINE void sum_row(double* __restrict y, const T* __restrict x, int64_t n)
   for (int64_t j = 0; j < n; ++j) y[j] += double(x[j]);
 }
 
-// Batch rows [b0, b1) of one step of the backward.
-template <typename T>
+// Batch rows [b0, b1) of one step of the backward of cell C.
+template <typename T, int64_t C>
 GRNN_INLINE void bwd_rows(const Bwd<T>& a, int64_t b0, int64_t b1) {
   const int64_t K = a.K, B = a.B, m = a.m, H = K * m;
+  const int64_t G = gates_of(C) * m, F = factors_of(C) * m;
   const int64_t tid = at::get_thread_num();
-  TORCH_CHECK(tid < a.threads, "grnn lstm_cpu: thread ", tid, " of ", a.threads);
+  TORCH_CHECK(tid < a.threads, "grnn rnn_cpu: thread ", tid, " of ", a.threads);
   T* u = a.shuffle ? a.scratch + tid * H : nullptr;
-  double* dbias = a.fac ? a.dbias + tid * K * 4 * m : nullptr;
+  double* dbias = a.fac ? a.dbias + tid * K * G : nullptr;
   for (int64_t b = b0; b < b1; ++b) {
     if (u) from_shuffled(a.mg, B, b, u, K, m);
     const bool keep = !a.keep || a.keep[b];
@@ -404,36 +499,60 @@ GRNN_INLINE void bwd_rows(const Bwd<T>& a, int64_t b0, int64_t b1) {
       T* ph = a.ph + (k * B + b) * m;
       add_row(ph, u ? u + k * m : a.mg + (k * B + b) * m, m);
       if (!a.fac) continue;  // the final pass: d_h0 = ph
-      T* dg = a.dg + k * a.dg_sk + b * 4 * m;
-      if (!keep) {  // padded: dh passes on to h_{t-1}, dc to c_{t-1}
-        std::fill(dg, dg + 4 * m, T(0));
+      T* dg = a.dg + k * a.dg_sk + b * G;
+      T* dx = C == kGRU ? a.dx + k * a.dg_sk + b * G : nullptr;
+      if (!keep) {  // padded: dh passes on to h_{t-1} (LSTM: dc to c_{t-1})
+        std::fill(dg, dg + G, T(0));
+        if (dx) std::fill(dx, dx + G, T(0));
         continue;
       }
       if (a.dout) add_row(ph, a.dout + b * H + k * m, m);
-      cell_backward(m, a.fac + k * a.fac_sk + b * 6 * m, ph, a.gc + (k * B + b) * m, dg);
-      sum_row(dbias + k * 4 * m, dg, 4 * m);
+      const T* fr = a.fac + k * a.fac_sk + b * F;
+      if constexpr (C == kLSTM)
+        lstm_cell_backward(m, fr, ph, a.gc + (k * B + b) * m, dg);
+      else if constexpr (C == kGRU)
+        gru_cell_backward(m, fr, ph, dg, dx);
+      else
+        rnn_cell_backward(m, fr, ph, dg);
+      sum_row(dbias + k * G, dg, G);
     }
   }
 }
 
-// One entry point per type and variant, each cloned for the vector widths.
-GRNN_CLONES void fwd_f_save(const Fwd<float>& a, int64_t s, int64_t e) { fwd_rows<float, true>(a, s, e); }
-GRNN_CLONES void fwd_f(const Fwd<float>& a, int64_t s, int64_t e) { fwd_rows<float, false>(a, s, e); }
-GRNN_CLONES void fwd_d_save(const Fwd<double>& a, int64_t s, int64_t e) { fwd_rows<double, true>(a, s, e); }
-GRNN_CLONES void fwd_d(const Fwd<double>& a, int64_t s, int64_t e) { fwd_rows<double, false>(a, s, e); }
-GRNN_CLONES void bwd_f(const Bwd<float>& a, int64_t s, int64_t e) { bwd_rows<float>(a, s, e); }
-GRNN_CLONES void bwd_d(const Bwd<double>& a, int64_t s, int64_t e) { bwd_rows<double>(a, s, e); }
+// One entry point per type, cell and variant, each cloned for the vector widths (GCC does
+// not multiversion templates: plain functions, written by these macros).
+#define GRNN_ROWS(T, t, C, c)                                                               \
+  GRNN_CLONES void fwd_##c##_##t##_save(const Fwd<T>& a, int64_t s, int64_t e) {            \
+    fwd_rows<T, true, C>(a, s, e);                                                          \
+  }                                                                                         \
+  GRNN_CLONES void fwd_##c##_##t(const Fwd<T>& a, int64_t s, int64_t e) {                   \
+    fwd_rows<T, false, C>(a, s, e);                                                         \
+  }                                                                                         \
+  GRNN_CLONES void bwd_##c##_##t(const Bwd<T>& a, int64_t s, int64_t e) { bwd_rows<T, C>(a, s, e); }
+GRNN_ROWS(float, f, kLSTM, lstm)
+GRNN_ROWS(double, d, kLSTM, lstm)
+GRNN_ROWS(float, f, kGRU, gru)
+GRNN_ROWS(double, d, kGRU, gru)
+GRNN_ROWS(float, f, kRNN, rnn)
+GRNN_ROWS(double, d, kRNN, rnn)
+#undef GRNN_ROWS
 
-inline void run_rows(const Fwd<float>& a, bool save, int64_t s, int64_t e) {
-  save ? fwd_f_save(a, s, e) : fwd_f(a, s, e);
-}
-inline void run_rows(const Fwd<double>& a, bool save, int64_t s, int64_t e) {
-  save ? fwd_d_save(a, s, e) : fwd_d(a, s, e);
-}
+#define GRNN_DISPATCH(T, t)                                                                 \
+  inline void run_rows(const Fwd<T>& a, int64_t cell, bool save, int64_t s, int64_t e) {    \
+    if (cell == kLSTM) save ? fwd_lstm_##t##_save(a, s, e) : fwd_lstm_##t(a, s, e);         \
+    else if (cell == kGRU) save ? fwd_gru_##t##_save(a, s, e) : fwd_gru_##t(a, s, e);       \
+    else save ? fwd_rnn_##t##_save(a, s, e) : fwd_rnn_##t(a, s, e);                         \
+  }                                                                                         \
+  inline void run_rows(const Bwd<T>& a, int64_t cell, int64_t s, int64_t e) {               \
+    if (cell == kLSTM) bwd_lstm_##t(a, s, e);                                               \
+    else if (cell == kGRU) bwd_gru_##t(a, s, e);                                            \
+    else bwd_rnn_##t(a, s, e);                                                              \
+  }
+GRNN_DISPATCH(float, f)
+GRNN_DISPATCH(double, d)
+#undef GRNN_DISPATCH
 GRNN_CLONES void fused_f_save(const Fused& a, int64_t s, int64_t e) { fused_tasks<true>(a, s, e); }
 GRNN_CLONES void fused_f(const Fused& a, int64_t s, int64_t e) { fused_tasks<false>(a, s, e); }
-inline void run_rows(const Bwd<float>& a, int64_t s, int64_t e) { bwd_f(a, s, e); }
-inline void run_rows(const Bwd<double>& a, int64_t s, int64_t e) { bwd_d(a, s, e); }
 
 // batch rows per parallel task: at least ~4k units, so that small problems stay serial
 inline int64_t grain(int64_t h) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(h, 1)); }
@@ -533,7 +652,7 @@ class Pool final : public c10::Allocator {
     }
     void* p = nullptr;
     if (posix_memalign(&p, 64, std::max<size_t>(n, 64)) != 0 || p == nullptr)
-      TORCH_CHECK(false, "grnn lstm_cpu: out of memory allocating ", n, " bytes");
+      TORCH_CHECK(false, "grnn rnn_cpu: out of memory allocating ", n, " bytes");
     return {p, n};
   }
 
@@ -573,28 +692,38 @@ Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
 }
 
 // ----------------------------------------------------------------------------- drivers
-// -> (out [T, B, H], h_T [K, B, m], c_T [K, B, m], fac, hs); fac and hs are empty
-// tensors unless ``save``.  ``out`` is a view of hs when there is neither mask nor shuffle.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
-    const Tensor& gx_in, const Tensor& h0, const Tensor& c0, const Tensor& weight_hh,
-    const Tensor& bias_hh, const std::optional<Tensor>& mask_in, bool shuffle, bool reverse,
-    bool save) {
+inline int64_t check_cell(int64_t cell) {
+  TORCH_CHECK(cell == kLSTM || cell == kGRU || cell == kRNN, "grnn rnn_cpu: cell ", cell,
+              " is not 0 (LSTM), 1 (GRU) or 2 (RNN)");
+  return cell;
+}
+
+// -> (out [T, B, H], h_T [K, B, m], c_T [K, B, m] (LSTM; else empty), fac, hs); fac and hs
+// are empty tensors unless ``save``.  ``out`` is a view of hs when there is neither mask
+// nor shuffle.  c0: the LSTM's initial cell state (ignored for the other cells).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
+    const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& weight_hh, const Tensor& bias_hh, const std::optional<Tensor>& mask_in,
+    bool shuffle, bool reverse, bool save, int64_t cell) {
   at::NoGradGuard no_grad;
-  TORCH_CHECK(gx_in.dim() == 4 && gx_in.size(3) % 4 == 0, "gx must be [T, K, B, 4m]");
-  TORCH_CHECK(gx_in.device().is_cpu(), "grnn lstm_cpu runs on CPU tensors");
-  const int64_t T = gx_in.size(0), K = gx_in.size(1), B = gx_in.size(2), m = gx_in.size(3) / 4;
-  const int64_t H = K * m;
+  const bool lstm = check_cell(cell) == kLSTM;
+  const int64_t gates = gates_of(cell);
+  TORCH_CHECK(gx_in.dim() == 4 && gx_in.size(3) % gates == 0, "gx must be [T, K, B, Gm]");
+  TORCH_CHECK(gx_in.device().is_cpu(), "grnn rnn_cpu runs on CPU tensors");
+  const int64_t T = gx_in.size(0), K = gx_in.size(1), B = gx_in.size(2);
+  const int64_t m = gx_in.size(3) / gates, H = K * m, G = gates * m;
   TORCH_CHECK(T > 0 && B > 0 && m > 0, "empty input");
-  TORCH_CHECK(h0.sizes() == c0.sizes() && h0.dim() == 3 && h0.size(0) == K && h0.size(1) == B &&
-              h0.size(2) == m, "h0 / c0 must be [K, B, m]");
-  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) == K && weight_hh.size(1) == 4 * m &&
-              weight_hh.size(2) == m, "weight_hh must be [K, 4m, m]");
-  TORCH_CHECK(bias_hh.numel() == K * 4 * m, "bias_hh must be [K, 4m]");
-  for (const Tensor* x : {&h0, &c0, &weight_hh, &bias_hh})
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == K && h0.size(1) == B && h0.size(2) == m,
+              "h0 must be [K, B, m]");
+  TORCH_CHECK(!lstm || (c0.has_value() && c0->sizes() == h0.sizes()), "c0 must be [K, B, m]");
+  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) == K && weight_hh.size(1) == G &&
+              weight_hh.size(2) == m, "weight_hh must be [K, Gm, m]");
+  TORCH_CHECK(bias_hh.numel() == K * G, "bias_hh must be [K, Gm]");
+  for (const Tensor* x : {&h0, &weight_hh, &bias_hh, lstm ? &*c0 : &h0})
     TORCH_CHECK(x->scalar_type() == gx_in.scalar_type() && x->device().is_cpu(),
                 "all tensors must be CPU tensors of gx's dtype");
   const Tensor gx = gx_in.stride(3) == 1 ? gx_in : gx_in.contiguous();
-  const Tensor w_t = weight_hh.transpose(1, 2);  // [K, m, 4m]
+  const Tensor w_t = weight_hh.transpose(1, 2);  // [K, m, Gm]
   const Tensor bias = bias_hh.contiguous();
   Tensor keep;
   if (mask_in.has_value() && mask_in->defined()) {
@@ -607,72 +736,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor hu = empty_buffer({slots, B, H}, opt);
   const int64_t hs_slots = save ? slots : 2;   // inference: two alternating slots suffice
   Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
-  Tensor cs = empty_buffer({2, K, B, m}, opt);
-  const bool fused = use_fused(gx.scalar_type(), m, T);
+  Tensor cs = lstm ? empty_buffer({2, K, B, m}, opt) : Tensor();
+  const bool fused = lstm && use_fused(gx.scalar_type(), m, T);
   if (fused) ++fused_calls;
-  Tensor pre = fused ? Tensor() : empty_buffer({K, B, 4 * m}, opt);
-  Tensor fac = save ? empty_buffer({K, T, B, 6 * m}, opt) : at::empty({0}, opt);
+  Tensor pre = fused ? Tensor() : empty_buffer({K, B, G}, opt);
+  const int64_t F = factors_of(cell) * m;
+  Tensor fac = save ? empty_buffer({K, T, B, F}, opt) : at::empty({0}, opt);
   Tensor out = keep.defined() ? empty_buffer({T, B, H}, opt) : hu.narrow(0, 1, T);
   const int64_t first = reverse ? T + 1 : 0, last = reverse ? 1 : T;
   auto hs_slot = [&](int64_t s) { return shuffle ? hs[s % hs_slots] : hu[s]; };
   grouped(hu[first], K).copy_(h0);
   if (shuffle) hs_slot(first).view({B, m, K}).copy_(hu[first].view({B, K, m}).transpose(1, 2));
-  cs[first % 2].copy_(c0);
+  if (lstm) cs[first % 2].copy_(*c0);
 
   const Tensor wp = fused ? pack_hh(weight_hh, K, m) : Tensor();
   const Tensor col = fused ? operand_columns(K, m, shuffle) : Tensor();
   const FusedPlan plan{fused ? wp.data_ptr<float>() : nullptr,
                        fused ? col.data_ptr<int32_t>() : nullptr};
 
-  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_lstm_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_rnn_forward", [&] {
     using T_ = scalar_t;
     Fwd<T_> a{};
     a.gx_sk = gx.stride(1);
     a.gx_sb = gx.stride(2);
     a.bias = bias.data_ptr<T_>();
     a.pre = fused ? nullptr : pre.data_ptr<T_>();
-    a.fac_sk = T * B * 6 * m;
+    a.fac_sk = T * B * F;
     a.K = K;
     a.B = B;
     a.m = m;
     T_* hu_p = hu.data_ptr<T_>();
     T_* hs_p = shuffle ? hs.data_ptr<T_>() : nullptr;
-    T_* cs_p = cs.data_ptr<T_>();
+    T_* cs_p = lstm ? cs.data_ptr<T_>() : nullptr;
     T_* out_p = keep.defined() ? out.data_ptr<T_>() : nullptr;
     const T_* gx_p = gx.data_ptr<T_>();
     for (int64_t n = 0; n < T; ++n) {
       const int64_t t = reverse ? T - 1 - n : n;
       const int64_t s_in = reverse ? t + 2 : t, s_out = t + 1;
       a.gx = gx_p + t * gx.stride(0);
-      a.c_prev = cs_p + (s_in % 2) * K * B * m;
-      a.c_new = cs_p + (s_out % 2) * K * B * m;
+      a.c_prev = lstm ? cs_p + (s_in % 2) * K * B * m : nullptr;
+      a.c_new = lstm ? cs_p + (s_out % 2) * K * B * m : nullptr;
       a.h_prev = hu_p + s_in * B * H;
       a.h_new = hu_p + s_out * B * H;
       a.hs_new = shuffle ? hs_p + (s_out % hs_slots) * B * H : nullptr;
       a.out = out_p ? out_p + t * B * H : nullptr;
-      a.fac = save ? fac.data_ptr<T_>() + t * B * 6 * m : nullptr;
+      a.fac = save ? fac.data_ptr<T_>() + t * B * F : nullptr;
       a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
       if (fused_step(a, plan, save)) continue;
       grouped_mm(pre, grouped(hs_slot(s_in), K), w_t);
-      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, save, s, e); });
+      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) {
+        run_rows(a, cell, save, s, e);
+      });
     }
   });
   Tensor h_t = empty_buffer({K, B, m}, opt).copy_(grouped(hu[last], K));
-  Tensor c_t = empty_buffer({K, B, m}, opt).copy_(cs[last % 2]);
+  Tensor c_t = lstm ? empty_buffer({K, B, m}, opt).copy_(cs[last % 2]) : at::empty({0}, opt);
   return {out, h_t, c_t, fac, save ? hs : at::empty({0}, opt)};
 }
 
-// -> (d_gx [T, K, B, 4m] (a transposed view of [K, T, B, 4m]), d_h0, d_c0, d_weight_hh,
-// d_bias_hh).  d_out [T, B, H], d_h / d_c [K, B, m]: each optional.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+// -> (d_gx [T, K, B, Gm] (a transposed view of [K, T, B, Gm]), d_h0, d_c0 (LSTM; else
+// empty), d_weight_hh, d_bias_hh).  d_out [T, B, H], d_h / d_c [K, B, m]: each optional.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
     const Tensor& fac, const Tensor& hs, const Tensor& weight_hh,
     const std::optional<Tensor>& mask_in, const std::optional<Tensor>& d_out_in,
     const std::optional<Tensor>& d_h, const std::optional<Tensor>& d_c, bool shuffle,
-    bool reverse) {
+    bool reverse, int64_t cell) {
   at::NoGradGuard no_grad;
-  TORCH_CHECK(fac.dim() == 4 && fac.size(3) % 6 == 0 && fac.is_contiguous(), "bad fac");
-  const int64_t K = fac.size(0), T = fac.size(1), B = fac.size(2), m = fac.size(3) / 6;
-  const int64_t H = K * m;
+  const bool lstm = check_cell(cell) == kLSTM;
+  const int64_t factors = factors_of(cell);
+  TORCH_CHECK(fac.dim() == 4 && fac.size(3) % factors == 0 && fac.is_contiguous(), "bad fac");
+  const int64_t K = fac.size(0), T = fac.size(1), B = fac.size(2), m = fac.size(3) / factors;
+  const int64_t H = K * m, G = gates_of(cell) * m, F = factors * m;
   TORCH_CHECK(hs.dim() == 3 && hs.size(0) == T + 2 && hs.size(1) == B && hs.size(2) == H &&
               hs.is_contiguous(), "bad hs");
   const auto opt = fac.options();
@@ -685,12 +819,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     Tensor y = empty_buffer({K, B, m}, opt);
     return x.has_value() && x->defined() ? y.copy_(*x) : y.zero_();
   };
-  Tensor ph = init(d_h), gc = init(d_c), mg = init(std::nullopt);
-  Tensor dg = empty_buffer({K, T, B, 4 * m}, opt);
+  Tensor ph = init(d_h), mg = init(std::nullopt);
+  Tensor gc = lstm ? init(d_c) : at::empty({0}, opt);
+  Tensor dg = empty_buffer({K, T, B, G}, opt);
+  Tensor dx = cell == kGRU ? empty_buffer({K, T, B, G}, opt) : dg;  // input side (GRU)
   const int64_t threads = at::get_num_threads();
   Tensor scratch = at::empty({shuffle ? threads : 0, H}, opt);
-  Tensor dbias = at::zeros({threads, K, 4 * m}, opt.dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(fac.scalar_type(), "grnn_lstm_backward", [&] {
+  Tensor dbias = at::zeros({threads, K, G}, opt.dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(fac.scalar_type(), "grnn_rnn_backward", [&] {
     using T_ = scalar_t;
     Bwd<T_> a{};
     a.mg = mg.data_ptr<T_>();
@@ -698,43 +834,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     a.scratch = scratch.data_ptr<T_>();
     a.dbias = dbias.data_ptr<double>();
     a.threads = threads;
-    a.fac_sk = T * B * 6 * m;
-    a.dg_sk = T * B * 4 * m;
+    a.fac_sk = T * B * F;
+    a.dg_sk = T * B * G;
     a.ph = ph.data_ptr<T_>();
-    a.gc = gc.data_ptr<T_>();
+    a.gc = lstm ? gc.data_ptr<T_>() : nullptr;
     a.K = K;
     a.B = B;
     a.m = m;
     for (int64_t n = 0; n < T; ++n) {
       const int64_t t = reverse ? n : T - 1 - n;
       a.dout = d_out.defined() ? d_out.data_ptr<T_>() + t * B * H : nullptr;
-      a.fac = fac.data_ptr<T_>() + t * B * 6 * m;
-      a.dg = dg.data_ptr<T_>() + t * B * 4 * m;
+      a.fac = fac.data_ptr<T_>() + t * B * F;
+      a.dg = dg.data_ptr<T_>() + t * B * G;
+      a.dx = cell == kGRU ? dx.data_ptr<T_>() + t * B * G : nullptr;
       a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
-      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, s, e); });
+      at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
       grouped_mm(mg, dg.select(1, t), w);
     }
     a.fac = nullptr;  // d_h0 = ph + the gradient of the first step's operand
-    at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, s, e); });
+    at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
   });
   // dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: the operand slots of consecutive steps are one
   // [T*B, H] matrix whose grouped view the product reads in place
   const Tensor h_in = hs.narrow(0, reverse ? 2 : 0, T).view({T * B, H});
-  Tensor d_w = at::bmm(dg.view({K, T * B, 4 * m}).transpose(1, 2), grouped(h_in, K));
+  Tensor d_w = at::bmm(dg.view({K, T * B, G}).transpose(1, 2), grouped(h_in, K));
   Tensor d_b = dbias.sum(0).to(fac.scalar_type());
-  return {dg.transpose(0, 1), ph, gc, d_w, d_b};
+  return {dx.transpose(0, 1), ph, gc, d_w, d_b};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(grnn_lstm_cpu, lib) {
-  lib.def("forward(Tensor gx, Tensor h0, Tensor c0, Tensor weight_hh, Tensor bias_hh, "
-          "Tensor? mask, bool shuffle, bool reverse, bool save) "
+// cell: 0 LSTM (the default), 1 GRU, 2 Elman RNN (tanh)
+TORCH_LIBRARY(grnn_rnn_cpu, lib) {
+  lib.def("forward(Tensor gx, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor bias_hh, "
+          "Tensor? mask, bool shuffle, bool reverse, bool save, int cell=0) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-          &lstm_forward);
+          &scan_forward);
   lib.def("fused_forward_calls() -> int", []() -> int64_t { return fused_calls.load(); });
   lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
-          "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse) "
+          "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse, int cell=0) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-          &lstm_backward);
+          &scan_backward);
 }

@@ -1,4 +1,5 @@
-"""Loader of the fused CPU LSTM loops (``lstm_cpu.cpp``, backend ``cpp`` of the engine).
+"""Loader of the fused CPU loops of the LSTM, GRU and Elman RNN (``rnn_cpu.cpp``, backend
+``cpp`` of the engine).
 
 The C++ source ships with the package and is compiled just in time, at first use (never
 at import), by :func:`torch.utils.cpp_extension.load`: it needs a C++ compiler and
@@ -8,10 +9,12 @@ torch version, so a changed source or torch gets its own build; torch's loader h
 file lock while it builds, so processes starting together (multi-process training) build
 once and the others wait and load the result.
 
-In fp32 over at least 4 steps, where padding a group's last block of 16 units adds at most
-1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes a fused step (the recurrent product of each 16-unit block accumulated in
-registers, the cell run on it at once); ``$GRNN_CPU_FUSED=0`` switches to the two-pass step
-(one BLAS product per step, then the pointwise pass), for A/B measurements.
+For the LSTM in fp32 over at least 4 steps, where padding a group's last block of 16 units
+adds at most 1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes
+a fused step (the recurrent product of each 16-unit block accumulated in registers, the
+cell run on it at once); ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS
+product per step, then the pointwise pass), for A/B measurements.  The GRU and the RNN
+always take the two-pass step.
 
 The library keeps its large per-call buffers (tens of MB) in a small pool instead of
 returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the
@@ -25,7 +28,8 @@ import warnings
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_cpu.cpp")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rnn_cpu.cpp")
+CELL_IDS = {"lstm": 0, "gru": 1, "rnn": 2}  # the ``cell`` argument of the ops
 _LINUX = sys.platform.startswith("linux")
 # -fno-trapping-math lets the compiler vectorise the clamps of exp (results unchanged);
 # OpenMP drives at::parallel_for (the library links the libgomp torch has already loaded)
@@ -64,11 +68,11 @@ def _remove_stale_lock(name):
 def _name():
     with open(SOURCE, "rb") as f:
         key = f.read() + repr((CFLAGS, LDFLAGS, torch.__version__)).encode()
-    return "grnn_lstm_cpu_" + hashlib.sha1(key).hexdigest()[:12]
+    return "grnn_rnn_cpu_" + hashlib.sha1(key).hexdigest()[:12]
 
 
 def load():
-    """The compiled ops (``torch.ops.grnn_lstm_cpu``), built on the first call.  Raises
+    """The compiled ops (``torch.ops.grnn_rnn_cpu``), built on the first call.  Raises
     RuntimeError naming the cause and the fix when it cannot be built or loaded (the
     failure is remembered: one attempt per process)."""
     global _ops, _error
@@ -87,14 +91,14 @@ def load():
         _remove_stale_lock(_name())
         load_extension(name=_name(), sources=[SOURCE], extra_cflags=CFLAGS,
                        extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
-        _ops = torch.ops.grnn_lstm_cpu
+        _ops = torch.ops.grnn_rnn_cpu
         _ops.forward, _ops.backward  # noqa: B018  (fails here if registration failed)
     except Exception as e:  # no compiler, no ninja, compile or load error
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         errors = [line for line in lines
                   if "error" in line.lower() or "not found" in line or "missing" in line]
         cause = (errors[-1] if errors else lines[-1] if lines else "")[:400]
-        _error = RuntimeError(f"the fused CPU LSTM could not be built or loaded "
+        _error = RuntimeError(f"the fused CPU recurrence (C++) could not be built or loaded "
                               f"({type(e).__name__}: {cause}); {FIX}")
         _error.__cause__ = e
         raise _error
@@ -103,13 +107,15 @@ def load():
 
 def available():
     """True when the extension loads (building it if needed); a failure warns once and
-    returns False, so that ``auto`` falls back to the ``torch`` backend."""
+    returns False, so that ``auto`` falls back to the ``torch`` backend (the GRU and RNN:
+    ``reference``)."""
     global _warned
     try:
         load()
     except RuntimeError as e:
         if not _warned:
             _warned = True
-            warnings.warn(f"{e}.  Falling back to backend 'torch'.", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{e}.  Falling back to backend 'torch' (the LSTM) or 'reference' "
+                          "(the GRU and RNN).", RuntimeWarning, stacklevel=3)
         return False
     return True
