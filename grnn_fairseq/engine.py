@@ -101,9 +101,9 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
                backend=None):
     """One decoding step of a whole layer in one launch (input projection, recurrence and
     cell fused), where a kernel for it exists: every cell without autograd on the
-    ``triton`` backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in :func:`project_input`
-    and :func:`scan`.  -> (out [B, K*m], new state), or None (then use project_input +
-    recurrent_step)."""
+    ``triton`` backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in
+    :func:`project_input` and :func:`scan`.  -> (out [B, K*m], new state), or None (then
+    use project_input + recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
     if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()) or (
             torch.is_grad_enabled() and _any_requires_grad(
@@ -550,7 +550,7 @@ class CppScan(torch.autograd.Function):
 def scan_cpp(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=False,
              reverse=False):
     """``scan`` on backend ``cpp``: -> (out [T, K, B, m], final state tuple)."""
-    t_len, k, b, gm = gx.shape
+    t_len, k, b, _ = gx.shape
     if t_len == 0 or b == 0:  # nothing to run: no output, the state unchanged
         return gx.new_zeros(t_len, k, b, weight_hh.shape[-1]), tuple(state)
     if torch.is_grad_enabled() and _any_requires_grad(gx, weight_hh, bias_hh, *state):

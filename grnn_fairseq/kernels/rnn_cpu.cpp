@@ -266,8 +266,8 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
   }
 }
 
-// ------------------------------------------------------------- fused forward (fp32)
-// The step in one pass, for float: for each block of NU units of a group (the last one
+// ------------------------------------------------------ fused forward (LSTM, fp32)
+// The LSTM step in one pass, for float: for each block of NU units of a group (the last one
 // padded with zero weights where NU does not divide m), the recurrent product of all 4
 // gates (the block's 4*NU columns of W_hh, packed so that the 4*NU weights of one input
 // are contiguous) is accumulated in registers for R batch rows at a time, and the cell runs
