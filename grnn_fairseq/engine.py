@@ -73,8 +73,9 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
     gx_t: [K, B, G*m]  state: tuple of [K, B, m]  weight_hh_t: [K, m, G*m] (transposed)
     bias_hh: [K, 1, G*m]  ->  (h_t [K, B, m], new state tuple)
     Without autograd (decoding) and unless the backend resolves to ``reference``, the LSTM
-    takes an in-place path (the fused C++ step where ``cpp`` is asked for by name); on
-    ``triton`` a layer's decoding step goes through :func:`fused_step` instead.
+    takes an in-place path (the fused C++ step where ``cpp`` is asked for by name), the GRU
+    and RNN on CPU the C++ step where the backend resolves to ``cpp``; on ``triton`` a
+    layer's decoding step goes through :func:`fused_step` instead.
     """
     amp = autocast_dtype(gx_t.device.type)
     if amp is not None:
@@ -83,15 +84,21 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
                                   weight_hh_t.to(amp), bias_hh.to(amp), cell, time_shuffle,
                                   backend)
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
-    if cell == "lstm" and name != "reference" and not (
+    if name != "reference" and not (
             torch.is_grad_enabled() and _any_requires_grad(gx_t, *state, weight_hh_t, bias_hh)):
-        # single steps: the in-place torch step is the default (on 2 threads it measured
-        # faster than the fused C++ step: scripts/bench_layer.py --modes decode); 'cpp'
-        # forced by name takes the C++ step
-        if name == "cpp" and gx_t.device.type == "cpu" and resolve_backend(
-                name, cell, gx_t.device, gx_t.dtype) == "cpp":
-            return _lstm_step_cpp(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
-        return _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
+        def on_cpp():
+            return gx_t.device.type == "cpu" and resolve_backend(
+                name, cell, gx_t.device, gx_t.dtype) == "cpp"
+
+        if cell == "lstm":
+            # single steps: the in-place torch step is the default (on 2 threads it measured
+            # faster than the fused C++ step: scripts/bench_layer.py --modes decode); 'cpp'
+            # forced by name takes the C++ step
+            if name == "cpp" and on_cpp():
+                return _step_cpp(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle)
+            return _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle)
+        if on_cpp():  # GRU / RNN: the C++ step, 1.1-1.5x the reference step at K = 4-16
+            return _step_cpp(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle)
     h_prev = rearrange_grouped(state[0]) if time_shuffle else state[0]
     gh = torch.baddbmm(bias_hh, h_prev, weight_hh_t)
     return POINTWISE[cell](gx_t, gh, state)
@@ -148,17 +155,17 @@ def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
     return h, (h, c)
 
 
-def _lstm_step_cpp(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
-    """``recurrent_step`` for the LSTM without autograd, through the fused C++ loop (T=1)."""
+def _step_cpp(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle):
+    """``recurrent_step`` without autograd, through the C++ loop (T=1)."""
     from .kernels import cpu_rnn
 
-    h_prev, c_prev = state
-    k = h_prev.shape[0]
+    k = state[0].shape[0]
     with torch.no_grad():
         _, h, c, _, _ = cpu_rnn.load().forward(
-            gx_t.unsqueeze(0), h_prev, c_prev, weight_hh_t.transpose(1, 2), bias_hh.view(k, -1),
-            None, time_shuffle, False, False)
-    return h, (h, c)
+            gx_t.unsqueeze(0), state[0], state[1] if cell == "lstm" else None,
+            weight_hh_t.transpose(1, 2), bias_hh.view(k, -1), None, time_shuffle, False,
+            False, cpu_rnn.CELL_IDS[cell])
+    return h, ((h, c) if cell == "lstm" else (h,))
 
 
 # --------------------------------------------------------------------------- dispatch

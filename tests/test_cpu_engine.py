@@ -256,16 +256,28 @@ def test_layer_with_non_contiguous_inputs_and_large_rows(cell):
         torch.testing.assert_close(b_, a, atol=1e-10, rtol=1e-10)
 
 
-def test_decode_step_matches_reference():
+@pytest.mark.parametrize("cell,backend", [("lstm", "cpp"), ("gru", "cpp"), ("gru", None),
+                                          ("rnn", None)])
+def test_decode_step_matches_reference(cell, backend, monkeypatch):
+    """Single decoding steps without autograd take the C++ step: the LSTM where ``cpp`` is
+    asked for by name, the GRU and RNN by default (counted); two layers, the time shuffle,
+    random states, against the reference step."""
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    calls = []
+    real = engine._step_cpp
+    monkeypatch.setattr(engine, "_step_cpp", lambda *a: calls.append(a[0]) or real(*a))
     torch.manual_seed(0)
-    stack = RecurrentStack(8, 8, num_layers=2, groups=4, backend="cpp").double()
+    stack = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=4, backend=backend).double()
     x = torch.randn(3, 8, dtype=torch.double)
     states = [tuple(torch.randn_like(t) for t in s[0]) for s in stack.zero_state(3, x)]
     h_ref, s_ref = stack.step(x, states)           # parameters require grad: reference path
+    assert calls == []
     with torch.no_grad():
-        h_got, s_got = stack.step(x, states)       # no autograd: the fused C++ step
+        h_got, s_got = stack.step(x, states)       # no autograd: the C++ step
+    assert calls == [cell, cell]
     torch.testing.assert_close(h_got, h_ref, atol=1e-12, rtol=1e-12)
     for a, b in zip(s_ref, s_got):
+        assert len(a) == len(b)
         for x1, x2 in zip(a, b):
             torch.testing.assert_close(x2, x1, atol=1e-12, rtol=1e-12)
 
