@@ -13,8 +13,8 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     The same node with both loops in C++ (:mod:`grnn_fairseq.kernels.cpu_rnn`, compiled
     just in time at first use; needs a C++ compiler and ``ninja``), for the LSTM, the GRU
     and the Elman RNN: per step one batched product and one fused, vectorised and threaded
-    pointwise pass; for the LSTM in fp32 the forward step is one pass (product in
-    registers, cell on it at once).  fp32 and fp64 (other dtypes: ``torch`` for the LSTM,
+    pointwise pass; in fp32 the forward step is one pass (product in registers, cell on
+    it at once).  fp32 and fp64 (other dtypes: ``torch`` for the LSTM,
     ``reference`` for the others).  Default on CPU when it builds.
 ``triton``
     Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):

@@ -30,7 +30,7 @@ def built():
     return cpu_rnn.load()
 
 
-def _problem(k, m, t_len, b, dtype, padding=False, seed=0, cell="lstm"):
+def _problem(k, m, t_len, b, dtype, padding=False, seed=0, cell="lstm", w_scale=0.5):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -38,7 +38,7 @@ def _problem(k, m, t_len, b, dtype, padding=False, seed=0, cell="lstm"):
 
     gm = GATES[cell] * m
     p = dict(gx=rand(t_len, k, b, gm), h0=rand(k, b, m), c0=rand(k, b, m),
-             w_hh=rand(k, gm, m, scale=0.5), b_hh=rand(k, gm, scale=0.5))
+             w_hh=rand(k, gm, m, scale=w_scale), b_hh=rand(k, gm, scale=0.5))
     if cell != "lstm":
         del p["c0"]
     p = {n: v.requires_grad_() for n, v in p.items()}
@@ -124,6 +124,24 @@ def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, f
     _compare_fp64(p, mask, up, shuffle, reverse)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
+@pytest.mark.parametrize("k,m,b", [(1, 16, 4), (4, 16, 7), (2, 32, 1), (2, 120, 3)])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_fp32_fused_step_gru_rnn(cell, k, m, b, shuffle, padding, reverse, fused,
+                                 monkeypatch):
+    """The fused fp32 step of the GRU (3 gates in registers, the interpolation with each
+    unit's own h_{t-1}) and the RNN (1 gate), and their two-pass step, against the float64
+    reference; a partial last block (m = 120) and 1-3 leftover rows included.  W_hh at the
+    scale of PyTorch's initialisation (1/sqrt(m)): with larger weights the RNN is chaotic and
+    amplifies any fp32 rounding over the steps beyond fp32 tolerance, in either path."""
+    monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+    p, mask, up = _problem(k, m, 6, b, torch.float32, padding, cell=cell, w_scale=m ** -0.5)
+    _compare_fp64(p, mask, up, shuffle, reverse)
+
+
 def _compare_fp64(p, mask, up, shuffle, reverse):
     """fp32 ``cpp`` against the float64 reference: fp32 accuracy scaled by each tensor's
     largest value (the gradients of wide groups reach tens, and sums of hundreds of fp32
@@ -145,8 +163,8 @@ def test_fused_step_selection_and_accuracy(monkeypatch, built):
     with a last 16-unit block at most 1/8 padding, two-pass for fp64, single decoding
     steps, a half-empty last block and GRNN_CPU_FUSED=0; both steps against a float64
     reference to fp32 accuracy."""
-    def takes_fused(k, m, t_len, dtype):
-        p, _, _ = _problem(k, m, t_len, 2, dtype)
+    def takes_fused(k, m, t_len, dtype, cell="lstm"):
+        p, _, _ = _problem(k, m, t_len, 2, dtype, cell=cell)
         before = built.fused_forward_calls()
         with torch.no_grad():
             _run("cpp", p, None, None, True, False, grad=False)
@@ -158,6 +176,9 @@ def test_fused_step_selection_and_accuracy(monkeypatch, built):
     assert not takes_fused(2, 24, 4, torch.float32)        # a half-empty last block
     assert not takes_fused(2, 32, 4, torch.float64)
     assert not takes_fused(2, 32, 3, torch.float32)        # decoding steps: no packing
+    assert takes_fused(2, 32, 4, torch.float32, "gru")
+    assert takes_fused(1, 250, 4, torch.float32, "rnn")
+    assert not takes_fused(2, 32, 4, torch.float64, "gru")
     monkeypatch.setenv("GRNN_CPU_FUSED", "0")
     assert not takes_fused(2, 32, 4, torch.float32)
     p, mask, up = _problem(4, 32, 8, 6, torch.float32, padding=True)
@@ -169,14 +190,15 @@ def test_fused_step_selection_and_accuracy(monkeypatch, built):
 
 
 @pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
-def test_fp32_steps_split_between_threads(fused, monkeypatch):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_fp32_steps_split_between_threads(cell, fused, monkeypatch):
     """A problem large enough for the fused step's unit blocks (and the two-pass step's
     rows) to be shared out between threads: 2 threads, 4 groups of 64 units, 33 rows."""
     monkeypatch.setenv("GRNN_CPU_FUSED", fused)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        p, mask, up = _problem(4, 64, 5, 33, torch.float32, padding=True)
+        p, mask, up = _problem(4, 64, 5, 33, torch.float32, padding=True, cell=cell)
         _compare_fp64(p, mask, up, True, False)
     finally:
         torch.set_num_threads(threads)

@@ -9,12 +9,11 @@ torch version, so a changed source or torch gets its own build; torch's loader h
 file lock while it builds, so processes starting together (multi-process training) build
 once and the others wait and load the result.
 
-For the LSTM in fp32 over at least 4 steps, where padding a group's last block of 16 units
-adds at most 1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes
-a fused step (the recurrent product of each 16-unit block accumulated in registers, the
-cell run on it at once); ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS
-product per step, then the pointwise pass), for A/B measurements.  The GRU and the RNN
-always take the two-pass step.
+In fp32 over at least 4 steps, where padding a group's last block of 16 units adds at most
+1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes a fused step
+(the recurrent product of each 16-unit block accumulated in registers, the cell run on it
+at once), for every cell; ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS
+product per step, then the pointwise pass), for A/B measurements.
 
 The library keeps its large per-call buffers (tens of MB) in a small pool instead of
 returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the

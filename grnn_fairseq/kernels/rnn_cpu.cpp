@@ -8,7 +8,7 @@
 // output, the factors the backward needs, masking, and the time shuffle written into the
 // next product's operand).  The backward is the mirror image: one pass, then one product
 // per step.  The pointwise loops vectorise (exp in plain arithmetic) and are cloned for
-// AVX2 / AVX-512.  The LSTM's fp32 forward has a one-pass step (below, "fused forward").
+// AVX2 / AVX-512.  The fp32 forward has a one-pass step (below, "fused forward").
 //
 // Shapes (H = K*m, G gate rows per unit: LSTM 4, GRU 3, RNN 1):  gx [T, K, B, Gm] (any
 // strides, unit stride along the gates), h0 / c0 [K, B, m] (c0: LSTM only),
@@ -185,20 +185,20 @@ GRNN_INLINE void lstm_cell(int64_t n, int64_t ps, int64_t m, const T* __restrict
   }
 }
 
-// The GRU (Cho et al. 2014 in PyTorch's form; gates r, z, n) on the m units of one row:
+// The GRU (Cho et al. 2014 in PyTorch's form; gates r, z, n) on n units of one row:
 // r = s(p_r + x_r + b_r), z = s(p_z + x_z + b_z), n = tanh(x_n + r (p_n + b_n)),
-// h = n + z (h_{t-1} - n), with p the recurrent product (of the shuffled operand) and
-// hp the unit's own h_{t-1}.  F = 5 factors: (h_{t-1} - n) z(1-z), (1-z)(1-n^2),
-// (p_n + b_n) r(1-r), r, z.
+// h = n + z (h_{t-1} - n), with p the recurrent product (of the shuffled operand; gate g of
+// unit j at [g * ps + j]) and hp the unit's own h_{t-1}.  F = 5 factors:
+// (h_{t-1} - n) z(1-z), (1-z)(1-n^2), (p_n + b_n) r(1-r), r, z.  A whole row: n = ps = m.
 template <typename T, bool SAVE>
-GRNN_INLINE void gru_cell(int64_t m, const T* __restrict pr, const T* __restrict xr,
-                             const T* __restrict br, const T* __restrict hp, T* __restrict hn,
-                             T* __restrict fr) {
+GRNN_INLINE void gru_cell(int64_t n_units, int64_t ps, int64_t m, const T* __restrict pr,
+                          const T* __restrict xr, const T* __restrict br,
+                          const T* __restrict hp, T* __restrict hn, T* __restrict fr) {
   GRNN_IVDEP
-  for (int64_t j = 0; j < m; ++j) {
+  for (int64_t j = 0; j < n_units; ++j) {
     const T r = sigmoid_(pr[j] + xr[j] + br[j]);
-    const T z = sigmoid_(pr[m + j] + xr[m + j] + br[m + j]);
-    const T hh = pr[2 * m + j] + br[2 * m + j];
+    const T z = sigmoid_(pr[ps + j] + xr[m + j] + br[m + j]);
+    const T hh = pr[2 * ps + j] + br[2 * m + j];
     const T n = tanh_(xr[2 * m + j] + r * hh);
     const T d = hp[j] - n;
     hn[j] = n + z * d;
@@ -212,12 +212,12 @@ GRNN_INLINE void gru_cell(int64_t m, const T* __restrict pr, const T* __restrict
   }
 }
 
-// The Elman RNN, h = tanh(p + x + b), on the m units of one row.  F = 1 factor: 1 - h^2.
+// The Elman RNN, h = tanh(p + x + b), on n units of one row.  F = 1 factor: 1 - h^2.
 template <typename T, bool SAVE>
-GRNN_INLINE void rnn_cell(int64_t m, const T* __restrict pr, const T* __restrict xr,
-                             const T* __restrict br, T* __restrict hn, T* __restrict fr) {
+GRNN_INLINE void rnn_cell(int64_t n_units, const T* __restrict pr, const T* __restrict xr,
+                          const T* __restrict br, T* __restrict hn, T* __restrict fr) {
   GRNN_IVDEP
-  for (int64_t j = 0; j < m; ++j) {
+  for (int64_t j = 0; j < n_units; ++j) {
     const T h = tanh_(pr[j] + xr[j] + br[j]);
     hn[j] = h;
     if constexpr (SAVE) fr[j] = T(1) - h * h;
@@ -256,7 +256,7 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
           lstm_cell<T, SAVE>(m, m, m, pr, xr, br, a.c_prev + (k * B + b) * m,
                                 a.c_new + (k * B + b) * m, hn + k * m, fr);
         else if constexpr (C == kGRU)
-          gru_cell<T, SAVE>(m, pr, xr, br, a.h_prev + b * H + k * m, hn + k * m, fr);
+          gru_cell<T, SAVE>(m, m, m, pr, xr, br, a.h_prev + b * H + k * m, hn + k * m, fr);
         else
           rnn_cell<T, SAVE>(m, pr, xr, br, hn + k * m, fr);
       }
@@ -266,100 +266,107 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
   }
 }
 
-// ------------------------------------------------------ fused forward (LSTM, fp32)
-// The LSTM step in one pass, for float: for each block of NU units of a group (the last one
-// padded with zero weights where NU does not divide m), the recurrent product of all 4
-// gates (the block's 4*NU columns of W_hh, packed so that the 4*NU weights of one input
-// are contiguous) is accumulated in registers for R batch rows at a time, and the cell runs
-// on it at once: no product buffer and no second pass over it, and no per-call packing of
-// the weights inside a BLAS call.  The operand is read through a column index (with the
-// time shuffle, column q of the shuffled order is column (q % K) * m + q / K of the unit
-// order), so the shuffled copy of h is written only when the backward needs it.  GCC
-// vector types: one zmm per NU floats with AVX-512, two ymm with AVX2 (the clones below).
+// ------------------------------------------------------------- fused forward (fp32)
+// The step in one pass, for float: for each block of NU units of a group (the last one
+// padded with zero weights where NU does not divide m), the recurrent product of the G
+// gates (the block's G*NU columns of W_hh, packed so that the G*NU weights of one input are
+// contiguous) is accumulated in registers for R batch rows at a time, and the cell runs on
+// it at once: no product buffer and no second pass over it, and no per-call packing of the
+// weights inside a BLAS call.  The operand is read through a column index (with the time
+// shuffle, column q of the shuffled order is column (q % K) * m + q / K of the unit order),
+// so the shuffled copy of h is written only when the backward needs it.  GCC vector types:
+// one zmm per NU floats with AVX-512, two ymm with AVX2 (the clones below).
 constexpr int64_t NU = 16;
-constexpr int ROWS = 4;  // batch rows per register block: 4 x 4 accumulators
+constexpr int ROWS = 4;  // batch rows per register block: 4 x G accumulators
 typedef float vnu __attribute__((vector_size(NU * sizeof(float))));
 typedef float vnu_u __attribute__((vector_size(NU * sizeof(float)), aligned(4)));
 
 struct Fused {             // one step
   Fwd<float> f;            // the step's pointers and shapes (f.pre unused)
-  const float* wp;         // [K, blocks(m), m, 4, NU] packed W_hh (pack_hh)
+  const float* wp;         // [K, blocks(m), m, G, NU] packed W_hh (pack_hh)
   const int32_t* col;      // [H] unit-order column of each operand column
 };
 
 // blocks of NU units in a group of m
 inline int64_t blocks(int64_t m) { return (m + NU - 1) / NU; }
 
-// Rows [b0, b0 + R) of unit block u of group k.
-template <int R, bool SAVE>
+// Rows [b0, b0 + R) of unit block u of group k, cell C.
+template <int64_t C, int R, bool SAVE>
 GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) {
+  constexpr int NG = int(gates_of(C));
   const Fwd<float>& a = fz.f;
-  const int64_t B = a.B, m = a.m, H = a.K * m;
-  vnu acc[R][4] = {};
+  const int64_t B = a.B, m = a.m, H = a.K * m, F = factors_of(C) * m;
+  vnu acc[R][NG] = {};
   const int64_t n = std::min(NU, m - u * NU);  // units of the block (NU but in the last)
-  const float* __restrict w = fz.wp + (k * blocks(m) + u) * m * 4 * NU;
+  const float* __restrict w = fz.wp + (k * blocks(m) + u) * m * NG * NU;
   const int32_t* __restrict col = fz.col + k * m;
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.h_prev + (b0 + r) * H;
   for (int64_t j = 0; j < m; ++j) {
-    const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * 4 * NU);
-    const vnu w0 = wj[0], w1 = wj[1], w2 = wj[2], w3 = wj[3];
+    const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * NG * NU);
+    vnu wg[NG];
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) wg[g] = wj[g];
     const int32_t q = col[j];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float x = rows[r][q];
-      acc[r][0] += x * w0;
-      acc[r][1] += x * w1;
-      acc[r][2] += x * w2;
-      acc[r][3] += x * w3;
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) acc[r][g] += x * wg[g];
     }
   }
   // to memory with constant indices, so that acc stays in registers (a runtime index in
   // the loop below would keep it on the stack throughout)
-  alignas(64) float pre[R][4 * NU];
+  alignas(64) float pre[R][NG * NU];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < 4; ++g) std::memcpy(pre[r] + g * NU, &acc[r][g], sizeof(vnu));
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) std::memcpy(pre[r] + g * NU, &acc[r][g], sizeof(vnu));
   for (int r = 0; r < R; ++r) {
     const int64_t b = b0 + r, hb = b * H + k * m + u * NU, cb = (k * B + b) * m + u * NU;
     if (a.keep && !a.keep[b]) {  // padded: the state stays, the output is zero
       std::copy(a.h_prev + hb, a.h_prev + hb + n, a.h_new + hb);
-      std::copy(a.c_prev + cb, a.c_prev + cb + n, a.c_new + cb);
+      if constexpr (C == kLSTM) std::copy(a.c_prev + cb, a.c_prev + cb + n, a.c_new + cb);
       if (a.out) std::fill(a.out + hb, a.out + hb + n, 0.0f);
       continue;
     }
     const float* xr = a.gx + k * a.gx_sk + b * a.gx_sb + u * NU;
-    const float* br = a.bias + k * 4 * m + u * NU;
-    float* fr = SAVE ? a.fac + k * a.fac_sk + b * 6 * m + u * NU : nullptr;
-    lstm_cell<float, SAVE>(n, NU, m, pre[r], xr, br, a.c_prev + cb, a.c_new + cb,
-                              a.h_new + hb, fr);
+    const float* br = a.bias + k * NG * m + u * NU;
+    float* fr = SAVE ? a.fac + k * a.fac_sk + b * F + u * NU : nullptr;
+    if constexpr (C == kLSTM)
+      lstm_cell<float, SAVE>(n, NU, m, pre[r], xr, br, a.c_prev + cb, a.c_new + cb,
+                             a.h_new + hb, fr);
+    else if constexpr (C == kGRU)
+      gru_cell<float, SAVE>(n, NU, m, pre[r], xr, br, a.h_prev + hb, a.h_new + hb, fr);
+    else
+      rnn_cell<float, SAVE>(n, pre[r], xr, br, a.h_new + hb, fr);
     if (a.out) std::copy(a.h_new + hb, a.h_new + hb + n, a.out + hb);
   }
 }
 
 // Tasks [s, e): task = k * blocks(m) + u, all B rows of unit block u of group k.
-template <bool SAVE>
+template <int64_t C, bool SAVE>
 GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
   const int64_t nb = blocks(a.f.m), B = a.f.B;
   for (int64_t task = s; task < e; ++task) {
     const int64_t k = task / nb, u = task % nb;
     int64_t b = 0;
-    for (; b + ROWS <= B; b += ROWS) fused_block<ROWS, SAVE>(a, k, u, b);
+    for (; b + ROWS <= B; b += ROWS) fused_block<C, ROWS, SAVE>(a, k, u, b);
     switch (B - b) {
-      case 3: fused_block<3, SAVE>(a, k, u, b); break;
-      case 2: fused_block<2, SAVE>(a, k, u, b); break;
-      case 1: fused_block<1, SAVE>(a, k, u, b); break;
+      case 3: fused_block<C, 3, SAVE>(a, k, u, b); break;
+      case 2: fused_block<C, 2, SAVE>(a, k, u, b); break;
+      case 1: fused_block<C, 1, SAVE>(a, k, u, b); break;
       default: break;
     }
   }
 }
 
-// [K, 4m, m] -> [K, blocks(m), m, 4, NU]: for unit block u and input j, the 4 gates' NU
+// [K, Gm, m] -> [K, blocks(m), m, G, NU]: for unit block u and input j, the G gates' NU
 // weights (zeros for the units past m of the last block)
-Tensor pack_hh(const Tensor& w, int64_t K, int64_t m) {
+Tensor pack_hh(const Tensor& w, int64_t K, int64_t G, int64_t m) {
   const int64_t nb = blocks(m);
-  const Tensor units = at::constant_pad_nd(w.reshape({K, 4, m, m}), {0, 0, 0, nb * NU - m});
-  return units.view({K, 4, nb, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
+  const Tensor units = at::constant_pad_nd(w.reshape({K, G, m, m}), {0, 0, 0, nb * NU - m});
+  return units.view({K, G, nb, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
 }
 
 // operand column -> unit-order column (the time shuffle, or the identity)
@@ -551,13 +558,26 @@ GRNN_ROWS(double, d, kRNN, rnn)
 GRNN_DISPATCH(float, f)
 GRNN_DISPATCH(double, d)
 #undef GRNN_DISPATCH
-GRNN_CLONES void fused_f_save(const Fused& a, int64_t s, int64_t e) { fused_tasks<true>(a, s, e); }
-GRNN_CLONES void fused_f(const Fused& a, int64_t s, int64_t e) { fused_tasks<false>(a, s, e); }
+#define GRNN_FUSED(C, c)                                                                    \
+  GRNN_CLONES void fused_##c##_save(const Fused& a, int64_t s, int64_t e) {                 \
+    fused_tasks<C, true>(a, s, e);                                                          \
+  }                                                                                         \
+  GRNN_CLONES void fused_##c(const Fused& a, int64_t s, int64_t e) { fused_tasks<C, false>(a, s, e); }
+GRNN_FUSED(kLSTM, lstm)
+GRNN_FUSED(kGRU, gru)
+GRNN_FUSED(kRNN, rnn)
+#undef GRNN_FUSED
+inline void run_fused(const Fused& a, int64_t cell, bool save, int64_t s, int64_t e) {
+  if (cell == kLSTM) save ? fused_lstm_save(a, s, e) : fused_lstm(a, s, e);
+  else if (cell == kGRU) save ? fused_gru_save(a, s, e) : fused_gru(a, s, e);
+  else save ? fused_rnn_save(a, s, e) : fused_rnn(a, s, e);
+}
 
 // batch rows per parallel task: at least ~4k units, so that small problems stay serial
 inline int64_t grain(int64_t h) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(h, 1)); }
 
-struct FusedPlan {         // the fused step's packed W_hh and operand index, or nulls
+struct FusedPlan {         // the fused step's cell, packed W_hh and operand index, or nulls
+  int64_t cell;
   const float* wp;
   const int32_t* col;
 };
@@ -569,9 +589,10 @@ inline bool fused_step(const Fwd<float>& a, const FusedPlan& plan, bool save) {
   const Fused fz{a, plan.wp, plan.col};
   const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * blocks(m);
   // 16-unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
-  const int64_t grain_tasks = std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * 4 * NU));
+  const int64_t grain_tasks =
+      std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * gates_of(plan.cell) * NU));
   at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
-    save ? fused_f_save(fz, s, e) : fused_f(fz, s, e);
+    run_fused(fz, plan.cell, save, s, e);
   });
   if (save && a.hs_new)  // the shuffled operands, for the backward's dW_hh
     at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) {
@@ -737,7 +758,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   const int64_t hs_slots = save ? slots : 2;   // inference: two alternating slots suffice
   Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
   Tensor cs = lstm ? empty_buffer({2, K, B, m}, opt) : Tensor();
-  const bool fused = lstm && use_fused(gx.scalar_type(), m, T);
+  const bool fused = use_fused(gx.scalar_type(), m, T);
   if (fused) ++fused_calls;
   Tensor pre = fused ? Tensor() : empty_buffer({K, B, G}, opt);
   const int64_t F = factors_of(cell) * m;
@@ -749,9 +770,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   if (shuffle) hs_slot(first).view({B, m, K}).copy_(hu[first].view({B, K, m}).transpose(1, 2));
   if (lstm) cs[first % 2].copy_(*c0);
 
-  const Tensor wp = fused ? pack_hh(weight_hh, K, m) : Tensor();
+  const Tensor wp = fused ? pack_hh(weight_hh, K, gates, m) : Tensor();
   const Tensor col = fused ? operand_columns(K, m, shuffle) : Tensor();
-  const FusedPlan plan{fused ? wp.data_ptr<float>() : nullptr,
+  const FusedPlan plan{cell, fused ? wp.data_ptr<float>() : nullptr,
                        fused ? col.data_ptr<int32_t>() : nullptr};
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_rnn_forward", [&] {
