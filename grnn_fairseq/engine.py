@@ -157,15 +157,12 @@ def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
 
 def _step_cpp(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle):
     """``recurrent_step`` without autograd, through the C++ loop (T=1)."""
-    from .kernels import cpu_rnn
-
     k = state[0].shape[0]
     with torch.no_grad():
-        _, h, c, _, _ = cpu_rnn.load().forward(
-            gx_t.unsqueeze(0), state[0], state[1] if cell == "lstm" else None,
-            weight_hh_t.transpose(1, 2), bias_hh.view(k, -1), None, time_shuffle, False,
-            False, cpu_rnn.CELL_IDS[cell])
-    return h, ((h, c) if cell == "lstm" else (h,))
+        _, final, _, _ = _cpp_forward(cell, gx_t.unsqueeze(0), state,
+                                      weight_hh_t.transpose(1, 2), bias_hh.view(k, -1), None,
+                                      time_shuffle, False, False)
+    return final[0], final
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -522,6 +519,18 @@ def lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=Fals
 
 
 # --------------------------------------------------------------------------- cpp
+def _cpp_forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, save):
+    """The C++ forward loop of any cell -> (out [T, B, H], final state tuple, the factors
+    and operand slots that the backward needs (empty unless ``save``))."""
+    from .kernels import cpu_rnn
+
+    lstm = cell == "lstm"
+    out, h_t, c_t, fac, hs = cpu_rnn.load().forward(
+        gx, state[0], state[1] if lstm else None, weight_hh, bias_hh, mask, time_shuffle,
+        reverse, save, cpu_rnn.CELL_IDS[cell])
+    return out, ((h_t, c_t) if lstm else (h_t,)), fac, hs
+
+
 class CppScan(torch.autograd.Function):
     """The recurrence of one layer direction with the forward and backward loops in C++
     (backend ``cpp``), for every cell; for the LSTM the same inputs, outputs, gradients and
@@ -529,17 +538,12 @@ class CppScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, gx, weight_hh, bias_hh, mask, time_shuffle, reverse, *state):
-        from .kernels import cpu_rnn
-
-        cell_id = cpu_rnn.CELL_IDS[cell]
-        c0 = state[1] if cell == "lstm" else None
-        out, h_t, c_t, fac, hs = cpu_rnn.load().forward(gx, state[0], c0, weight_hh, bias_hh,
-                                                        mask, time_shuffle, reverse, True,
-                                                        cell_id)
-        ctx.fac, ctx.cell_id = fac, cell_id
+        out, final, fac, hs = _cpp_forward(cell, gx, state, weight_hh, bias_hh, mask,
+                                           time_shuffle, reverse, True)
+        ctx.fac, ctx.cell = fac, cell
         ctx.save_for_backward(weight_hh, hs)
         ctx.mask, ctx.time_shuffle, ctx.reverse = mask, time_shuffle, reverse
-        return (out, h_t, c_t) if cell == "lstm" else (out, h_t)
+        return (out,) + final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -549,8 +553,8 @@ class CppScan(torch.autograd.Function):
         weight_hh, hs = ctx.saved_tensors
         d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
             ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
-            ctx.cell_id)
-        d_state = (d_h0, d_c0) if ctx.cell_id == cpu_rnn.CELL_IDS["lstm"] else (d_h0,)
+            cpu_rnn.CELL_IDS[ctx.cell])
+        d_state = (d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,)
         return (None, d_gx, d_w, d_b, None, None, None) + d_state
 
 
@@ -564,12 +568,7 @@ def scan_cpp(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=False,
         out, *final = CppScan.apply(cell, gx, weight_hh, bias_hh, mask, time_shuffle, reverse,
                                     *state)
     else:
-        from .kernels import cpu_rnn
-
-        c0 = state[1] if cell == "lstm" else None
         with torch.no_grad():
-            out, h_t, c_t, _, _ = cpu_rnn.load().forward(
-                gx, state[0], c0, weight_hh, bias_hh, mask, time_shuffle, reverse, False,
-                cpu_rnn.CELL_IDS[cell])
-        final = (h_t, c_t) if cell == "lstm" else (h_t,)
+            out, final, _, _ = _cpp_forward(cell, gx, state, weight_hh, bias_hh, mask,
+                                            time_shuffle, reverse, False)
     return out.view(t_len, b, k, -1).transpose(1, 2), tuple(final)

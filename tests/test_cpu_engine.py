@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from grnn_fairseq import engine
+from grnn_fairseq.cells import GATES
 from grnn_fairseq.kernels import cpu_rnn
 from grnn_fairseq.recurrent import RecurrentStack
 
@@ -21,7 +22,6 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:
                 allow_module_level=True)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +53,7 @@ def _problem(k, m, t_len, b, dtype, padding=False, seed=0, cell="lstm", w_scale=
 
 def _cell(p):
     k, gm, m = p["w_hh"].shape
-    return {4: "lstm", 3: "gru", 1: "rnn"}[gm // m]
+    return next(c for c, g in GATES.items() if g == gm // m)
 
 
 def _state(p):
@@ -394,3 +394,11 @@ def test_stale_build_lock_is_removed(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_bad_cell_id_is_refused(built):
+    """The ops' ``cell`` argument outside 0-2 fails with a message naming the valid ones."""
+    p, _, _ = _problem(2, 4, 3, 2, torch.float64)
+    with pytest.raises(RuntimeError, match=r"cell 3 is not 0 \(LSTM\), 1 \(GRU\) or 2 \(RNN\)"):
+        built.forward(p["gx"].detach(), p["h0"].detach(), p["c0"].detach(),
+                      p["w_hh"].detach(), p["b_hh"].detach(), None, True, False, False, 3)

@@ -36,6 +36,7 @@ if not CUDA:
                     allow_module_level=True)
 
 from grnn_fairseq import engine  # noqa: E402
+from grnn_fairseq.cells import GATES  # noqa: E402
 from grnn_fairseq.recurrent import RecurrentStack  # noqa: E402
 
 
@@ -58,8 +59,8 @@ def triton_mode():
         os.environ["TRITON_INTERPRET"] = old
 
 
-CELLS = ["lstm", "gru", "rnn"]
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+CELLS = list(GATES)
+CELL_OF_GATES = {g: c for c, g in GATES.items()}
 
 
 def _problem(k, m, t_len, b, i_size, padding, seed=0, cell="lstm"):
@@ -91,7 +92,7 @@ def _problem(k, m, t_len, b, i_size, padding, seed=0, cell="lstm"):
 
 def _run(backend, p, mask, upstream, shuffle, reverse, t_len, b):
     k, gm, m = p["w_hh"].shape
-    cell = {4: "lstm", 3: "gru", 1: "rnn"}[gm // m]
+    cell = CELL_OF_GATES[gm // m]
     gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"]).view(k, t_len, b, -1).transpose(0, 1)
     init = (p["h0"], p["c0"]) if cell == "lstm" else (p["h0"],)
     out, final = engine.scan(gx, init, p["w_hh"], p["b_hh"], cell,
@@ -283,6 +284,18 @@ def test_decode_step_is_one_launch(monkeypatch):
             stack.step(x, states)
         stack.step(x, states)  # autograd on: the differentiable step
     assert calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"]
+
+
+def test_unknown_cell_or_dtype_is_refused():
+    from grnn_fairseq.kernels import triton_rnn
+
+    p, _, _ = _problem(2, 4, 3, 2, i_size=4, padding=False)
+    args = (torch.zeros(2, 4, device=DEVICE), (p["h0"].detach(), p["c0"].detach()),
+            p["w_ih"].detach(), p["b_ih"].detach(), p["w_hh"].detach(), p["b_hh"].detach())
+    with pytest.raises(ValueError, match="cover the cells .* not 'elman'"):
+        triton_rnn.step_triton("elman", *args)
+    with pytest.raises(TypeError, match="support .* got torch.float64"):
+        triton_rnn.step_triton("lstm", *(a.double() if torch.is_tensor(a) else a for a in args))
 
 
 def test_tuning_knobs_reject_bad_values(monkeypatch):

@@ -60,13 +60,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cells import GATES
 from ..engine import _interpreting
 
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
 _SPIN_LIMIT = tl.constexpr(1 << 20)
-CELLS = ("lstm", "gru", "rnn")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+CELLS = tuple(GATES)                     # every cell of cells.py has kernels here
 ACTS = {"lstm": 4, "gru": 4, "rnn": 0}  # activations saved per unit for the backward
 
 
@@ -1044,31 +1044,38 @@ def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shu
     ->  (out [B, K*m], new state tuple).  Operands in the weights' dtype; the gates are
     computed in fp32.
     """
+    # this runs once per layer and token: plain statements, no generators
     k, gm, mi = weight_ih.shape
     ty = weight_hh.dtype
-    _check(cell, ty)
-    m = gm // GATES[cell]
+    gates = GATES.get(cell)
+    if gates is None or ty not in SUPPORTED_DTYPES:
+        _check(cell, ty)
+    m = gm // gates
     b = x.shape[0]
     x = x.to(ty).contiguous()
-    state = tuple(s.contiguous() for s in state)
-    new = tuple(torch.empty_like(s) for s in state)
-    h, c = state if cell == "lstm" else state * 2       # the GRU has no c: dummies
-    h_new, c_new = new if cell == "lstm" else new * 2
+    h = state[0].contiguous()
+    h_new = torch.empty_like(h)
+    if cell == "lstm":
+        c = state[1].contiguous()
+        c_new = torch.empty_like(c)
+        new = (h_new, c_new)
+    else:                        # no c: h stands in for the kernel's unused c pointers
+        c, c_new = h, h_new
+        new = (h_new,)
     out = x.new_empty(b, k * m)
     bb, bj, br, nw = _decode_blocks(b, m, mi)
     grid = (_cdiv(b, bb), k * _cdiv(m, bj))
-    weights = (weight_ih.contiguous(), bias_ih.contiguous(), weight_hh.contiguous(),
-               bias_hh.contiguous())
     _decode_step[grid](
-        x, *weights, h, c, h_new, c_new, out, b,
-        CELL=cell, K=k, M=m, MI=mi, SHUFFLE=bool(time_shuffle), BLOCK_B=bb, BLOCK_J=bj, BLOCK_R=br,
-        PRECISION=_precision(ty), num_warps=nw)
+        x, weight_ih.contiguous(), bias_ih.contiguous(), weight_hh.contiguous(),
+        bias_hh.contiguous(), h, c, h_new, c_new, out, b,
+        CELL=cell, K=k, M=m, MI=mi, SHUFFLE=bool(time_shuffle), BLOCK_B=bb, BLOCK_J=bj,
+        BLOCK_R=br, PRECISION=_precision(ty), num_warps=nw)
     return out, new
 
 
 def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
     """Compile the kernels ahead of time for a CUDA target (no GPU needed: Triton's bundled
-    ptxas), for both cells, every feature on (shuffle, mask, training, output gradient,
+    ptxas), for every cell, every feature on (shuffle, mask, training, output gradient,
     reverse).  Catches type, shape and lowering errors that the interpreter does not.
     Returns the number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces
     the kernels)."""

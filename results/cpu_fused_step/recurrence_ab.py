@@ -13,17 +13,14 @@ import time
 
 import torch
 
-try:  # the loader was renamed when the GRU and RNN joined the C++ loops
-    from grnn_fairseq.kernels import cpu_rnn as cpu_lstm
-except ImportError:
-    from grnn_fairseq.kernels import cpu_lstm
+from grnn_fairseq.kernels import cpu_rnn
 
 p = argparse.ArgumentParser()
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--loop", type=int, help="only run 200 calls at this K (for a profiler)")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-ops = cpu_lstm.load()
+ops = cpu_rnn.load()
 T, B, H = 50, 32, 1024
 
 
