@@ -124,7 +124,8 @@ def markdown_table(runs):
     for s in runs:
         data = Path(s.get("data") or "-").parts
         data = "/".join(p for p in data if p not in ("data-bin",)) or "-"
-        row = [s["run"], data, f"`{s.get('arch') or '-'}`", s.get("groups") or "-",
+        k = s.get("groups") if s.get("groups") not in (None, "", "None") else "-"  # fairseq's: none
+        row = [s["run"], data, f"`{s.get('arch') or '-'}`", k,
                s.get("rearrangement") or "-", s.get("sharing_rate") or "-", s.get("tied") or "-",
                cell(s, "params")] + [cell(s, c) for c, _, _ in mcols]
         row += [cell(s, "train_wall_s"), cell(s, "train_wps")] + (
@@ -152,11 +153,15 @@ def _data_label(s):
 
 def group_series(pts):
     """{(data, model family, rearrangement): runs}: the lines of the groups plot.  The
-    family is the arch without its _k<K> suffix; a family run at one K only (e.g.
+    family is the arch without its _k<K> suffix (a baseline ``X`` joins ``group_X``, as
+    ``rnnsearch`` joins ``group_rnnsearch_k2``); a family run at one K only (e.g.
     restricted models with r = 0 in the same results file) draws no line."""
     series = defaultdict(list)
+    families = {re.sub(r"_k\d+$", "", s.get("arch") or "-") for s in pts}
     for s in pts:
         family = re.sub(r"_k\d+$", "", s.get("arch") or "-")
+        if "group_" + family in families:  # the K = 1 baseline of a group family (rnnsearch)
+            family = "group_" + family
         series[(_data_label(s), family, s.get("rearrangement") or "-")].append(s)
     ks_of = defaultdict(set)
     for (data, family, _), ss in series.items():

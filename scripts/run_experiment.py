@@ -540,7 +540,7 @@ def model_info(checkpoint, data_dir):
         tied = "all" if get("share_all_embeddings") else (
             "decoder" if get("share_decoder_input_output_embed") else "no")
     else:
-        groups = str(get("decoder_groups"))
+        groups = "" if get("decoder_groups") is None else str(get("decoder_groups"))  # fairseq's
         tied = "yes" if get("share_decoder_input_output_embed") else "no"
     return {"params": count_parameters(model)["total"], "arch": get("arch") or get("_name"),
             "cell": get("cell"), "groups": groups, "rearrangement": get("rearrangement"),

@@ -554,3 +554,22 @@ def test_group_plot_lines_skip_families_run_at_one_k(tmp_path):
     lines = report.group_series(pts)
     assert sorted(lines) == [("lm", "group_lstm_lm", "both"), ("lm", "group_lstm_lm", "none")]
     assert sorted(s["run"] for s in lines[("lm", "group_lstm_lm", "both")]) == ["k1", "k2"]
+
+
+def test_group_plot_joins_the_baseline_to_its_group_family(tmp_path):
+    """``rnnsearch`` (K = 1) is the baseline of ``group_rnnsearch_k<K>``: one line from K = 1;
+    fairseq's own model (no groups) and the restricted model stay out of it."""
+    tsv = tmp_path / "mt.tsv"
+    for run, arch, k, r in (("k1", "rnnsearch", "1", 0.0), ("k2", "group_rnnsearch_k2", "2", 0.0),
+                            ("k4", "group_rnnsearch_k4", "4", 0.0),
+                            ("restricted", "restricted_rnnsearch", "1", 0.5),
+                            ("fairseq_lstm", "lstm_wiseman_iwslt_de_en", "", "")):
+        rx.append_row(tsv, {"experiment": "mt", "run": run, "task": "translation", "arch": arch,
+                            "data": "data-bin/debian/deen/data-bin", "groups": k,
+                            "rearrangement": "both" if k else "", "sharing_rate": r,
+                            "params": 1000, "bleu": 20.0, "seed": 1})
+    runs = report.aggregate(report.read_rows([tsv]))["mt"]
+    pts = [s for s in runs if s["groups_k"] is not None and not s["r"]]
+    lines = report.group_series(pts)
+    assert list(lines) == [("deen", "group_rnnsearch", "both")]
+    assert sorted(s["run"] for s in lines[("deen", "group_rnnsearch", "both")]) == ["k1", "k2", "k4"]
