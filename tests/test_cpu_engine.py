@@ -396,6 +396,21 @@ def test_stale_build_lock_is_removed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def test_two_copies_of_the_source_build_in_separate_folders(tmp_path, monkeypatch):
+    """torch's build file names the source by its path, so two checkouts sharing one build
+    folder would rebuild at every switch (and wait on each other's lock): the build name
+    depends on the path as well as on the content."""
+    copy = tmp_path / "rnn_cpu.cpp"
+    shutil.copyfile(cpu_rnn.SOURCE, copy)
+    here = cpu_rnn._name()
+    assert cpu_rnn._name() == here  # stable for one copy
+    monkeypatch.setattr(cpu_rnn, "SOURCE", str(copy))
+    there = cpu_rnn._name()
+    assert there != here and there.startswith("grnn_rnn_cpu_")
+    copy.write_bytes(copy.read_bytes() + b"\n// changed\n")
+    assert cpu_rnn._name() != there  # and on the content
+
+
 def test_bad_cell_id_is_refused(built):
     """The ops' ``cell`` argument outside 0-2 fails with a message naming the valid ones."""
     p, _, _ = _problem(2, 4, 3, 2, torch.float64)

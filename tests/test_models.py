@@ -170,6 +170,83 @@ def test_rnnsearch_reorder_equals_permuted_batch(cell, groups, rate):
     assert max_diff(torch.cat(outs, 1), ref) < TOL64
 
 
+def test_rnnsearch_beam_reorders_keep_one_encoder_output_per_source():
+    """Beam search's reorders (expand each source to E rows, reorder rows within a source,
+    drop finished sources) keep the encoder outputs once per source (rows_per_source = E)
+    and give what the permuted batch decoded from scratch gives; a reorder mixing sources
+    falls back to one row per source."""
+    model = build_mt("lstm", 2, 0.0).double().eval()
+    _, src, lengths = source_batch()
+    beam = 3
+    prev = prev_tokens(4 * beam, 9)
+    expand = torch.arange(4).repeat_interleave(beam)
+    steps = [  # (order of this reorder, expected rows_per_source, expected sources kept)
+        (torch.tensor([2, 0, 1, 3, 3, 5, 8, 6, 7, 9, 11, 9]), beam, 4),  # within each source
+        (torch.tensor([0, 0, 2, 6, 7, 8, 10, 11, 9]), beam, 3),         # source 1 finished
+        (torch.tensor([3, 4, 5, 0, 1, 2, 8, 7, 6]), beam, 3),           # sources swapped
+        (torch.tensor([0, 3, 6, 1, 4]), 1, 5),                         # mixed: per row
+    ]
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        enc = model.encoder.reorder_encoder_out(enc, expand)
+        assert enc["rows_per_source"] == beam and enc["values"].shape[1] == 4
+        rows = expand.clone()  # the source sentence of every decoder row
+        p = prev
+        state = {}
+        outs, t = [], 0
+        for order, e, n_src in steps:
+            for _ in range(2):
+                outs.append(model.decoder(p[:, : t + 1], encoder_out=enc,
+                                          incremental_state=state)[0])
+                t += 1
+            model.decoder.reorder_incremental_state_scripting(state, order)
+            enc = model.encoder.reorder_encoder_out(enc, order)
+            assert enc["rows_per_source"] == e and enc["values"].shape[1] == n_src
+            assert enc["keys"].shape[1] == enc["init"].shape[0] == n_src
+            rows, p = rows[order], p[order]
+            outs = [o[order] for o in outs]
+        outs.append(model.decoder(p[:, : t + 1], encoder_out=enc, incremental_state=state)[0])
+        ref_enc = model.encoder(src[rows], src_lengths=lengths[rows])
+        ref = model.decoder(p[:, : t + 1], encoder_out=ref_enc)[0]
+    assert max_diff(torch.cat(outs, 1), ref) < TOL64
+
+
+@pytest.mark.parametrize("cell,groups", [("lstm", 2), ("gru", 1)])
+def test_beam5_same_with_and_without_per_source_encoder_outputs(cell, groups, monkeypatch):
+    """fairseq's beam search (beam 5, sentences finishing at different steps) gives the same
+    hypotheses and scores whether the encoder outputs stay per source or are copied per row."""
+    _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
+    max_len = 12
+    model = _model_with_varied_lengths(cell, groups, 0.0, src, lengths, max_len)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    gen = SequenceGenerator([model], model.decoder.dictionary, beam_size=5, max_len_a=0,
+                            max_len_b=max_len)
+    seen = []
+    grouped = model.encoder.reorder_encoder_out
+
+    def watch(encoder_out, new_order):
+        out = grouped(encoder_out, new_order)
+        seen.append(out["rows_per_source"])
+        return out
+
+    monkeypatch.setattr(model.encoder, "reorder_encoder_out", watch)
+    fast = gen.forward(sample)
+    assert seen and all(e == 5 for e in seen)
+    assert len({len(h[0]["tokens"]) for h in fast}) > 1  # sentences finished at different steps
+
+    def per_row(encoder_out, new_order):  # the plain reorder: every row its own copy
+        e = encoder_out["rows_per_source"]
+        return type(model.encoder)._pick_sources(encoder_out, new_order // e, 1)
+
+    monkeypatch.setattr(model.encoder, "reorder_encoder_out", per_row)
+    slow = gen.forward(sample)
+    for a, b in zip(fast, slow):
+        assert len(a) == len(b) == 5
+        for x, y in zip(a, b):
+            assert torch.equal(x["tokens"], y["tokens"])
+            assert max_diff(x["positional_scores"], y["positional_scores"]) < 1e-10
+
+
 LM_CONFIGS = [("lstm", 1, 0.0), ("lstm", 4, 0.5), ("gru", 1, 0.5), ("gru", 4, 0.0),
               ("rnn", 2, 0.5)]
 
@@ -402,6 +479,36 @@ def test_every_parameter_gets_a_gradient(case):
     zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
     assert not zero, f"all-zero gradient: {zero}"
     assert all(torch.isfinite(p.grad).all() for p in params.values())
+
+
+def test_attention_matches_bahdanau_with_gradients():
+    """The sigmoid form of the energies gives Bahdanau's weights, context and gradients:
+    compared with the literal e_ij = v^T tanh(W s + U h_j) in float64, with padding."""
+    torch.manual_seed(0)
+    att = AdditiveAttention(7, 6, 5).double()
+    keys = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    pad = torch.tensor([[True, False, False], [True, True, False], [False, False, False],
+                        [False, False, False]])
+    probe_c, probe_w = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+    def literal():
+        e = (torch.tanh(keys + att.query_proj(query)) @ att.score.weight[0]).masked_fill(pad, -math.inf)
+        w = torch.softmax(e, 0)                                        # [S, B]
+        return (w.unsqueeze(-1) * values).sum(0), w.t()
+
+    results = []
+    for fn in (lambda: att(query, keys, values, pad), literal):
+        for t in (keys, values, query, *att.parameters()):
+            t.grad = None
+        context, weights = fn()
+        ((context * probe_c).sum() + (weights * probe_w).sum()).backward()
+        grads = [t.grad.clone() for t in (keys, values, query, att.query_proj.weight,
+                                          att.query_proj.bias, att.score.weight)]
+        results.append([context.detach(), weights.detach()] + grads)
+    for got, want in zip(*results):
+        assert max_diff(got, want) < 1e-12
 
 
 # --------------------------------------------------------------------------- 5. fp16 / bf16

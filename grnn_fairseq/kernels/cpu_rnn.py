@@ -65,8 +65,12 @@ def _remove_stale_lock(name):
 
 
 def _name():
+    """The build's name: a hash of the source, the flags, torch's version and the source's
+    path.  The path keeps two checkouts (or an installed copy and a checkout) in separate
+    build folders: torch's build file names the source by path, so sharing one folder
+    would rebuild it every time the other copy runs, and make its processes wait."""
     with open(SOURCE, "rb") as f:
-        key = f.read() + repr((CFLAGS, LDFLAGS, torch.__version__)).encode()
+        key = f.read() + repr((CFLAGS, LDFLAGS, torch.__version__, SOURCE)).encode()
     return "grnn_rnn_cpu_" + hashlib.sha1(key).hexdigest()[:12]
 
 
