@@ -1,7 +1,7 @@
 """Attention alone: the former tanh form of the additive attention against the sigmoid form
 (grnn_fairseq.attention), interleaved in one process, one thread, median of 5 x 20 calls.
 From the repository root: python results/cpu_attention_ab.py"""
-import torch, time, copy
+import torch, time
 import torch.nn.functional as F
 torch.set_num_threads(1)
 from grnn_fairseq.attention import AdditiveAttention

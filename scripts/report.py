@@ -124,8 +124,7 @@ def markdown_table(runs):
     for s in runs:
         data = Path(s.get("data") or "-").parts
         data = "/".join(p for p in data if p not in ("data-bin",)) or "-"
-        k = s.get("groups") if s.get("groups") not in (None, "", "None") else "-"  # fairseq's: none
-        row = [s["run"], data, f"`{s.get('arch') or '-'}`", k,
+        row = [s["run"], data, f"`{s.get('arch') or '-'}`", s.get("groups") or "-",
                s.get("rearrangement") or "-", s.get("sharing_rate") or "-", s.get("tied") or "-",
                cell(s, "params")] + [cell(s, c) for c, _, _ in mcols]
         row += [cell(s, "train_wall_s"), cell(s, "train_wps")] + (

@@ -533,18 +533,27 @@ def model_info(checkpoint, data_dir):
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data_dir)})
     model, m = models[0], cfg.model
+    return {"params": count_parameters(model)["total"], **model_fields(m)}
+
+
+def model_fields(m):
+    """Structure columns of a checkpoint's model config (a namespace or a dict): arch, cell,
+    groups ("K", "K_enc/K_dec", or "" for models without groups such as fairseq's own),
+    rearrangement, sharing rate, tied embeddings."""
     get = lambda k, d=None: getattr(m, k, d) if not isinstance(m, dict) else m.get(k, d)  # noqa: E731
-    if get("encoder_groups") is not None:  # encoder-decoder
-        enc, dec = get("encoder_groups"), get("decoder_groups")
-        groups = str(enc) if enc == dec else f"{enc}/{dec}"
+    enc, dec = get("encoder_groups"), get("decoder_groups")
+    if enc is not None and enc != dec:
+        groups = f"{enc}/{dec}"
+    else:
+        groups = "" if dec is None else str(dec)
+    if get("encoder_embed_dim") is not None:  # encoder-decoder
         tied = "all" if get("share_all_embeddings") else (
             "decoder" if get("share_decoder_input_output_embed") else "no")
     else:
-        groups = "" if get("decoder_groups") is None else str(get("decoder_groups"))  # fairseq's
         tied = "yes" if get("share_decoder_input_output_embed") else "no"
-    return {"params": count_parameters(model)["total"], "arch": get("arch") or get("_name"),
-            "cell": get("cell"), "groups": groups, "rearrangement": get("rearrangement"),
-            "sharing_rate": get("sharing_rate"), "tied": tied}
+    return {"arch": get("arch") or get("_name"), "cell": get("cell"), "groups": groups,
+            "rearrangement": get("rearrangement"), "sharing_rate": get("sharing_rate"),
+            "tied": tied}
 
 
 def device_name(train_opts, env):

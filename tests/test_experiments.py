@@ -573,3 +573,22 @@ def test_group_plot_joins_the_baseline_to_its_group_family(tmp_path):
     lines = report.group_series(pts)
     assert list(lines) == [("deen", "group_rnnsearch", "both")]
     assert sorted(s["run"] for s in lines[("deen", "group_rnnsearch", "both")]) == ["k1", "k2", "k4"]
+
+
+def test_model_fields_groups_and_tied_columns():
+    """The structure columns of a results row: groups "K", "K_enc/K_dec", or "" for a model
+    without groups (fairseq's own, which wrote "None" before); tied embeddings read the
+    encoder-decoder way when the model has an encoder."""
+    from argparse import Namespace as N
+    fields = rx.model_fields
+    ours = fields(N(arch="group_rnnsearch_k4", encoder_embed_dim=128, encoder_groups=4,
+                    decoder_groups=4, share_decoder_input_output_embed=True))
+    assert (ours["groups"], ours["tied"]) == ("4", "decoder")
+    assert fields(N(encoder_embed_dim=8, encoder_groups=2, decoder_groups=4))["groups"] == "2/4"
+    theirs = fields({"_name": "lstm_wiseman_iwslt_de_en", "encoder_embed_dim": 256,
+                     "share_all_embeddings": True})
+    assert (theirs["arch"], theirs["groups"], theirs["tied"]) == (
+        "lstm_wiseman_iwslt_de_en", "", "all")
+    lm = fields(N(arch="restricted_lstm_lm", decoder_groups=1,
+                  share_decoder_input_output_embed=True))
+    assert (lm["groups"], lm["tied"]) == ("1", "yes")

@@ -161,15 +161,11 @@ class RNNSearchEncoder(FairseqEncoder):
 
     @staticmethod
     def _pick_sources(encoder_out, index, rows_per_source):
-        def pick(t, dim):
-            return None if t is None or index is None else t.index_select(dim, index)
-
-        out = {"values": pick(encoder_out["values"], 1), "keys": pick(encoder_out["keys"], 1),
-               "init": pick(encoder_out["init"], 0),
-               "padding_mask": pick(encoder_out["padding_mask"], 1)}
-        if index is None:  # the same sources
-            out = {k: encoder_out[k] for k in out}
-        out["rows_per_source"] = rows_per_source
+        """The encoder outputs of sources ``index`` (None: all, as they are)."""
+        out = {"rows_per_source": rows_per_source}
+        for key, dim in (("values", 1), ("keys", 1), ("init", 0), ("padding_mask", 1)):
+            t = encoder_out[key]
+            out[key] = t if index is None or t is None else t.index_select(dim, index)
         return out
 
     def max_positions(self):
