@@ -8,13 +8,16 @@
 set -euo pipefail
 RAW=${RAW:-data-bin/debian/summ/raw}
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
+score() {  # score HYP: grnn-rouge against the test synopses; its log is shown if it fails
+    grnn-rouge --ref "$RAW/test.tgt" --hyp "$1" 2> "$TMP/log" || { cat "$TMP/log" >&2; exit 1; }
+}
 for n in 6 8 10; do
     awk -v n="$n" '{ s = ""; for (i = 1; i <= n && i <= NF; i++) s = s (i > 1 ? " " : "") $i; print s }' \
         "$RAW/test.src" > "$TMP/lead$n"
-    echo "lead-$n: $(grnn-rouge --ref "$RAW/test.tgt" --hyp "$TMP/lead$n" 2>/dev/null)"
+    line=$(score "$TMP/lead$n"); echo "lead-$n: $line"
 done
 top=$(awk '{ c[$0]++ } END { for (s in c) if (c[s] > n || (c[s] == n && s < best)) { n = c[s]; best = s }; print best }' \
     "$RAW/train.tgt")
 awk -v s="$top" '{ print s }' "$RAW/test.src" > "$TMP/const"
-echo "constant \"$top\": $(grnn-rouge --ref "$RAW/test.tgt" --hyp "$TMP/const" 2>/dev/null)"
+line=$(score "$TMP/const"); echo "constant \"$top\": $line"
 echo "mean words per test synopsis: $(awk '{ w += NF } END { printf "%.2f", w / NR }' "$RAW/test.tgt")"

@@ -155,10 +155,10 @@ def group_series(pts):
     family is the arch without its _k<K> suffix (a baseline ``X`` joins ``group_X``, as
     ``rnnsearch`` joins ``group_rnnsearch_k2``); a family run at one K only (e.g.
     restricted models with r = 0 in the same results file) draws no line."""
+    family_of = [re.sub(r"_k\d+$", "", s.get("arch") or "-") for s in pts]
+    families = set(family_of)
     series = defaultdict(list)
-    families = {re.sub(r"_k\d+$", "", s.get("arch") or "-") for s in pts}
-    for s in pts:
-        family = re.sub(r"_k\d+$", "", s.get("arch") or "-")
+    for s, family in zip(pts, family_of):
         if "group_" + family in families:  # the K = 1 baseline of a group family (rnnsearch)
             family = "group_" + family
         series[(_data_label(s), family, s.get("rearrangement") or "-")].append(s)
