@@ -3,6 +3,7 @@ time) against the reference loop: outputs, final states and every gradient, in f
 (1e-10) and float32, with and without the time-step shuffle, padding on either side, both
 directions; then the edge cases (batch 1, T=1, T=0), inference, the decode step and the
 dispatch rules."""
+import copy
 import os
 import shutil
 import subprocess
@@ -292,7 +293,7 @@ def test_decode_step_matches_reference(cell, backend, monkeypatch):
     stack = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=4, backend=backend).double()
     x = torch.randn(3, 8, dtype=torch.double)
     states = [tuple(torch.randn_like(t) for t in s[0]) for s in stack.zero_state(3, x)]
-    h_ref, s_ref = stack.step(x, states)           # parameters require grad: reference path
+    h_ref, s_ref = _as_reference(stack).step(x, states)
     assert calls == []
     with torch.no_grad():
         h_got, s_got = stack.step(x, states)       # no autograd: the C++ step
@@ -302,6 +303,53 @@ def test_decode_step_matches_reference(cell, backend, monkeypatch):
         assert len(a) == len(b)
         for x1, x2 in zip(a, b):
             torch.testing.assert_close(x2, x1, atol=1e-12, rtol=1e-12)
+
+
+def _as_reference(stack):
+    """A copy of ``stack`` (same weights) that runs on the reference backend."""
+    ref = copy.deepcopy(stack)
+    for layer in ref.layers:
+        layer.backend = "reference"
+    return ref
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("k,rearrangement", [(1, "none"), (4, "both"), (4, "layer")])
+def test_training_steps_run_the_cpp_scan(cell, k, rearrangement, monkeypatch):
+    """A group decoder trained step by step (autograd on) runs each layer step as the C++
+    scan of one step (counted; K = 1 keeps torch's ops): three chained steps of a two-layer
+    stack with dropout off, against the same stack on the reference backend; outputs, final
+    states and the gradients of the inputs, the initial states and every parameter."""
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    calls = []
+    real = engine.scan_cpp
+    monkeypatch.setattr(engine, "scan_cpp", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    torch.manual_seed(1)
+    stack = RecurrentStack(8, 12, num_layers=2, cell=cell, groups=k,
+                           rearrangement=rearrangement).double()
+    ref = _as_reference(stack)
+    xs = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    init = [tuple(torch.randn_like(t).requires_grad_() for t in s[0])
+            for s in stack.zero_state(5, xs)]
+    up = torch.randn(3, 5, 12, dtype=torch.double)
+
+    def run(model):
+        states, loss, tops = init, 0, []
+        for t in range(3):
+            top, states = model.step(xs[t], states)
+            tops.append(top)
+            loss = loss + (top * up[t]).sum()
+        loss = loss + sum((s * s).sum() for layer in states for s in layer)  # final states
+        leaves = [xs] + [s for layer in init for s in layer] + list(model.parameters())
+        return [torch.stack(tops)] + list(torch.autograd.grad(loss, leaves))
+
+    expected = run(ref)
+    assert calls == []
+    got = run(stack)
+    assert calls == ([cell] * 6 if k > 1 else [])    # 3 steps x 2 layers
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_outputs_outlive_later_calls():
