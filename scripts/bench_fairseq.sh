@@ -5,7 +5,9 @@
 #               wps (words per second = target tokens per second), median over the log
 #               intervals after the first (start-up and warm-up excluded); wpb alongside
 #   generation  fairseq-generate --beam 5 on the checkpoint just trained; tokens/s and
-#               sentences/s from its final "Translated ..." line
+#               sentences/s from its final "Translated ..." line.  Every hypothesis is
+#               --gen-length tokens long (default 20): after a short training the models
+#               stop at very different lengths, which would confound tokens/s
 #
 # Models: WMT14 En-De sizes   grnn  group_rnnsearch_wmt_en_de_k4, rnnsearch_wmt_en_de
 #                              fairseq lstm_luong_wmt_en_de
@@ -26,6 +28,9 @@
 #   --cpu                        run on CPU (default: GPU when torch sees one)
 #   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
 #   --gen-args "..."             extra fairseq-generate arguments
+#   --gen-length N               tokens per hypothesis, EOS excluded (--min-len N
+#                                --max-len-a 0 --max-len-b N; default 20; 0: the models'
+#                                own lengths)
 #   --workdir DIR                keep checkpoints and logs there (default: a temp dir, removed)
 #   --warmup-updates N           first an untimed fairseq-train of N updates per model, so
 #                                that one-off costs stay out of the measured run: Triton
@@ -53,7 +58,7 @@ command_line="$0 $*"
 
 data="" src="" tgt="" updates="" max_tokens=4096 quick=0 cpu=0 workdir="" keep=0
 models="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
-backends="auto" train_args="" gen_args="" warmup=0
+backends="auto" train_args="" gen_args="" warmup=0 gen_length=20
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) data="$2"; shift 2 ;;
@@ -67,14 +72,16 @@ while [[ $# -gt 0 ]]; do
     --quick) quick=1; shift ;;
     --train-args) train_args="$2"; shift 2 ;;
     --gen-args) gen_args="$2"; shift 2 ;;
+    --gen-length) gen_length="$2"; shift 2 ;;
     --workdir) workdir="$2"; keep=1; shift 2 ;;
     --warmup-updates) warmup="$2"; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup"; do
+for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup" \
+           "gen-length=$gen_length"; do
   value="${opt#*=}"
   if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
     echo "--${opt%%=*} $value: expected a whole number" >&2; exit 2
@@ -142,6 +149,13 @@ dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.p
 print(f"== device: {dev}; torch {torch.__version__}")
 EOF
 echo "== data: $data; updates: $updates (after $warmup untimed); max tokens: $max_tokens; gpu: $gpu"
+length_flags=()
+if [[ $gen_length -gt 0 ]]; then
+  length_flags=(--min-len "$gen_length" --max-len-a 0 --max-len-b "$gen_length")
+  echo "== generation: beam 5, every hypothesis $gen_length tokens + EOS"
+else
+  echo "== generation: beam 5, the models' own lengths"
+fi
 
 results="$workdir/results.tsv"
 : > "$results"
@@ -208,7 +222,7 @@ for arch in $models; do
     env "${env_backend[@]}" "${cmd_generate[@]}" "$data" "${lang_flags[@]}" --user-dir "$root/grnn_fairseq" \
       "${device_flags[@]}" --task translation --path "$save/checkpoint_last.pt" \
       --gen-subset test --beam 5 --max-tokens "$max_tokens" --num-workers 0 \
-      $gen_args > "$workdir/generate.$tag.log" 2>&1
+      "${length_flags[@]}" $gen_args > "$workdir/generate.$tag.log" 2>&1
     rc=$?
     set -e
     if [[ $rc -ne 0 ]]; then

@@ -51,11 +51,16 @@ def test_bench_layer_other_cells_compare_with_torch(cell):
 
 def test_bench_fairseq_quick_with_warmup(tmp_path):
     """Our RNNSearch and fairseq's own LSTM through fairseq-train / -generate; the warm-up
-    run happens (its log exists) and the timed run still reports its figures."""
+    run happens (its log exists) and the timed run still reports its figures; every
+    hypothesis has the asked length (7 tokens + EOS, from generate's own count)."""
     models = "group_rnnsearch_k4 lstm_wiseman_iwslt_de_en"
     out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", models,
-                "--warmup-updates", "2", "--workdir", str(tmp_path)])
+                "--warmup-updates", "2", "--gen-length", "7", "--workdir", str(tmp_path)])
     assert "after 2 untimed" in out
+    for tag in ("group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"):
+        log = (tmp_path / f"generate.{tag}.log").read_text()
+        sents, toks = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\)", log).groups()
+        assert int(toks.replace(",", "")) == 8 * int(sents.replace(",", "")) > 0, log[-500:]
     table = {}
     for line in out.splitlines():
         m = re.match(r"(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
@@ -69,11 +74,12 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
 
 
-def test_bench_fairseq_rejects_a_bad_number():
-    proc = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--warmup-updates", "ten"],
+@pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length"])
+def test_bench_fairseq_rejects_a_bad_number(option):
+    proc = subprocess.run(["bash", "scripts/bench_fairseq.sh", option, "ten"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "--warmup-updates ten: expected a whole number" in proc.stderr
+    assert f"{option} ten: expected a whole number" in proc.stderr
 
 
 def test_bench_layer_two_pass_backend(monkeypatch):
