@@ -7,7 +7,8 @@
 # outputs are a third of the references, K=4's nine tenths), which confounds the tokens/s
 # of those runs.  Beam 5, --max-tokens 1000, the 736 test sentences, 2 threads, one model
 # after the other.
-#   bash results/bench_fairseq_cpu_fixed_length.sh [BENCH_WORKDIR]   (default work/bench8)
+#   source .venv/bin/activate && bash results/bench_fairseq_cpu_fixed_length.sh [BENCH_WORKDIR]
+#   (BENCH_WORKDIR: the parent of the two --workdir folders wmt/ and iwslt/; default work/bench8)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bench="${1:-$root/work/bench8}"
