@@ -87,16 +87,11 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
                                   backend)
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
     grad = torch.is_grad_enabled() and _any_requires_grad(gx_t, *state, weight_hh_t, bias_hh)
-    k = gx_t.shape[0]
-    if grad and k > 1 and name != "reference" and gx_t.device.type == "cpu" and resolve_backend(
+    if grad and gx_t.shape[0] > 1 and name != "reference" and gx_t.device.type == "cpu" and resolve_backend(
             name, cell, gx_t.device, gx_t.dtype) == "cpp":
-        # a training step of a group layer (RNNSearch's decoder runs step by step): the C++
-        # scan with T = 1, one autograd node with its own backward instead of a dozen small
-        # ops each way: 1.2x at K = 16, even at K = 4 (results/cpu_training_step_ab.txt).
-        # K = 1 keeps torch's ops: one large product dominates, and they were 2% faster.
-        out, final = scan_cpp(cell, gx_t.unsqueeze(0), state, weight_hh_t.transpose(1, 2),
-                              bias_hh.view(k, -1), None, time_shuffle, False)
-        return out[0], final
+        # a training step of a group layer (RNNSearch's decoder runs step by step); K = 1
+        # keeps torch's ops, where one large product dominates (cpu_training_step_ab.txt)
+        return _step_cpp_scan(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle)
     if name != "reference" and not grad:
         def on_cpp():
             return gx_t.device.type == "cpu" and resolve_backend(
@@ -165,6 +160,15 @@ def _lstm_step_nograd(gx_t, state, weight_hh_t, bias_hh, time_shuffle):
     h = _tanh_via_sigmoid(c, torch.empty_like(c))
     h *= o
     return h, (h, c)
+
+
+def _step_cpp_scan(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle):
+    """``recurrent_step`` with autograd, as the C++ scan of one step: one autograd node with
+    its own backward instead of a dozen small ops each way (1.2x at K = 16, even at K = 4:
+    results/cpu_training_step_ab.txt)."""
+    out, final = scan_cpp(cell, gx_t.unsqueeze(0), state, weight_hh_t.transpose(1, 2),
+                          bias_hh.view(gx_t.shape[0], -1), None, time_shuffle, False)
+    return out[0], final
 
 
 def _step_cpp(cell, gx_t, state, weight_hh_t, bias_hh, time_shuffle):

@@ -341,7 +341,8 @@ def test_training_steps_run_the_cpp_scan(cell, k, rearrangement, monkeypatch):
             loss = loss + (top * up[t]).sum()
         loss = loss + sum((s * s).sum() for layer in states for s in layer)  # final states
         leaves = [xs] + [s for layer in init for s in layer] + list(model.parameters())
-        return [torch.stack(tops)] + list(torch.autograd.grad(loss, leaves))
+        finals = [s.detach() for layer in states for s in layer]
+        return [torch.stack(tops)] + finals + list(torch.autograd.grad(loss, leaves))
 
     expected = run(ref)
     assert calls == []
