@@ -20,5 +20,8 @@ else:
 if HAVE_FAIRSEQ:
     # Order matters: compatibility fixes before anything that loads data or checkpoints.
     from . import compat  # noqa: F401
+    from . import cpu_memory
+
+    cpu_memory.apply()  # glibc keeps freed memory on CPU-only machines (see the module)
     from . import scoring  # noqa: F401
     from . import models  # noqa: F401
