@@ -77,7 +77,9 @@ import json, resource, sys
 from fairseq_cli.generate import cli_main
 sys.argv = ["fairseq-generate"] + sys.argv[1:]
 cli_main()
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+from grnn_fairseq import cpu_memory  # imported by --user-dir already
+print(json.dumps({"kept": cpu_memory.apply(),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
       file=sys.stderr)
 """
 
@@ -93,8 +95,11 @@ def measure_generate(a, ckpt, max_tokens, keep):
     line = [x for x in proc.stderr.splitlines() if "Translated" in x]
     if proc.returncode != 0 or not line:
         sys.exit(f"fairseq-generate on {ckpt} failed:\n{proc.stderr[-3000:]}")
-    tok_s = float(line[-1].split(" tokens/s")[0].rsplit(" ", 1)[-1])
-    return {"tok_s": tok_s, "peak_mb": json.loads(proc.stderr.strip().splitlines()[-1])["peak_mb"]}
+    got = json.loads(proc.stderr.strip().splitlines()[-1])
+    if got["kept"] != (keep == "1"):
+        sys.exit(f"GRNN_KEEP_FREED_MEMORY={keep} was not applied: {got}")
+    got["tok_s"] = float(line[-1].split(" tokens/s")[0].rsplit(" ", 1)[-1])
+    return got
 
 
 def measure(a, arch, max_tokens, keep):
@@ -118,9 +123,10 @@ def main():
     p.add_argument("--src", default="de")
     p.add_argument("--tgt", default="en")
     p.add_argument("--archs", default="group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en")
-    p.add_argument("--arch")
+    p.add_argument("--arch", help=argparse.SUPPRESS)  # the worker's one model
     p.add_argument("--max-tokens", default="1000,4000")
-    p.add_argument("--steps", type=int, default=0, help="timed steps per process (default 0: about 30,000 target tokens' worth)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per process (default 0: about 30,000 target tokens)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--generate", help="comma-separated checkpoints: time fairseq-generate")
