@@ -1,6 +1,7 @@
-"""A/B of glibc's malloc settings on fairseq CPU training steps (grnn_fairseq/cpu_memory.py):
-``$GRNN_KEEP_FREED_MEMORY=0`` (glibc's defaults: a fresh mmap for every large block) against
-the plugin's default on a CPU-only machine (large blocks from the heap, kept after free).
+"""A/B of glibc's malloc settings on fairseq CPU training and generation
+(grnn_fairseq/cpu_memory.py): ``$GRNN_KEEP_FREED_MEMORY=0`` (glibc's defaults: a fresh
+mmap for every large block) against the plugin's default on a CPU-only machine (large
+blocks from the heap, kept after free).
 
 Each measurement is its own process (the setting is process-wide and glibc's dynamic
 defaults cannot be restored in a process), the two settings alternating ABBA within every

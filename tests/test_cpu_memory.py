@@ -19,7 +19,7 @@ needs_glibc = pytest.mark.skipif(cpu_memory._glibc() is None, reason="glibc only
 
 # glibc's own account of the process's memory (mallinfo2, glibc >= 2.33): hblks = blocks
 # served by mmap, uordblks = heap bytes in use, arena = bytes of the heap.  Measured around
-# a 64 MB tensor.
+# a 128 MB block of malloc and a 64 MB tensor.
 PROBE = r"""
 import ctypes, json, sys
 import torch
@@ -32,15 +32,24 @@ class Info(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+# Trimming first, on a layout nothing else disturbs: a block larger than any the process
+# has freed comes from the top of the heap and, freed, rejoins it, which glibc's default
+# trims at once.  (A torch tensor's small objects may sit above its data and keep it from
+# the top, so the tensor below checks only where its data comes from.)
+p = libc.malloc(128 << 20)
+top = libc.mallinfo2()
+libc.free(p)
+after = libc.mallinfo2()
 before = libc.mallinfo2()
 x = torch.ones(16 << 20)  # 64 MB, over any mmap threshold glibc would choose
 during = libc.mallinfo2()
 del x
-after = libc.mallinfo2()
 print(json.dumps({"applied": cpu_memory.apply(),
                   "mmapped_blocks": during.hblks - before.hblks,
                   "heap_in_use_growth": during.uordblks - before.uordblks,
-                  "heap_trimmed": during.arena - after.arena}))
+                  "heap_trimmed": top.arena - after.arena}))
 """
 
 
