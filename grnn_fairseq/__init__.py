@@ -8,6 +8,8 @@ The recurrent layers (:mod:`grnn_fairseq.recurrent`) are plain PyTorch and work 
 fairseq; the fairseq models, the ROUGE scorer and the compatibility fixes for the current
 stack are registered here when fairseq is importable.
 """
+import warnings
+
 __version__ = "0.1.0"
 
 try:
@@ -23,5 +25,11 @@ if HAVE_FAIRSEQ:
     from . import cpu_memory
 
     cpu_memory.apply()  # glibc keeps freed memory on CPU-only machines (see the module)
+    # `python -m grnn_fairseq.scoring` (the ROUGE CLI) imports this package, so the module
+    # is in sys.modules before runpy runs it as __main__, and runpy warns about that.  The
+    # second run is harmless (its scorer registration is guarded), so that one warning is
+    # silenced; every other warning is left as it is.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy",
+                            message="'grnn_fairseq.scoring' found in sys.modules")
     from . import scoring  # noqa: F401
     from . import models  # noqa: F401
