@@ -337,3 +337,49 @@ def test_two_gloo_processes_pytorch_ddp_equal_update_freq_2(work, mt_data, refer
     codes, logs = _two_processes(mt_data, save, ["--ddp-backend", "pytorch_ddp"])
     _check_two_processes(codes, logs, save, reference_run)
     assert "find_unused_parameters': False" in logs[0]
+
+
+# --------------------------------------------------------------------------- Python API
+def test_python_api_translate_matches_interactive(mt_data, mt_model):
+    """fairseq's hub interface (``RNNSearchModel.from_pretrained(...).translate``) gives
+    what fairseq-interactive prints for the same checkpoint, beam and sentences."""
+    from grnn_fairseq.models.rnnsearch import RNNSearchModel
+
+    ckpt, _ = mt_model
+    lines = ["s1 s2 s3", "s4 s5 s6 s7 s8", "s9 s10 s9 s10 s11 s12"]
+    _, out = run("interactive", mt_data, *COMMON, "--path", ckpt, "--beam", "5",
+                 "--source-lang", "de", "--target-lang", "en", "--batch-size", "3", "--buffer-size", "3",
+                 stdin="\n".join(lines) + "\n")
+    expected = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", out, re.M))
+    assert len(expected) == len(lines), out[-3000:]
+    model = RNNSearchModel.from_pretrained(str(ckpt.parent), checkpoint_file=ckpt.name,
+                                           data_name_or_path=str(mt_data))
+    model.eval()
+    got = model.translate(lines, beam=5)
+    assert got == [expected[str(i)] for i in range(len(lines))]
+    assert model.translate(lines[1], beam=5) == expected["1"]  # one sentence, one string
+
+
+def test_python_api_lm_scores_match_eval_lm(lm_model):
+    """``RecurrentLanguageModel.from_pretrained(...).score`` gives the per-word
+    log-probabilities that fairseq-eval-lm --output-word-probs prints (the hub scores a
+    sentence's words, not its end of sentence)."""
+    from grnn_fairseq.models.rnn_lm import RecurrentLanguageModel
+
+    data, ckpt, _ = lm_model
+    _, out = run("eval-lm", data, *COMMON, "--path", ckpt, "--gen-subset", "valid",
+                 "--batch-size", "16", "--sample-break-mode", "eos", "--tokens-per-sample", "64",
+                 "--output-word-probs")
+    printed = {}  # sentence id -> [(word, natural log-probability)], </s> included
+    for sid, rest in re.findall(r"eval_lm\W+(\d+) (\S+ \[-?[\d.]+\].*)$", out, re.M):
+        printed[int(sid)] = [(w, float(p)) for w, p in re.findall(r"(\S+) \[(-?[\d.]+)\]", rest)]
+    raw = (data.parent / "mt_raw" / "valid.en").read_text().split("\n")[:-1]
+    assert sorted(printed) == list(range(len(raw))), out[-3000:]
+    lm = RecurrentLanguageModel.from_pretrained(str(ckpt.parent), checkpoint_file=ckpt.name,
+                                                data_name_or_path=str(data))
+    lm.eval()
+    for i, scored in enumerate(lm.score(raw)):
+        words = raw[i].split()
+        assert [w for w, _ in printed[i]] == words + ["</s>"]
+        expected = torch.tensor([p for _, p in printed[i][:-1]], dtype=torch.float64)
+        assert torch.allclose(scored["positional_scores"].double(), expected, atol=2e-5), i
