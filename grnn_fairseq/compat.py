@@ -24,6 +24,11 @@ idempotent.
   6 test sentences give *no* output).  The dropped tail is put back.
 * **fairseq 0.12** passes ``device_ids`` to torch's DDP even with ``--cpu``; dropped for CPU
   modules so multi-process CPU training (gloo) works with the default ``pytorch_ddp``.
+* **fairseq 0.12.3** diverse beam search (``--diverse-beam-groups``) indexes its per-sentence
+  overlap counts, which have one row per sentence of the batch, by the sentences' *dataset
+  ids*, which the generator passes; every batch but one whose ids are 0..B-1 stops with an
+  IndexError (for every model, fairseq's own included).  The ids are mapped back to the
+  sentences' rows in the batch.
 """
 import argparse
 import collections
@@ -185,6 +190,36 @@ def _ddp_on_cpu():
     dfm.DistributedDataParallel = data_parallel
 
 
+def _diverse_beam_search_by_row():
+    """``DiverseBeamSearch.step`` receives ``original_batch_idxs``: ``sample["id"]`` as the
+    generator passes it, narrowed to the unfinished sentences at every step.  Its
+    ``group_overlap`` has one row per sentence of the batch at step 0, so it needs each
+    sentence's row there: at step 0 the ids are recorded, later ones are mapped to their
+    rows.  Where the ids already are rows (0..B-1) nothing changes."""
+    from fairseq import search
+
+    cls = getattr(search, "DiverseBeamSearch", None)
+    if cls is None or getattr(cls.step, "_grnn_by_row", False):
+        return
+    original = cls.step
+
+    @functools.wraps(original)
+    def step(self, step, lprobs, scores, prev_output_tokens=None, original_batch_idxs=None):
+        if original_batch_idxs is not None:
+            if step == 0:
+                ids = original_batch_idxs.reshape(-1)
+                order = ids.argsort()
+                self._grnn_sorted_ids, self._grnn_rows = ids[order], order
+                original_batch_idxs = torch.arange(ids.numel(), device=ids.device)
+            elif getattr(self, "_grnn_rows", None) is not None:
+                at = torch.searchsorted(self._grnn_sorted_ids, original_batch_idxs)
+                original_batch_idxs = self._grnn_rows[at]
+        return original(self, step, lprobs, scores, prev_output_tokens, original_batch_idxs)
+
+    step._grnn_by_row = True
+    cls.step = step
+
+
 _APPLIED = False
 
 
@@ -203,6 +238,7 @@ def apply():
     _patch_get_buckets()
     _keep_last_batch()
     _ddp_on_cpu()
+    _diverse_beam_search_by_row()
     _APPLIED = True
 
 

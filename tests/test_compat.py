@@ -314,3 +314,50 @@ def test_last_partial_batch_is_kept():
     assert [b.tolist() for b in data_utils.batch_by_size(
         [4, 2, 0], lambda i: 1, max_sentences=8, required_batch_size_multiple=8)] == [[4, 2, 0]]
     assert data_utils.batch_by_size(np.arange(0), lambda i: 1, max_sentences=8) == []
+
+
+def test_diverse_beam_search_tracks_each_sentence_by_its_row():
+    """DiverseBeamSearch.step on a batch (dataset ids as fairseq's generator passes them,
+    sentences leaving mid-search) gives every sentence what the same steps give it alone:
+    each sentence's group overlaps follow it when the batch shrinks (fairseq 0.12.3 indexes
+    them by dataset id, an IndexError; a mapping to the current positions would hand them
+    to the wrong sentences, which several of the random cases below detect)."""
+    from fairseq import search
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for w in "abcdef":
+        d.add_symbol(w)
+    vocab, beam, steps = len(d), 4, 6
+    ids = [903, 12, 4077, 250, 31]
+    leave = {2: [1], 4: [3]}  # step -> rows that are finished before it
+
+    def run(rows, row_ids, lprobs, scores, strength):
+        s = search.DiverseBeamSearch(d, num_groups=2, diversity_strength=strength,
+                                     diversity_discount=0.9)
+        out = {r: [] for r in rows}
+        alive = list(rows)
+        for t in range(steps):
+            if len(rows) > 1:
+                alive = [r for r in alive if r not in leave.get(t, [])]
+            idx = torch.tensor(alive)
+            res = s.step(t, lprobs[t, idx], scores[t, idx][:, :, :t] if t else None, None,
+                         torch.tensor([row_ids[rows.index(r)] for r in alive]))
+            for i, r in enumerate(alive):
+                out[r].append(tuple(x[i] for x in res))
+        return out
+
+    for seed in range(10):
+        for scale in (0.7, 2.0, 4.0):
+            for strength in (0.1, 0.8):
+                gen = torch.Generator().manual_seed(seed)
+                lprobs = torch.randn(steps, len(ids), beam, vocab, generator=gen)
+                lprobs = lprobs.mul(scale).log_softmax(-1)
+                scores = torch.randn(steps, len(ids), beam, steps, generator=gen)
+                together = run(list(range(len(ids))), ids, lprobs, scores, strength)
+                for r in range(len(ids)):
+                    alone = run([r], [0], lprobs, scores, strength)[r]
+                    case = (seed, scale, strength, r)
+                    for (s1, i1, b1), (s2, i2, b2) in zip(together[r], alone):
+                        assert torch.equal(i1, i2) and torch.equal(b1, b2), case
+                        assert torch.allclose(s1, s2), case

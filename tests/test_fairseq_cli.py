@@ -383,3 +383,15 @@ def test_python_api_lm_scores_match_eval_lm(lm_model):
         assert [w for w, _ in printed[i]] == words + ["</s>"]
         expected = torch.tensor([p for _, p in printed[i][:-1]], dtype=torch.float64)
         assert torch.allclose(scored["positional_scores"].double(), expected, atol=2e-5), i
+
+
+def test_generate_diverse_beam_groups(mt_data, mt_model):
+    """--diverse-beam-groups through fairseq-generate, in batches after the first (fairseq
+    0.12.3 alone stops there with an IndexError; grnn_fairseq.compat fixes it)."""
+    ckpt, _ = mt_model
+    _, out = run("generate", mt_data, *COMMON, "--path", ckpt, "--beam", "4", "--nbest", "4",
+                 "--diverse-beam-groups", "2", "--batch-size", "8",
+                 "--required-batch-size-multiple", "1")
+    ids = re.findall(r"^H-(\d+)\t", out, re.M)
+    assert sorted(set(int(i) for i in ids)) == list(range(N_TEST)), out[-2000:]
+    assert len(ids) == 4 * N_TEST

@@ -247,6 +247,37 @@ def test_beam5_same_with_and_without_per_source_encoder_outputs(cell, groups, mo
             assert max_diff(x["positional_scores"], y["positional_scores"]) < 1e-10
 
 
+
+def test_diverse_beam_search_batch_equals_each_sentence_alone():
+    """fairseq's diverse beam search (--diverse-beam-groups) on a batch whose dataset ids are
+    not 0..B-1 (any batch after the first) gives what each sentence gives alone.  fairseq
+    0.12.3 indexes its per-sentence overlap counts by dataset id and stops with an
+    IndexError there; grnn_fairseq.compat maps the ids to rows."""
+    from fairseq import search
+
+    _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
+    max_len = 12
+    model = _model_with_varied_lengths("lstm", 2, 0.0, src, lengths, max_len)
+    tgt_dict = model.decoder.dictionary
+
+    def decode(rows, ids):
+        gen = SequenceGenerator([model], tgt_dict, beam_size=4, max_len_a=0, max_len_b=max_len,
+                                search_strategy=search.DiverseBeamSearch(tgt_dict, 2, 0.5))
+        n = int(lengths[rows].max())  # the batch left-padded to its longest sentence
+        sample = {"id": torch.tensor(ids), "net_input": {
+            "src_tokens": src[rows][:, src.shape[1] - n:], "src_lengths": lengths[rows]}}
+        return gen.forward(sample)
+
+    rows = [4, 0, 2, 5, 1, 3]
+    batch = decode(rows, [1040, 17, 305, 88, 5, 612])
+    assert len({len(h[0]["tokens"]) for h in batch}) > 1  # sentences finished at different steps
+    for row, hyps in zip(rows, batch):
+        alone = decode([row], [0])[0]
+        assert len(hyps) == len(alone) == 4
+        for x, y in zip(hyps, alone):
+            assert torch.equal(x["tokens"], y["tokens"])
+            assert max_diff(x["positional_scores"], y["positional_scores"]) < 1e-8
+
 LM_CONFIGS = [("lstm", 1, 0.0), ("lstm", 4, 0.5), ("gru", 1, 0.5), ("gru", 4, 0.0),
               ("rnn", 2, 0.5)]
 
