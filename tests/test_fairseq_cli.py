@@ -395,3 +395,30 @@ def test_generate_diverse_beam_groups(mt_data, mt_model):
     ids = re.findall(r"^H-(\d+)\t", out, re.M)
     assert sorted(set(int(i) for i in ids)) == list(range(N_TEST)), out[-2000:]
     assert len(ids) == 4 * N_TEST
+
+
+def test_generate_with_our_lm_fused(mt_data, mt_model, lm_model):
+    """Shallow fusion (--lm-path, --lm-weight) with our recurrent LM, trained on the same
+    target side: every sentence is translated, and the LM changes the scores."""
+    import shutil
+
+    ckpt, _ = mt_model
+    data, lm_ckpt, _ = lm_model
+    assert (data / "dict.txt").read_text() == (mt_data / "dict.en.txt").read_text()
+    # fairseq loads the LM with the translation data folder, where it reads dict.txt
+    fused_data = mt_data.parent / "mt_bin_lm"
+    if not fused_data.exists():
+        shutil.copytree(mt_data, fused_data)
+        shutil.copy(data / "dict.txt", fused_data / "dict.txt")
+    args = (fused_data, *COMMON, "--path", ckpt, "--beam", "5", "--batch-size", "8",
+            "--required-batch-size-multiple", "1")
+    _, plain = run("generate", *args)
+    _, fused = run("generate", *args, "--lm-path", lm_ckpt, "--lm-weight", "0.5")
+
+    def scores(out):
+        return {int(i): float(s) for i, s in re.findall(r"^H-(\d+)\t(\S+)\t", out, re.M)}
+
+    a, b = scores(plain), scores(fused)
+    assert sorted(b) == sorted(a) == list(range(N_TEST)), fused[-2000:]
+    assert all(math.isfinite(x) for x in b.values())
+    assert a != b
