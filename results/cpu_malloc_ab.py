@@ -85,37 +85,40 @@ print(json.dumps({"kept": cpu_memory.apply(),
 """
 
 
+def _env(a, keep):
+    return dict(os.environ, GRNN_KEEP_FREED_MEMORY=keep, OMP_NUM_THREADS=str(a.threads),
+                MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
+
+
+def _checked(got, keep):
+    """The measurement, after checking that the process ran with the setting asked for."""
+    if got["kept"] != (keep == "1"):
+        sys.exit(f"GRNN_KEEP_FREED_MEMORY={keep} was not applied: {got}")
+    return got
+
+
 def measure_generate(a, ckpt, max_tokens, keep):
-    env = dict(os.environ, GRNN_KEEP_FREED_MEMORY=keep, OMP_NUM_THREADS=str(a.threads),
-               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
     cmd = [sys.executable, "-c", GENERATE, a.data, "-s", a.src, "-t", a.tgt, "--cpu",
            "--user-dir", os.path.join(ROOT, "grnn_fairseq"), "--task", "translation",
            "--path", ckpt, "--gen-subset", "test", "--beam", "5", "--max-tokens", str(max_tokens),
            "--num-workers", "0", "--min-len", "20", "--max-len-a", "0", "--max-len-b", "20"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(a, keep), capture_output=True, text=True)
     line = [x for x in proc.stderr.splitlines() if "Translated" in x]
     if proc.returncode != 0 or not line:
         sys.exit(f"fairseq-generate on {ckpt} failed:\n{proc.stderr[-3000:]}")
-    got = json.loads(proc.stderr.strip().splitlines()[-1])
-    if got["kept"] != (keep == "1"):
-        sys.exit(f"GRNN_KEEP_FREED_MEMORY={keep} was not applied: {got}")
+    got = _checked(json.loads(proc.stderr.strip().splitlines()[-1]), keep)
     got["tok_s"] = float(line[-1].split(" tokens/s")[0].rsplit(" ", 1)[-1])
     return got
 
 
 def measure(a, arch, max_tokens, keep):
-    env = dict(os.environ, GRNN_KEEP_FREED_MEMORY=keep, OMP_NUM_THREADS=str(a.threads),
-               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", arch,
            "--max-tokens", str(max_tokens), "--data", a.data, "--src", a.src, "--tgt", a.tgt,
            "--steps", str(a.steps), "--threads", str(a.threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(a, keep), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    if got["kept"] != (keep == "1"):
-        sys.exit(f"GRNN_KEEP_FREED_MEMORY={keep} was not applied: {got}")
-    return got
+    return _checked(json.loads(proc.stdout.strip().splitlines()[-1]), keep)
 
 
 def main():

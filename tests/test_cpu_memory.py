@@ -59,8 +59,7 @@ def _probe(value):
     env.pop(cpu_memory.ENV, None)
     if value is not None:
         env[cpu_memory.ENV] = value
-    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
-    return proc
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
 
 
 @needs_glibc

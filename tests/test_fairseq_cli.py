@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -348,7 +349,8 @@ def test_python_api_translate_matches_interactive(mt_data, mt_model):
     ckpt, _ = mt_model
     lines = ["s1 s2 s3", "s4 s5 s6 s7 s8", "s9 s10 s9 s10 s11 s12"]
     _, out = run("interactive", mt_data, *COMMON, "--path", ckpt, "--beam", "5",
-                 "--source-lang", "de", "--target-lang", "en", "--batch-size", "3", "--buffer-size", "3",
+                 "--source-lang", "de", "--target-lang", "en", "--batch-size", "3",
+                 "--buffer-size", "3",
                  stdin="\n".join(lines) + "\n")
     expected = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", out, re.M))
     assert len(expected) == len(lines), out[-3000:]
@@ -400,8 +402,6 @@ def test_generate_diverse_beam_groups(mt_data, mt_model):
 def test_generate_with_our_lm_fused(mt_data, mt_model, lm_model):
     """Shallow fusion (--lm-path, --lm-weight) with our recurrent LM, trained on the same
     target side: every sentence is translated, and the LM changes the scores."""
-    import shutil
-
     ckpt, _ = mt_model
     data, lm_ckpt, _ = lm_model
     assert (data / "dict.txt").read_text() == (mt_data / "dict.en.txt").read_text()

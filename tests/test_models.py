@@ -247,7 +247,6 @@ def test_beam5_same_with_and_without_per_source_encoder_outputs(cell, groups, mo
             assert max_diff(x["positional_scores"], y["positional_scores"]) < 1e-10
 
 
-
 def test_diverse_beam_search_batch_equals_each_sentence_alone():
     """fairseq's diverse beam search (--diverse-beam-groups) on a batch whose dataset ids are
     not 0..B-1 (any batch after the first) gives what each sentence gives alone.  fairseq
@@ -277,6 +276,7 @@ def test_diverse_beam_search_batch_equals_each_sentence_alone():
         for x, y in zip(hyps, alone):
             assert torch.equal(x["tokens"], y["tokens"])
             assert max_diff(x["positional_scores"], y["positional_scores"]) < 1e-8
+
 
 LM_CONFIGS = [("lstm", 1, 0.0), ("lstm", 4, 0.5), ("gru", 1, 0.5), ("gru", 4, 0.0),
               ("rnn", 2, 0.5)]
