@@ -340,6 +340,45 @@ def test_two_gloo_processes_pytorch_ddp_equal_update_freq_2(work, mt_data, refer
     assert "find_unused_parameters': False" in logs[0]
 
 
+# --------------------------------------------------------------------------- Hydra config
+def test_hydra_train_yaml_equals_command_line(work, mt_data, reference_run):
+    """fairseq-hydra-train with a YAML config (model._name: our architecture, options in
+    snake_case, --user-dir as common.user_dir) trains exactly what fairseq-train does with
+    the same options on the command line: our architecture defaults fill the same gaps."""
+    save = work / "hydra_ckpt"
+    model = dict(zip((a[2:].replace("-", "_") for a in TINY_MT[::2]), TINY_MT[1::2]))
+    config = "\n".join([
+        "common: {user_dir: %s, cpu: true, seed: 1, log_format: simple, no_progress_bar: true}"
+        % USER_DIR,
+        "task: {_name: translation, data: %s}" % mt_data,
+        "model: {_name: group_rnnsearch_k2, dropout: 0.0, %s}"
+        % ", ".join(f"{k}: {v}" for k, v in model.items()),
+        "criterion: {_name: cross_entropy}",
+        "optimizer: {_name: adam}",
+        "lr_scheduler: {_name: fixed}",
+        "optimization: {lr: [0.01], max_epoch: 1, update_freq: [2]}",
+        "dataset: {batch_size: 10, required_batch_size_multiple: 1, num_workers: 0}",
+        "checkpoint: {save_dir: %s, no_epoch_checkpoints: true}" % save,
+        ""])
+    (work / "hydra.yaml").write_text(config)
+    _, log = run("hydra-train", "--config-dir", work, "--config-name", "hydra",
+                 f"hydra.run.dir={work / 'hydra_out'}")
+    assert f"num_updates {EXACT_UPDATES}" in log, log[-3000:]
+    saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert saved["cfg"]["model"]["encoder_groups"] == 2
+    assert max_weight_diff(saved["model"], reference_run) < 1e-6
+    # its checkpoint (a model-only config) loads in fairseq-generate
+    _, out = run("generate", mt_data, *COMMON, "--path", save / "checkpoint_last.pt",
+                 "--beam", "2", "--batch-size", "16", "--required-batch-size-multiple", "1")
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == N_TEST, out[-2000:]
+    # a misspelled model option stops the run before training, naming the right one
+    code, out = run("hydra-train", "--config-dir", work, "--config-name", "hydra",
+                    f"hydra.run.dir={work / 'hydra_typo'}", "+model.encoder_group=4",
+                    f"checkpoint.save_dir={work / 'hydra_typo_ckpt'}", check=False)
+    assert code != 0 and "'encoder_group' (did you mean 'encoder_groups'?)" in out, out[-3000:]
+    assert "begin training" not in out
+
+
 # --------------------------------------------------------------------------- Python API
 def test_python_api_translate_matches_interactive(mt_data, mt_model):
     """fairseq's hub interface (``RNNSearchModel.from_pretrained(...).translate``) gives

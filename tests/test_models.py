@@ -705,6 +705,63 @@ def test_bad_options_name_the_option(arch, overrides, option):
         build_architecture(arch, overrides=overrides, device="meta", **vocab)
 
 
+def _yaml_model_section(arch, **options):
+    """The model section fairseq-hydra-train hands to fairseq.models.build_model: a
+    DictConfig with _name and the options written in the YAML file, nothing else."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"_name": arch, **options})
+
+
+def test_yaml_model_sections_of_every_arch_pass_the_option_check():
+    """fairseq fills a YAML model section with the arch defaults before build_model: every
+    name an architecture function sets must be one of the model's own options."""
+    from omegaconf import open_dict
+
+    from grnn_fairseq.models.common import check_option_names
+
+    for arch in RNNSEARCH_ARCHS + LM_ARCHS:
+        cfg = _yaml_model_section(arch)
+        with open_dict(cfg):
+            ARCH_CONFIG_REGISTRY[arch](cfg)
+        assert len(cfg) > 5, arch
+        check_option_names(ARCH_MODEL_REGISTRY[arch], cfg)
+
+
+@pytest.mark.parametrize("arch,good,value,typo,hint", [
+    ("group_rnnsearch_k2", "encoder_groups", 4, "encoder_group", "encoder_groups"),
+    ("restricted_lm", "sharing_rate", 0.25, "shareing_rate", "sharing_rate"),
+])
+def test_yaml_model_section_typo_is_an_error(arch, good, value, typo, hint):
+    """fairseq passes a legacy model's YAML section unchecked; a misspelled option must
+    stop the build (naming the closest option), not silently train the default.  The
+    correctly spelled option builds what the same command-line option builds."""
+    from fairseq.models import build_model
+
+    small = dict(decoder_embed_dim=16, decoder_hidden_size=16, decoder_layers=1)
+    if arch in RNNSEARCH_ARCHS:
+        small.update(encoder_embed_dim=16, encoder_hidden_size=16, encoder_layers=1,
+                     decoder_out_embed_dim=16, attention_dim=16)
+        src, tgt = make_dict(SRC_V), make_dict(TGT_V)
+        task = SimpleNamespace(src_dict=src, source_dictionary=src, target_dictionary=tgt)
+        vocab = dict(src_vocab=SRC_V, tgt_vocab=TGT_V)
+    else:
+        task = SimpleNamespace(target_dictionary=make_dict(TGT_V))
+        vocab = dict(vocab=TGT_V)
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    def cli(**options):
+        flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        return count(build_architecture(arch, overrides=flags, device="meta", **vocab))
+
+    built = count(build_model(_yaml_model_section(arch, **small, **{good: value}), task))
+    assert built == cli(**small, **{good: value}) != cli(**small)
+    with pytest.raises(ValueError, match=f"'{typo}' \\(did you mean '{hint}'\\?\\)"):
+        build_model(_yaml_model_section(arch, **small, **{typo: value}), task)
+
+
 def test_decoder_gathers_restricted_weights_once_per_forward(monkeypatch):
     """The decoder's time loop reuses the assembled restricted weights of every layer."""
     from grnn_fairseq.params import build_architecture

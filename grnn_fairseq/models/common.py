@@ -1,4 +1,7 @@
 """Options and helpers shared by the RNNSearch and language models."""
+import argparse
+import difflib
+
 from torch import nn
 
 from ..cells import GATES
@@ -72,3 +75,30 @@ def set_defaults(args, **defaults):
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+
+
+def check_option_names(model_cls, cfg):
+    """Reject misspelled options in a model-only YAML config (fairseq-hydra-train).
+
+    fairseq hands a legacy (``add_args``) model's ``model:`` section to it unchecked, so a
+    typo such as ``encoder_group: 4`` would silently train the default.  Command-line
+    configs (and checkpoints written from them) hold the whole namespace, ``task``
+    included, and argparse has already checked them; those pass untouched."""
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig) or "task" in cfg:
+        return
+    parser = argparse.ArgumentParser(add_help=False)
+    model_cls.add_args(parser)
+    known = {action.dest for action in parser._actions} | {"_name", "arch"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known - {"_name", "arch"}), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"model {cfg.get('_name', '?')}: unknown option(s) {', '.join(hints)} in the "
+            f"model section of the config; the options are the --{{name}} flags of "
+            f"`fairseq-train --user-dir grnn_fairseq --arch {cfg.get('_name', '...')} --help` "
+            f"with '-' written '_'")

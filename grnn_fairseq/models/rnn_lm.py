@@ -16,6 +16,7 @@ from ..recurrent import RecurrentStack
 from .common import (
     add_dropout_args,
     add_recurrent_args,
+    check_option_names,
     check_recurrent_options,
     embedding,
     fail,
@@ -46,6 +47,7 @@ class RecurrentLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_option_names(cls, args)
         base_lm_architecture(args)
         check_recurrent_options(args, "decoder", args.decoder_embed_dim, args.decoder_hidden_size,
                                 args.decoder_groups)

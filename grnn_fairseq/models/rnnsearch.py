@@ -26,6 +26,7 @@ from ..recurrent import RecurrentStack, from_grouped, to_grouped
 from .common import (
     add_dropout_args,
     add_recurrent_args,
+    check_option_names,
     check_recurrent_options,
     embedding,
     fail,
@@ -63,6 +64,7 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_option_names(cls, args)
         base_architecture(args)
         src_dict = getattr(task, "source_dictionary", None)
         if getattr(task, "src_dict", None) is None or src_dict is None:
