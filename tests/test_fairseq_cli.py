@@ -340,6 +340,40 @@ def test_two_gloo_processes_pytorch_ddp_equal_update_freq_2(work, mt_data, refer
     assert "find_unused_parameters': False" in logs[0]
 
 
+# --------------------------------------------------------------------------- multilingual
+def test_multilingual_task_learns_both_pairs(work):
+    """fairseq's translation_multi_simple_epoch (one model for de-en and fr-en, language
+    tokens on both sides): the same source words are reversed from de and copied from fr,
+    so both pairs translate perfectly only if the source language token reaches the model."""
+    raw = work / "ml_raw"
+    splits = (("train", 600), ("test", 20), ("valid", 20))
+    write_reversal_corpus(raw / "de", splits, WORDS[:20], max_len=8, seed=1)
+    write_reversal_corpus(raw / "fr", splits, WORDS[:20], max_len=8, seed=2, src_lang="fr",
+                          reverse=False)
+    write_lines(raw / "dict.txt", [f"{w} 1" for w in WORDS[:20] + [f"t{i}" for i in range(20)]])
+    dest = work / "ml_bin"
+    for lang in ("de", "fr"):
+        run("preprocess", "--source-lang", lang, "--target-lang", "en", "--srcdict",
+            raw / "dict.txt", "--tgtdict", raw / "dict.txt", "--destdir", dest, "--workers", "1",
+            *[x for split, _ in splits for x in (f"--{split}pref", raw / lang / split)])
+    task = ["--task", "translation_multi_simple_epoch", "--lang-pairs", "de-en,fr-en",
+            "--encoder-langtok", "src", "--decoder-langtok"]
+    save = work / "ml_ckpt"
+    sizes = [x for opt in ("encoder-embed-dim", "encoder-hidden-size", "decoder-embed-dim",
+                           "decoder-hidden-size", "attention-dim") for x in (f"--{opt}", "32")]
+    _, log = run("train", dest, *TRAIN, *task, "--arch", "group_rnnsearch_k2", *sizes,
+                 "--encoder-layers", "1", "--decoder-layers", "1", "--dropout", "0",
+                 "--batch-size", "8", "--max-epoch", "10", "--save-dir", save)
+    assert "model: RNNSearchModel" in log and "done training" in log, log[-3000:]
+    for lang in ("de", "fr"):
+        _, out = run("generate", dest, *COMMON, *task, "--source-lang", lang,
+                     "--target-lang", "en", "--path", save / "checkpoint_last.pt", "--beam", "5",
+                     "--batch-size", "8", "--required-batch-size-multiple", "1")
+        assert out.count("\nH-") == 20, out[-2000:]
+        bleu = re.search(r"BLEU4 = ([\d.]+)", out)
+        assert bleu and float(bleu.group(1)) > 80, (lang, out[-2000:])
+
+
 # --------------------------------------------------------------------------- Hydra config
 def test_hydra_train_yaml_equals_command_line(work, mt_data, reference_run):
     """fairseq-hydra-train with a YAML config (model._name: our architecture, options in

@@ -67,7 +67,9 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
         check_option_names(cls, args)
         base_architecture(args)
         src_dict = getattr(task, "source_dictionary", None)
-        if getattr(task, "src_dict", None) is None or src_dict is None:
+        # language-model tasks answer source_dictionary with their one dictionary; they
+        # are told apart by the output_dictionary they set (translation tasks do not)
+        if src_dict is None or hasattr(task, "output_dictionary"):
             fail("arch", args.arch, "RNNSearch is an encoder-decoder model and needs a source "
                  "side: use --task translation (or another task with source and target "
                  "dictionaries); for language models use --arch group_lstm_lm or restricted_lm")
