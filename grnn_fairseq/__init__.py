@@ -33,3 +33,4 @@ if HAVE_FAIRSEQ:
                             message="'grnn_fairseq.scoring' found in sys.modules")
     from . import scoring  # noqa: F401
     from . import models  # noqa: F401
+    from . import bptt  # noqa: F401  (task bptt_language_modeling)

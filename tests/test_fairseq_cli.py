@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fairseq.data import Dictionary
 from synthetic import write_lines, write_reversal_corpus
 
 pytestmark = pytest.mark.slow
@@ -205,6 +206,46 @@ def test_eval_lm_reports_perplexity(lm_model):
     assert n_tokens == sum(len(s.split()) + 1 for s in raw)  # every word and every EOS
 
 
+def test_bptt_task_trains_and_eval_lm_carries_the_state(work, lm_model):
+    """--task bptt_language_modeling through fairseq-train and fairseq-eval-lm: one update
+    per segment of the streams, and the perplexity fairseq-eval-lm prints equals one
+    forward pass over each whole stream of the validation text, computed here."""
+    from fairseq import checkpoint_utils
+
+    import grnn_fairseq  # noqa: F401  (the checkpoint's model, and its safe loading)
+
+    data, _, _ = lm_model
+    save = work / "bptt_ckpt"
+    streams, length = 4, 8
+    task = ["--task", "bptt_language_modeling", "--tokens-per-sample", str(length)]
+    _, log = run("train", data, *TRAIN, *task, "--batch-size", str(streams),
+                 "--arch", "restricted_lstm_lm", "--decoder-embed-dim", "16",
+                 "--decoder-hidden-size", "16", "--decoder-layers", "2", "--max-epoch", "1",
+                 "--save-dir", save)
+    dictionary = Dictionary.load(str(data / "dict.txt"))
+
+    def tokens(split):
+        lines = (work / "mt_raw" / f"{split}.en").read_text().splitlines()
+        return torch.cat([dictionary.encode_line(x, add_if_not_exist=False) for x in lines])
+
+    per = (tokens("train").numel() - 1) // streams
+    assert f"num_updates {math.ceil(per / length)}" in log, log[-3000:]
+
+    _, out = run("eval-lm", data, *COMMON, *task, "--path", save / "checkpoint_last.pt",
+                 "--gen-subset", "valid", "--batch-size", "3")
+    loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", out).group(1))
+    valid = tokens("valid")
+    per = (valid.numel() - 1) // 3
+    inputs, targets = valid[:3 * per].view(3, per), valid[1:3 * per + 1].view(3, per)
+    models, _ = checkpoint_utils.load_model_ensemble([str(save / "checkpoint_last.pt")])
+    model = models[0].eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inputs)[0].double(), dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
+    assert f"Evaluated {3 * per:,} tokens" in out or f"Evaluated {3 * per} tokens" in out
+    assert abs(loss - nll / math.log(2)) < 1e-4, (loss, nll / math.log(2))
+
+
 def test_rnnsearch_with_language_modeling_task_fails_before_training(lm_model):
     data, _, _ = lm_model
     code, out = run("train", data, *TRAIN, "--task", "language_modeling", "--arch", "rnnsearch",
@@ -280,7 +321,7 @@ def test_resume_after_sigkill(work, mt_data, reference_run):
 
 
 # --------------------------------------------------------------------------- two processes
-def _two_processes(mt_data, save, extra):
+def _two_processes(mt_data, save, extra, base=EXACT):
     """fairseq's distributed engine on CPU: two ranks, gloo, started by hand.
 
     fairseq 0.12 cannot start CPU ranks itself: its spawn path uses
@@ -292,7 +333,7 @@ def _two_processes(mt_data, save, extra):
     for rank in (0, 1):
         log = open(save.parent / f"{save.name}_rank{rank}.log", "w+")
         cmd = command("train") + [str(a) for a in (
-            mt_data, *EXACT, "--save-dir", save, "--distributed-world-size", "2",
+            mt_data, *base, "--save-dir", save, "--distributed-world-size", "2",
             "--distributed-rank", rank, "--distributed-backend", "gloo",
             "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
             "--device-id", "0", *extra)]
@@ -411,6 +452,26 @@ def test_hydra_train_yaml_equals_command_line(work, mt_data, reference_run):
                     f"checkpoint.save_dir={work / 'hydra_typo_ckpt'}", check=False)
     assert code != 0 and "'encoder_group' (did you mean 'encoder_groups'?)" in out, out[-3000:]
     assert "begin training" not in out
+
+
+def test_bptt_two_gloo_processes_equal_one_process_with_all_streams(work, lm_model):
+    """bptt_language_modeling on 2 processes of 2 streams each: each reads its own streams
+    in order, so the run equals one process reading all 4 streams as one batch."""
+    data, _, _ = lm_model
+    base = TRAIN + ["--task", "bptt_language_modeling", "--tokens-per-sample", "8",
+                    "--arch", "restricted_lstm_lm", "--decoder-embed-dim", "16",
+                    "--decoder-hidden-size", "16", "--decoder-layers", "2", "--dropout", "0",
+                    "--max-epoch", "1"]
+    one = work / "bptt_one"
+    _, log = run("train", data, *base, "--batch-size", "4", "--save-dir", one)
+    updates = re.findall(r"num_updates (\d+)", log)[-1]
+    two = work / "bptt_two"
+    codes, logs = _two_processes(data, two, ["--batch-size", "2"], base=base)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "training on 2 devices" in logs[0] and f"num_updates {updates}" in logs[0]
+    diff = max_weight_diff(load_weights(two / "checkpoint_last.pt"),
+                           load_weights(one / "checkpoint_last.pt"))
+    assert diff < 1e-4, diff  # rounding: one 4-row batch vs two 2-row ones (wrong streams: 0.9)
 
 
 # --------------------------------------------------------------------------- Python API

@@ -4,6 +4,8 @@ RNN / GRU / LSTM LMs (Diao et al. 2019, PTB and WikiText-2).
 embeddings -> recurrent stack -> (projection to the output embedding width) -> softmax,
 with optional tied input / output embeddings (Press & Wolf 2017).
 """
+import logging
+
 from fairseq.models import (
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
@@ -24,6 +26,8 @@ from .common import (
     set_defaults,
     set_dropout_defaults,
 )
+
+logger = logging.getLogger(__name__)
 
 MAX_POSITIONS = 100_000
 
@@ -68,6 +72,7 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
     def __init__(self, args, dictionary):
         super().__init__(dictionary)
         self.padding_idx = dictionary.pad()
+        self._carry = {}  # training flag -> (segment, batch size, state), bptt_language_modeling
         self.embed_tokens = embedding(len(dictionary), args.decoder_embed_dim, self.padding_idx)
         self.dropout_embed = nn.Dropout(args.dropout_embed)
         self.dropout_out = nn.Dropout(args.dropout_out)
@@ -84,27 +89,56 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
             nn.init.uniform_(self.output_projection.weight, -0.1, 0.1)
         nn.init.zeros_(self.output_projection.bias)
 
-    def forward(self, prev_output_tokens, incremental_state=None, **unused):
-        x, extra = self.extract_features(prev_output_tokens, incremental_state)
+    def forward(self, prev_output_tokens, incremental_state=None, segment=None, **unused):
+        x, extra = self.extract_features(prev_output_tokens, incremental_state, segment)
         return self.output_layer(x), extra
 
-    def extract_features(self, prev_output_tokens, incremental_state=None, **unused):
-        """prev_output_tokens: [B, T] -> (features [B, T, E_out], {})"""
+    def extract_features(self, prev_output_tokens, incremental_state=None, segment=None,
+                         **unused):
+        """prev_output_tokens: [B, T] -> (features [B, T, E_out], {}).
+
+        ``segment`` ([B], from ``--task bptt_language_modeling``): the batch is segment j
+        of B token streams, and starts from the state that segment j - 1 ended in."""
         state = None
         if incremental_state is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
             cached = self.get_incremental_state(incremental_state, "state")
             if cached is not None:
                 state = cached["h"] if "c" not in cached else (cached["h"], cached["c"])
+        elif segment is not None:
+            state = self._carried_state(int(segment[0]), prev_output_tokens.shape[0])
         pad = prev_output_tokens.eq(self.padding_idx).t()
         x = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)
         x, final = self.rnn(x, state, padding_mask=pad)
         if incremental_state is not None:
             cache = {"h": final[0], "c": final[1]} if isinstance(final, tuple) else {"h": final}
             self.set_incremental_state(incremental_state, "state", cache)
+        elif segment is not None:
+            detached = (tuple(t.detach() for t in final) if isinstance(final, tuple)
+                        else final.detach())  # truncated BPTT: no gradient into the past
+            self._carry[self.training] = (int(segment[0]), prev_output_tokens.shape[0], detached)
         if self.out_proj is not None:
             x = self.out_proj(x)
         return self.dropout_out(x).transpose(0, 1), {"attn": None}
+
+    def _carried_state(self, segment, batch_size):
+        """The state segment ``segment - 1`` ended in (training and evaluation each keep
+        their own); None (zeros) for segment 0."""
+        if segment == 0:
+            return None
+        carried = self._carry.get(self.training)
+        if carried is None:
+            logger.warning(f"segment {segment} comes without the state of segment "
+                           f"{segment - 1} (a run resumed within an epoch?): it starts "
+                           "from a zero state")
+            return None
+        last, size, state = carried
+        if last != segment - 1 or size != batch_size:
+            raise RuntimeError(
+                f"bptt_language_modeling: segment {segment} of {batch_size} streams follows "
+                f"segment {last} of {size}; the carried state only continues the segment "
+                "just before it (batches must come in order, unshuffled)")
+        return state
 
     def output_layer(self, features, **unused):
         return self.output_projection(features)
