@@ -658,7 +658,9 @@ def execute(run, results, env, show):
             run_logged(cmd, run.save_dir / "average.log", env, show=show)
         elif label == "evaluate" and run.task == "lm":
             run_logged(cmd, run.save_dir / f"eval-{run.subset}.log", env, show=show)
-            scores = parse_eval_lm((run.save_dir / f"eval-{run.subset}.log").read_text(errors="replace"))
+            # the log keeps every evaluation of this run: read the one just made
+            this = (run.save_dir / f"eval-{run.subset}.log").read_text(errors="replace")
+            scores = parse_eval_lm(this.split("====")[-1])
             if not scores:
                 raise CommandError(f"{run.name}: no perplexity in fairseq-eval-lm's output "
                                    f"({rel(run.save_dir / f'eval-{run.subset}.log')})")

@@ -6,6 +6,7 @@ checks the row that run_experiment.py appends; everything else is config expansi
 """
 import csv
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -398,6 +399,14 @@ runs: {{lstm: {{arch: restricted_lstm_lm}}}}
     assert row["updates"] == "3" and float(row["ppl"]) > 1
     assert "evaluated checkpoint_last.pt" in row["notes"]
     assert "checkpoint_last.pt --output" in row["commands"]
+    # continued: the new row has the new evaluation, not the first one in the kept log
+    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results", str(results),
+                    "--quiet", "--override", "train.max-update=8"]) == 0, capsys.readouterr()
+    with open(results, encoding="utf-8", newline="") as f:
+        first, again = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    printed = re.findall(r"Perplexity: ([\d.]+)", (save / "eval-test.log").read_text())
+    assert again["updates"] == "8" and len(printed) == 2
+    assert float(again["ppl"]) == float(printed[1]) != float(first["ppl"])
 
 
 def _env():
