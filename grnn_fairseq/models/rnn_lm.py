@@ -100,23 +100,25 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         ``segment`` ([B], from ``--task bptt_language_modeling``): the batch is segment j
         of B token streams, and starts from the state that segment j - 1 ended in."""
         state = None
+        carry = segment is not None and incremental_state is None
         if incremental_state is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
             cached = self.get_incremental_state(incremental_state, "state")
             if cached is not None:
                 state = cached["h"] if "c" not in cached else (cached["h"], cached["c"])
-        elif segment is not None:
-            state = self._carried_state(int(segment[0]), prev_output_tokens.shape[0])
+        elif carry:
+            segment = int(segment[0])
+            state = self._carried_state(segment, prev_output_tokens.shape[0])
         pad = prev_output_tokens.eq(self.padding_idx).t()
         x = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)
         x, final = self.rnn(x, state, padding_mask=pad)
         if incremental_state is not None:
             cache = {"h": final[0], "c": final[1]} if isinstance(final, tuple) else {"h": final}
             self.set_incremental_state(incremental_state, "state", cache)
-        elif segment is not None:
+        elif carry:
             detached = (tuple(t.detach() for t in final) if isinstance(final, tuple)
                         else final.detach())  # truncated BPTT: no gradient into the past
-            self._carry[self.training] = (int(segment[0]), prev_output_tokens.shape[0], detached)
+            self._carry[self.training] = (segment, prev_output_tokens.shape[0], detached)
         if self.out_proj is not None:
             x = self.out_proj(x)
         return self.dropout_out(x).transpose(0, 1), {"attn": None}
