@@ -109,6 +109,9 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
             raise ValueError(f"--sample-break-mode={self.args.sample_break_mode}: "
                              "bptt_language_modeling reads the corpus as one stream; leave "
                              "it at none (or use --task language_modeling)")
+        if not self.args.tokens_per_sample or self.args.tokens_per_sample < 1:
+            raise ValueError(f"--tokens-per-sample={self.args.tokens_per_sample}: the segment "
+                             "length (backpropagation steps) must be at least 1, e.g. 35")
         if self.targets != ["future"] or self.args.add_bos_token:
             raise ValueError("bptt_language_modeling predicts the next token only: drop "
                              "--self-target/--past-target/--add-bos-token")
@@ -128,10 +131,10 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
     def get_batch_iterator(self, dataset, max_sentences=None, num_shards=1, shard_id=0,
                            num_workers=0, epoch=1, data_buffer_size=0,
                            skip_remainder_batch=False, **unused):
-        if not max_sentences:
-            raise ValueError("bptt_language_modeling needs --batch-size: the number of "
-                             "parallel token streams per process (--max-tokens does not "
-                             "apply)")
+        if not max_sentences or max_sentences < 1:
+            raise ValueError(f"--batch-size={max_sentences}: bptt_language_modeling needs "
+                             "--batch-size >= 1, the number of parallel token streams per "
+                             "process (--max-tokens does not apply)")
         streams = TokenStreams(dataset.tokens, max_sentences * num_shards,
                                self.args.tokens_per_sample)
         return iterators.EpochBatchIterator(

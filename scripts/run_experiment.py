@@ -435,6 +435,17 @@ def run_logged(cmd, log_path, env, show=True, stdout_path=None, stdin_path=None)
     return time.time() - t0
 
 
+_LOG_HEADER = re.compile(r"^==== \S+ \$ ", re.M)  # what run_logged writes before each command
+
+
+def last_logged(log_path):
+    """The output of the last command appended to ``log_path`` by :func:`run_logged` (the
+    log keeps every run, so a continued run must not read an earlier evaluation)."""
+    text = Path(log_path).read_text(encoding="utf-8", errors="replace")
+    starts = [m.start() for m in _LOG_HEADER.finditer(text)]
+    return text[starts[-1]:] if starts else text
+
+
 def epoch_checkpoints(save_dir):
     return sorted(int(m.group(1)) for p in Path(save_dir).glob("checkpoint*.pt")
                   if (m := re.fullmatch(r"checkpoint(\d+)\.pt", p.name)))
@@ -658,9 +669,7 @@ def execute(run, results, env, show):
             run_logged(cmd, run.save_dir / "average.log", env, show=show)
         elif label == "evaluate" and run.task == "lm":
             run_logged(cmd, run.save_dir / f"eval-{run.subset}.log", env, show=show)
-            # the log keeps every evaluation of this run: read the one just made
-            this = (run.save_dir / f"eval-{run.subset}.log").read_text(errors="replace")
-            scores = parse_eval_lm(this.split("====")[-1])
+            scores = parse_eval_lm(last_logged(run.save_dir / f"eval-{run.subset}.log"))
             if not scores:
                 raise CommandError(f"{run.name}: no perplexity in fairseq-eval-lm's output "
                                    f"({rel(run.save_dir / f'eval-{run.subset}.log')})")
@@ -675,8 +684,8 @@ def execute(run, results, env, show):
             if show:
                 print("  " + scores["line"], flush=True)
             # fairseq's speed line goes to its log (stderr), not to the hypotheses
-            log_text = (run.save_dir / f"generate-{run.subset}.log").read_text(errors="replace")
-            row["gen_tps"] = parse_generate(log_text.split("====")[-1])[2].get("gen_tps")
+            log_text = last_logged(run.save_dir / f"generate-{run.subset}.log")
+            row["gen_tps"] = parse_generate(log_text)[2].get("gen_tps")
             if run.task == "translation":
                 row["bleu"] = scores.get("bleu")
             else:
@@ -693,7 +702,7 @@ def execute(run, results, env, show):
         elif label == "score":
             log = run.save_dir / f"score-{run.subset}.log"
             run_logged(cmd, log, env, show=show)
-            m = re.search(r"BLEU4 = ([\d.]+)", log.read_text(errors="replace").split("====")[-1])
+            m = re.search(r"BLEU4 = ([\d.]+)", last_logged(log))
             row["bleu_tok"] = float(m.group(1)) if m else None
         elif label == "interactive":
             lines = [str(x) for x in run.interactive["inputs"]]

@@ -174,7 +174,9 @@ def test_task_batches_are_the_streams_of_the_binarized_corpus(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--max-tokens", "100"], "needs --batch-size"),
+    (["--max-tokens", "100"], "needs --batch-size >= 1"),
+    (["--batch-size", "0"], "--batch-size=0"),
+    (["--batch-size", "2", "--tokens-per-sample", "0"], "--tokens-per-sample=0"),
     (["--batch-size", "2", "--sample-break-mode", "eos"], "--sample-break-mode=eos"),
 ])
 def test_task_option_errors_name_the_option(tmp_path, extra, message):
