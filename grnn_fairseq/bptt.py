@@ -130,7 +130,14 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
 
     def get_batch_iterator(self, dataset, max_sentences=None, num_shards=1, shard_id=0,
                            num_workers=0, epoch=1, data_buffer_size=0,
-                           skip_remainder_batch=False, **unused):
+                           skip_remainder_batch=False, **kwargs):
+        if not isinstance(dataset, TokenSequence):
+            # sentences this task did not load as one stream: build_dataset_for_inference's
+            # (the hub's score / sample, fairseq-interactive) batch as fairseq's LM task does
+            return super().get_batch_iterator(
+                dataset, max_sentences=max_sentences, num_shards=num_shards, shard_id=shard_id,
+                num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                skip_remainder_batch=skip_remainder_batch, **kwargs)
         if not max_sentences or max_sentences < 1:
             raise ValueError(f"--batch-size={max_sentences}: bptt_language_modeling needs "
                              "--batch-size >= 1, the number of parallel token streams per "

@@ -29,6 +29,10 @@ idempotent.
   ids*, which the generator passes; every batch but one whose ids are 0..B-1 stops with an
   IndexError (for every model, fairseq's own included).  The ids are mapped back to the
   sentences' rows in the batch.
+* **fairseq 0.12** ``--no-repeat-ngram-size`` blocks nothing unless fairseq's CUDA
+  extension is built: the Python path (``NGramRepeatBlock._no_repeat_ngram``) takes the last
+  n - 1 tokens of the generator's whole token buffer, which are padding until the last step.
+  It is handed the tokens generated so far.
 """
 import argparse
 import collections
@@ -220,6 +224,27 @@ def _diverse_beam_search_by_row():
     cls.step = step
 
 
+def _ngram_block_reads_generated_tokens():
+    """``SequenceGenerator`` passes its [rows, max_len + 2] token buffer; at ``step`` only
+    columns 0..step (the leading end-of-sentence and the tokens so far) are filled.  The CPU
+    path compares the buffer's last n - 1 columns with every earlier (n - 1)-gram, so it never
+    saw the hypothesis's own last tokens.  It gets columns 0..step instead; the CUDA
+    extension, which reads ``step`` itself, is left as it is."""
+    from fairseq import ngram_repeat_block
+
+    cls = ngram_repeat_block.NGramRepeatBlock
+    if getattr(cls._no_repeat_ngram, "_grnn_generated", False):
+        return
+    original = cls._no_repeat_ngram
+
+    @functools.wraps(original)
+    def _no_repeat_ngram(self, tokens, lprobs, bsz, beam_size, step):
+        return original(self, tokens[:, : step + 1], lprobs, bsz, beam_size, step)
+
+    _no_repeat_ngram._grnn_generated = True
+    cls._no_repeat_ngram = _no_repeat_ngram
+
+
 _APPLIED = False
 
 
@@ -239,6 +264,7 @@ def apply():
     _keep_last_batch()
     _ddp_on_cpu()
     _diverse_beam_search_by_row()
+    _ngram_block_reads_generated_tokens()
     _APPLIED = True
 
 

@@ -112,7 +112,9 @@ class RecurrentStack(nn.Module):
         rearrangement: ``none`` | ``layer`` | ``time`` | ``both``.
         sharing_rate: r in [0, 1], one value or one per layer (0 = no restriction).
         bidirectional: D = 2 if set.
-        dropout: dropout on the outputs of every layer but the last.
+        dropout: dropout on the outputs of every layer but the last: a rate, or a module
+            (the models pass fairseq's ``FairseqDropout``, which ``--retain-dropout`` can
+            keep on in generation).
         backend: recurrence engine, ``auto`` | ``reference`` | ``torch`` | ``cpp`` | ``triton``
             (None: $GRNN_BACKEND, else ``auto``; see :mod:`grnn_fairseq.engine`).
     """
@@ -128,7 +130,7 @@ class RecurrentStack(nn.Module):
         check_mode(rearrangement)
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
-        if not 0.0 <= dropout < 1.0:
+        if not isinstance(dropout, nn.Module) and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         rates = sharing_rate if isinstance(sharing_rate, (list, tuple)) else [sharing_rate] * num_layers
         if len(rates) != num_layers:
@@ -143,7 +145,7 @@ class RecurrentStack(nn.Module):
         self.cell, self.groups, self.rearrangement = cell, groups, rearrangement
         self.sharing_rate = rates
         self.layer_shuffle = uses_layer(rearrangement) and groups > 1
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             RecurrentLayer(input_size if i == 0 else out_size, hidden_size, cell, groups, rates[i],
                            uses_time(rearrangement), bidirectional, backend)

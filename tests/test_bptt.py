@@ -202,3 +202,34 @@ def test_collated_batch_has_what_fairseq_criteria_read():
     assert batch["net_input"]["segment"].tolist() == [1, 1]
     assert batch["net_input"]["src_lengths"].tolist() == [5, 5]
     assert torch.equal(batch["target"][:, :-1], batch["net_input"]["src_tokens"][:, 1:])
+
+
+def test_hub_score_and_sample_work_on_a_bptt_checkpoint_task(tmp_path):
+    """A model trained with --task bptt_language_modeling keeps that task in its checkpoint,
+    and fairseq's hub interface (``RecurrentLanguageModel.from_pretrained(...)``: ``score``,
+    ``sample``) and fairseq-interactive batch their sentences through the task's
+    get_batch_iterator. Sentences are not one stream: they must batch as in fairseq's LM
+    task, and each score must equal one forward pass over that sentence alone."""
+    from fairseq.hub_utils import GeneratorHubInterface
+
+    lines = [" ".join(f"w{(i * 7 + k) % 13}" for k in range(i % 5 + 2)) for i in range(40)]
+    d = write_data_bin(tmp_path, lines)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tmp_path), "--task", "bptt_language_modeling", "--arch", "restricted_lm",
+        "--tokens-per-sample", "4", "--batch-size", "3", "--decoder-embed-dim", "8",
+        "--decoder-hidden-size", "8", "--decoder-layers", "2", "--dropout", "0"])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model).eval()
+    hub = GeneratorHubInterface(cfg, task, [model]).eval()
+    sentences = ["w1 w2 w3", "w4 w5 w6 w7 w8 w9", "w10"]
+    for sentence, scored in zip(sentences, hub.score(sentences)):
+        tokens = d.encode_line(sentence, add_if_not_exist=False)  # words + </s>
+        inputs = torch.cat([tokens.new_tensor([d.eos()]), tokens[:-2]]).unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inputs)[0].double(), dim=-1)[0]
+        expected = logp.gather(-1, tokens[:-1].unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(scored["positional_scores"].double(), expected, atol=1e-5)
+    assert hub.sample("w1 w2", beam=1).startswith("w1 w2")

@@ -2,6 +2,7 @@
 import argparse
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -361,3 +362,34 @@ def test_diverse_beam_search_tracks_each_sentence_by_its_row():
                     for (s1, i1, b1), (s2, i2, b2) in zip(together[r], alone):
                         assert torch.equal(i1, i2) and torch.equal(b1, b2), case
                         assert torch.allclose(s1, s2), case
+
+
+def test_no_repeat_ngram_blocks_the_tokens_that_would_repeat_an_ngram():
+    """--no-repeat-ngram-size n on the CPU: at every step each hypothesis may not extend its
+    last n - 1 tokens to an n-gram it already holds. The generator passes its whole padded
+    token buffer ([rows, max_len + 2], columns 0..step filled); fairseq 0.12's Python path
+    compared the buffer's last (padding) columns and blocked nothing. Reference: the banned
+    tokens enumerated from each hypothesis's own tokens."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    pad, vocab, max_len = 1, 7, 12
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for n in (2, 3, 4):
+        block = NGramRepeatBlock(n, use_extension=False)
+        for step in range(max_len):
+            bsz, beam = 2, 3
+            tokens = torch.full((bsz * beam, max_len + 2), pad)
+            tokens[:, 0] = 2  # the leading end-of-sentence
+            tokens[:, 1: step + 1] = torch.randint(4, vocab, (bsz * beam, step), generator=gen)
+            lprobs = torch.zeros(bsz * beam, vocab)
+            out = block(tokens, lprobs, bsz, beam, step)
+            for row in range(bsz * beam):
+                seq = tokens[row, : step + 1].tolist()
+                last = seq[len(seq) - (n - 1):] if n > 1 else []
+                banned = {seq[i + n - 1] for i in range(len(seq) - n + 1)
+                          if seq[i: i + n - 1] == last} if len(seq) >= n else set()
+                got = {w for w in range(vocab) if out[row, w] == -math.inf}
+                assert got == banned, (n, step, seq)
+                checked += bool(banned)
+    assert checked > 20  # the random hypotheses do repeat n-grams

@@ -556,3 +556,92 @@ def test_generate_with_our_lm_fused(mt_data, mt_model, lm_model):
     assert sorted(b) == sorted(a) == list(range(N_TEST)), fused[-2000:]
     assert all(math.isfinite(x) for x in b.values())
     assert a != b
+
+
+def _lm_generate(data, ckpt, *extra):
+    """fairseq-generate --task language_modeling: each test sentence's first two words as
+    the prefix; -> {(sentence id, hypothesis): per-token scores (base 2, </s> last)}."""
+    _, out = run("generate", data, *COMMON, "--path", ckpt, "--task", "language_modeling",
+                 "--gen-subset", "valid", "--sample-break-mode", "eos", "--tokens-per-sample",
+                 "64", "--prefix-size", "2", "--batch-size", "16", *extra)
+    found = re.findall(r"^H-(\d+)\t\S+\t(.*)\n(?:D-.*\n)?P-\1\t(.*)$", out, re.M)
+    assert found, out[-3000:]
+    return {(int(i), hyp): [float(p) for p in scores.split()] for i, hyp, scores in found}
+
+
+def test_lm_generation_scores_equal_a_full_forward_over_the_hypothesis(lm_model):
+    """Beam search from a language model (incremental decoding, the state reordered
+    between beams) prints per-token scores that equal the hub's teacher-forced scores of
+    the same word sequence (one forward pass over the whole hypothesis)."""
+    from grnn_fairseq.models.rnn_lm import RecurrentLanguageModel
+
+    data, ckpt, _ = lm_model
+    hyps = _lm_generate(data, ckpt, "--beam", "3", "--nbest", "3")
+    assert len(hyps) == 3 * N_VALID
+    lm = RecurrentLanguageModel.from_pretrained(str(ckpt.parent), checkpoint_file=ckpt.name,
+                                                data_name_or_path=str(data))
+    lm.eval()
+    keys = sorted(hyps)
+    for key, scored in zip(keys, lm.score([hyp for _, hyp in keys])):
+        printed = torch.tensor(hyps[key][:-1], dtype=torch.float64)  # </s> not scored
+        expected = scored["positional_scores"].double() / math.log(2)
+        assert torch.allclose(printed, expected, atol=2e-4), (key, printed, expected)
+
+
+
+def test_generate_retain_dropout_samples_dropout_masks(mt_data, mt_model):
+    """--retain-dropout keeps the model's dropout (0.3 for the IWSLT-sized archs) on during
+    generation, as for fairseq's own models (FairseqDropout): scores change, and change with
+    the seed; --retain-dropout-modules naming none of our modules leaves the model as it is.
+    (Our nn.Dropout modules ignored the option: every run printed the deterministic output.)"""
+    ckpt, _ = mt_model
+    args = (mt_data, *COMMON, "--path", ckpt, "--beam", "5", "--batch-size", "16")
+
+    def scores(*extra):
+        _, out = run("generate", *args, *extra)
+        found = {int(i): (float(s), h) for i, s, h in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", out, re.M)}
+        assert sorted(found) == list(range(N_TEST)), out[-2000:]
+        return found
+
+    plain = scores()
+    assert scores("--retain-dropout", "--retain-dropout-modules", "LSTMDecoder") == plain
+    seed1, seed2 = (scores("--retain-dropout", "--seed", s) for s in ("1", "2"))
+    for kept in (seed1, seed2):
+        changed = sum(kept[i][0] != plain[i][0] for i in plain)
+        assert changed == N_TEST, f"dropout kept on changed {changed} of {N_TEST} scores"
+    assert seed1 != seed2
+
+
+
+def test_no_repeat_ngram_size_through_generate(work):
+    """--no-repeat-ngram-size 2 through fairseq-generate on the CPU. A model that copies
+    its source (trained here, about 20 s) copies test sources that hold a bigram twice,
+    repeating it; with the option no hypothesis holds a bigram twice (fairseq 0.12's CPU
+    path blocked nothing; test_compat.py checks the banned tokens themselves)."""
+    raw, dest, save = work / "copy_raw", work / "copy_bin", work / "copy_ckpt"
+    write_reversal_corpus(raw, (("train", 600), ("valid", 20)), WORDS[:20], max_len=8,
+                          reverse=False)
+    rng = random.Random(5)
+    tests = [rng.sample(WORDS[:20], 4) for _ in range(20)]
+    tests = [[a, b, c, a, b, d] for a, b, c, d in tests]  # a b twice
+    write_lines(raw / "test.de", [" ".join(t) for t in tests])
+    write_lines(raw / "test.en", [" ".join("t" + w[1:] for w in t) for t in tests])
+    run("preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", raw / "train",
+        "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", dest,
+        "--workers", "1")
+    sizes = [x for opt in ("encoder-embed-dim", "encoder-hidden-size", "decoder-embed-dim",
+                           "decoder-hidden-size", "attention-dim") for x in (f"--{opt}", "32")]
+    run("train", dest, *TRAIN, "--arch", "group_rnnsearch_k2", *sizes, "--encoder-layers", "1",
+        "--decoder-layers", "1", "--dropout", "0", "--batch-size", "8", "--max-epoch", "6",
+        "--save-dir", save)
+
+    def repeats(*extra):
+        _, out = run("generate", dest, *COMMON, "--path", save / "checkpoint_last.pt",
+                     "--beam", "5", "--batch-size", "20", *extra)
+        hyps = re.findall(r"^H-\d+\t\S+\t(.*)$", out, re.M)
+        assert len(hyps) == len(tests), out[-2000:]
+        return sum(len(b) != len(set(b)) for b in
+                   (list(zip(h.split(), h.split()[1:])) for h in hyps))
+
+    assert repeats() >= 15
+    assert repeats("--no-repeat-ngram-size", "2") == 0

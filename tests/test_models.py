@@ -542,6 +542,53 @@ def test_attention_matches_bahdanau_with_gradients():
         assert max_diff(got, want) < 1e-12
 
 
+# --------------------------------------------------------------------------- --retain-dropout
+RETAIN_CASES = {
+    "rnnsearch-lstm-k2": (lambda: build_mt("lstm", 2, 0.0, dropout=0.3),
+                          ("RNNSearchEncoder", "RNNSearchDecoder")),
+    "rnnsearch-gru-r0.5": (lambda: build_mt("gru", 1, 0.5, dropout=0.3),
+                           ("RNNSearchEncoder", "RNNSearchDecoder")),
+    "lm-lstm-k2": (lambda: build_lm("lstm", 2, 0.0, dropout=0.3), ("RecurrentLMDecoder",)),
+}
+
+
+@pytest.mark.parametrize("case", list(RETAIN_CASES))
+def test_retain_dropout_keeps_training_dropout_at_inference(case):
+    """fairseq-generate --retain-dropout (make_generation_fast_ with retain_dropout) keeps
+    every dropout on in the eval model: with the same seed it gives exactly the training-mode
+    forward (the same masks), and --retain-dropout-modules selects by module class name as
+    fairseq's own models do (FairseqDropout). Silently ignoring it gave deterministic output."""
+    build_model, names = RETAIN_CASES[case]
+    if case.startswith("lm"):
+        inputs = (prev_tokens(3, 6),)
+    else:
+        _, src, lengths = source_batch((7, 2, 4))
+        inputs = (src, lengths, prev_tokens(3, 6))
+
+    def forward(model, seed=0):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(*inputs)[0]
+
+    train = build_model().train()  # the reference: training mode, same weights, same seed
+    plain = build_model().eval()
+    expected, deterministic = forward(train), forward(plain)
+    assert not torch.equal(expected, deterministic)
+
+    kept = build_model()
+    kept.make_generation_fast_(retain_dropout=True)  # what --retain-dropout does
+    assert not kept.training
+    assert torch.equal(forward(kept), expected)
+    assert not torch.equal(forward(kept, seed=1), forward(kept, seed=0))
+
+    named = build_model()
+    named.make_generation_fast_(retain_dropout=True, retain_dropout_modules=list(names))
+    assert torch.equal(forward(named), expected)
+    other = build_model()
+    other.make_generation_fast_(retain_dropout=True, retain_dropout_modules=["LSTMDecoder"])
+    assert torch.equal(forward(other), deterministic)
+
+
 # --------------------------------------------------------------------------- 5. fp16 / bf16
 def test_attention_mask_exact_in_half_precision():
     """The mask uses -inf (exact in every float type): no overflow, pads get weight 0."""
@@ -698,6 +745,9 @@ def test_rnnsearch_with_language_modeling_task_fails_naming_arch(tmp_path):
     ("restricted_rnnsearch", ["--sharing-rate", "-0.1"], "--sharing-rate"),
     ("group_lstm_lm", ["--decoder-groups", "7"], "--decoder-groups"),
     ("restricted_lm", ["--sharing-rate", "1.5"], "--sharing-rate"),
+    ("group_rnnsearch_k2", ["--dropout", "1"], "--dropout-embed=1.0"),  # --dropout sets all
+    ("group_rnnsearch_k2", ["--dropout-out", "-0.1"], "--dropout-out"),
+    ("restricted_lm", ["--dropout-hidden", "1.5"], "--dropout-hidden"),
 ])
 def test_bad_options_name_the_option(arch, overrides, option):
     vocab = dict(vocab=40) if arch in LM_ARCHS else dict(src_vocab=40, tgt_vocab=40)

@@ -20,6 +20,7 @@ from .common import (
     add_recurrent_args,
     check_option_names,
     check_recurrent_options,
+    dropout_module,
     embedding,
     fail,
     linear,
@@ -74,12 +75,13 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         self.padding_idx = dictionary.pad()
         self._carry = {}  # training flag -> (segment, batch size, state), bptt_language_modeling
         self.embed_tokens = embedding(len(dictionary), args.decoder_embed_dim, self.padding_idx)
-        self.dropout_embed = nn.Dropout(args.dropout_embed)
-        self.dropout_out = nn.Dropout(args.dropout_out)
+        self.dropout_embed = dropout_module(args, "dropout-embed", self)
+        self.dropout_out = dropout_module(args, "dropout-out", self)
         self.rnn = RecurrentStack(
             args.decoder_embed_dim, args.decoder_hidden_size, args.decoder_layers, cell=args.cell,
             groups=args.decoder_groups, rearrangement=args.rearrangement,
-            sharing_rate=args.sharing_rate, dropout=args.dropout_hidden)
+            sharing_rate=args.sharing_rate,
+            dropout=dropout_module(args, "dropout-hidden", self))
         self.out_proj = (linear(args.decoder_hidden_size, args.decoder_out_embed_dim, bias=False)
                          if args.decoder_out_embed_dim != args.decoder_hidden_size else None)
         self.output_projection = nn.Linear(args.decoder_out_embed_dim, len(dictionary))

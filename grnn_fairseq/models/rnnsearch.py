@@ -28,6 +28,7 @@ from .common import (
     add_recurrent_args,
     check_option_names,
     check_recurrent_options,
+    dropout_module,
     embedding,
     fail,
     linear,
@@ -106,12 +107,13 @@ class RNNSearchEncoder(FairseqEncoder):
         super().__init__(dictionary)
         self.padding_idx = dictionary.pad()
         self.embed_tokens = embed_tokens
-        self.dropout_embed = nn.Dropout(args.dropout_embed)
-        self.dropout_out = nn.Dropout(args.dropout_out)
+        self.dropout_embed = dropout_module(args, "dropout-embed", self)
+        self.dropout_out = dropout_module(args, "dropout-out", self)
         self.rnn = RecurrentStack(
             args.encoder_embed_dim, args.encoder_hidden_size, args.encoder_layers, cell=args.cell,
             groups=args.encoder_groups, rearrangement=args.rearrangement,
-            sharing_rate=args.sharing_rate, bidirectional=True, dropout=args.dropout_hidden)
+            sharing_rate=args.sharing_rate, bidirectional=True,
+            dropout=dropout_module(args, "dropout-hidden", self))
         value_dim = 2 * args.encoder_hidden_size
         self.attention_keys = linear(value_dim, args.attention_dim, bias=False)  # U
         self.init_state = linear(value_dim, args.decoder_hidden_size)  # W_s
@@ -180,8 +182,8 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
     def __init__(self, args, dictionary, embed_tokens):
         super().__init__(dictionary)
         self.embed_tokens = embed_tokens
-        self.dropout_embed = nn.Dropout(args.dropout_embed)
-        self.dropout_out = nn.Dropout(args.dropout_out)
+        self.dropout_embed = dropout_module(args, "dropout-embed", self)
+        self.dropout_out = dropout_module(args, "dropout-out", self)
         value_dim = 2 * args.encoder_hidden_size
         self.attention = AdditiveAttention(args.decoder_hidden_size, value_dim, args.attention_dim)
         # the encoder owns U (keys are computed once per sentence); the decoder reads them
@@ -189,7 +191,8 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         self.rnn = RecurrentStack(
             args.decoder_embed_dim + value_dim, args.decoder_hidden_size, args.decoder_layers,
             cell=args.cell, groups=args.decoder_groups, rearrangement=args.rearrangement,
-            sharing_rate=args.sharing_rate, bidirectional=False, dropout=args.dropout_hidden)
+            sharing_rate=args.sharing_rate, bidirectional=False,
+            dropout=dropout_module(args, "dropout-hidden", self))
         self.readout = linear(args.decoder_hidden_size + args.decoder_embed_dim + value_dim,
                               args.decoder_out_embed_dim)
         self.output_projection = nn.Linear(args.decoder_out_embed_dim, len(dictionary))
