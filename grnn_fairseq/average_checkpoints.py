@@ -8,7 +8,8 @@
 
 Floating-point tensors of ``model`` are averaged (accumulated in float64, stored in the
 first checkpoint's dtype); all other entries (``cfg``, ``args``, non-float buffers, ...)
-are those of the first checkpoint.  Checkpoints are loaded with ``weights_only=True``
+are those of the first checkpoint (with ``--num-*-checkpoints``, the newest one, as in
+fairseq's ``scripts/average_checkpoints.py``).  Checkpoints are loaded with ``weights_only=True``
 (classes allowed by :mod:`grnn_fairseq.compat`) and the output is written atomically.
 """
 import argparse
@@ -83,6 +84,32 @@ def _check_same(first_path, first, path, model):
             )
 
 
+# model options that change what the weights mean without changing their names or shapes
+# (--rearrangement permutes units between groups; tying makes one tensor of several names);
+# the others (cell, groups, sharing rate, sizes) are caught by the shape check
+STRUCTURE_OPTIONS = ("rearrangement", "share_decoder_input_output_embed", "share_all_embeddings")
+
+
+def _model_options(state):
+    cfg = state.get("cfg")
+    model = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+    if model is None:
+        model = state.get("args")  # checkpoints older than fairseq's dataclass configs
+    if model is None:
+        return {}
+    get = model.get if isinstance(model, dict) else (lambda name: getattr(model, name, None))
+    return {name: get(name) for name in STRUCTURE_OPTIONS if get(name) is not None}
+
+
+def _check_same_options(first_path, first, path, other):
+    for name in sorted(set(first) & set(other)):
+        if first[name] != other[name]:
+            raise CheckpointMismatchError(
+                f"{path} was trained with --{name.replace('_', '-')}={other[name]} but "
+                f"{first_path} with {first[name]}: the same parameters mean different things"
+            )
+
+
 def average_checkpoints(paths):
     """The first checkpoint's state with ``model`` replaced by the mean of all of them."""
     paths = list(paths)
@@ -92,6 +119,7 @@ def average_checkpoints(paths):
     if "model" not in state:
         raise CheckpointMismatchError(f"{first_path} has no 'model' entry")
     first = state["model"]
+    first_options = _model_options(state)
     sums = {
         k: v.to(torch.float64).clone()
         for k, v in first.items()
@@ -103,6 +131,7 @@ def average_checkpoints(paths):
             raise CheckpointMismatchError(f"{path} has no 'model' entry")
         model = other["model"]
         _check_same(first_path, first, path, model)
+        _check_same_options(first_path, first_options, path, _model_options(other))
         for key in sums:
             if not model[key].is_floating_point():
                 raise CheckpointMismatchError(
@@ -161,7 +190,9 @@ def main(argv=None):
         if len(args.inputs) != 1 or not os.path.isdir(args.inputs[0]):
             parser.error("--num-*-checkpoints takes exactly one directory as --inputs")
         try:
-            paths = last_checkpoints(args.inputs[0], n, by)
+            # newest first, as fairseq's scripts/average_checkpoints.py: the output keeps the
+            # newest checkpoint's cfg, optimizer state and training position (epoch, updates)
+            paths = last_checkpoints(args.inputs[0], n, by)[::-1]
         except FileNotFoundError as err:
             parser.error(str(err))
     else:

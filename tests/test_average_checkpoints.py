@@ -154,3 +154,49 @@ def test_failed_write_keeps_old_output(tmp_path, monkeypatch):
         avg.main(["--inputs", a, "--output", str(out)])
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "avg.pt"]
+
+
+def test_same_shapes_but_different_structure_are_refused(tmp_path, capsys):
+    """--rearrangement and the tying options change what the weights mean but not their
+    names or shapes: averaging such checkpoints must fail like a shape mismatch."""
+    model = {"w": torch.zeros(2, 3)}
+
+    def save(name, **options):
+        state = {"args": None, "cfg": {"model": argparse.Namespace(arch="toy", **options)},
+                 "model": model}
+        torch.save(state, tmp_path / name)
+        return str(tmp_path / name)
+
+    both = save("both.pt", rearrangement="both", share_decoder_input_output_embed=True)
+    none = save("none.pt", rearrangement="none", share_decoder_input_output_embed=True)
+    untied = save("untied.pt", rearrangement="both", share_decoder_input_output_embed=False)
+    same = save("same.pt", rearrangement="both", share_decoder_input_output_embed=True,
+                dropout=0.5)  # options that do not change the weights' meaning may differ
+    out = tmp_path / "avg.pt"
+    assert avg.main(["--inputs", both, none, "--output", str(out)]) == 1
+    assert "--rearrangement=none" in capsys.readouterr().err
+    assert avg.main(["--inputs", both, untied, "--output", str(out)]) == 1
+    assert "--share-decoder-input-output-embed=False" in capsys.readouterr().err
+    assert not out.exists()
+    assert avg.main(["--inputs", both, same, "--output", str(out)]) == 0
+
+
+def test_selection_by_number_keeps_the_newest_training_state(tmp_path):
+    """fairseq's scripts/average_checkpoints.py lists the last N newest first and keeps the
+    first one's other entries: an average of the last epochs continues (--restore-file) from
+    the newest epoch, not from the oldest one averaged."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    for epoch in (1, 2, 3):
+        _save(d / f"checkpoint{epoch}.pt", {"w": torch.full((2,), float(epoch))},
+              extra_state={"epoch": epoch}, optimizer_history=[{"num_updates": 10 * epoch}])
+    for e in (1, 2, 3):
+        _save(d / f"checkpoint_{e}_{10 * e}.pt", {"w": torch.full((2,), float(e))},
+              extra_state={"epoch": e}, optimizer_history=[{"num_updates": 10 * e}])
+    for flag in ("--num-epoch-checkpoints", "--num-update-checkpoints"):
+        out = tmp_path / "avg.pt"
+        assert avg.main(["--inputs", str(d), flag, "2", "--output", str(out)]) == 0
+        got = torch.load(out, weights_only=True)
+        assert torch.equal(got["model"]["w"], torch.full((2,), 2.5))
+        assert got["extra_state"] == {"epoch": 3}
+        assert got["optimizer_history"] == [{"num_updates": 30}]

@@ -588,7 +588,6 @@ def test_lm_generation_scores_equal_a_full_forward_over_the_hypothesis(lm_model)
         assert torch.allclose(printed, expected, atol=2e-4), (key, printed, expected)
 
 
-
 def test_generate_retain_dropout_samples_dropout_masks(mt_data, mt_model):
     """--retain-dropout keeps the model's dropout (0.3 for the IWSLT-sized archs) on during
     generation, as for fairseq's own models (FairseqDropout): scores change, and change with
@@ -610,7 +609,6 @@ def test_generate_retain_dropout_samples_dropout_masks(mt_data, mt_model):
         changed = sum(kept[i][0] != plain[i][0] for i in plain)
         assert changed == N_TEST, f"dropout kept on changed {changed} of {N_TEST} scores"
     assert seed1 != seed2
-
 
 
 def test_no_repeat_ngram_size_through_generate(work):
@@ -645,3 +643,45 @@ def test_no_repeat_ngram_size_through_generate(work):
 
     assert repeats() >= 15
     assert repeats("--no-repeat-ngram-size", "2") == 0
+
+
+# --------------------------------------------------------------------------- tied weights
+def test_tied_model_refuses_untied_checkpoint(work, mt_data, lm_model):
+    """A checkpoint trained with untied decoder embeddings, loaded into a model that ties them
+    (--finetune-from-model, --model-overrides), is refused, as fairseq's own lstm refuses it
+    ("Unexpected key(s)": its tied model has no separate output layer). Ours holds the tied
+    parameter under both names, and torch's load_state_dict used to copy the output
+    projection over the embeddings without a word."""
+    one_epoch = [*TRAIN, "--max-epoch", "1", "--batch-size", "16"]
+    untied = work / "mt_untied"
+    run("train", mt_data, *one_epoch, "--arch", "group_rnnsearch_k2", *TINY_MT,
+        "--no-share-decoder-input-output-embed", "--save-dir", untied)
+    ckpt = untied / "checkpoint_last.pt"
+    weights = load_weights(ckpt)
+    assert not torch.equal(weights["decoder.embed_tokens.weight"],
+                           weights["decoder.output_projection.weight"])
+    # group_rnnsearch_k2 ties by default (IWSLT sizes)
+    code, out = run("train", mt_data, *one_epoch, "--arch", "group_rnnsearch_k2", *TINY_MT,
+                    "--finetune-from-model", ckpt, "--save-dir", work / "mt_tied_ft", check=False)
+    assert code != 0 and "which this model ties" in out, out[-2000:]
+    code, out = run("generate", mt_data, *COMMON, "--path", ckpt, "--beam", "2", "--batch-size",
+                    "16", "--model-overrides", "{'share_decoder_input_output_embed': True}",
+                    check=False)
+    assert code != 0 and "which this model ties" in out, out[-2000:]
+    # the options it was trained with still fine-tune it, and untying a tied checkpoint is fine
+    run("train", mt_data, *one_epoch, "--arch", "group_rnnsearch_k2", *TINY_MT,
+        "--no-share-decoder-input-output-embed", "--finetune-from-model", ckpt,
+        "--save-dir", work / "mt_untied_ft")
+
+    # the language model: the lm_model fixture ties; an untied one must not load tied
+    data, _, _ = lm_model
+    lm_untied = work / "lm_untied"
+    run("train", data, *TRAIN, "--task", "language_modeling", "--sample-break-mode", "eos",
+        "--tokens-per-sample", "64", "--arch", "restricted_lstm_lm", "--decoder-embed-dim", "16",
+        "--decoder-hidden-size", "16", "--decoder-layers", "1", "--max-epoch", "1",
+        "--batch-size", "16", "--save-dir", lm_untied)
+    code, out = run("eval-lm", data, *COMMON, "--path", lm_untied / "checkpoint_last.pt",
+                    "--gen-subset", "valid", "--batch-size", "16", "--sample-break-mode", "eos",
+                    "--tokens-per-sample", "64",
+                    "--model-overrides", "{'share_decoder_input_output_embed': True}", check=False)
+    assert code != 0 and "which this model ties" in out, out[-2000:]

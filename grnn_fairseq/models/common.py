@@ -2,6 +2,7 @@
 import argparse
 import difflib
 
+import torch
 from fairseq.modules import FairseqDropout
 from torch import nn
 
@@ -115,3 +116,31 @@ def check_option_names(model_cls, cfg):
             f"model section of the config; the options are the --{{name}} flags of "
             f"`fairseq-train --user-dir grnn_fairseq --arch {cfg.get('_name', '...')} --help` "
             f"with '-' written '_'")
+
+
+def check_tied_weights(model, state_dict):
+    """Refuse a checkpoint that holds different tensors under names this model ties.
+
+    With --share-decoder-input-output-embed / --share-all-embeddings one parameter has
+    several names (decoder.embed_tokens.weight, decoder.output_projection.weight,
+    encoder.embed_tokens.weight), and a checkpoint holds it under each of them.  torch's
+    load_state_dict copies every name into the one tensor, the last silently winning: a
+    checkpoint trained untied would load with its embeddings replaced by its output
+    projection (--finetune-from-model, --restore-file, --model-overrides).  fairseq's own
+    models name a tied output layer differently and fail with "Unexpected key(s)"."""
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in names.values():
+        present = [n for n in group if n in state_dict]
+        for name in present[1:]:
+            first, other = state_dict[present[0]], state_dict[name]
+            if (torch.is_tensor(first) and torch.is_tensor(other) and first.shape == other.shape
+                    and not torch.equal(first, other)):
+                raise ValueError(
+                    f"the checkpoint holds different weights for {present[0]} and {name}, which "
+                    f"this model ties (one parameter): it was trained without the tying options "
+                    f"this model has (--share-decoder-input-output-embed, --share-all-embeddings; "
+                    f"the IWSLT-sized architectures tie the decoder by default). Load it with the "
+                    f"options it was trained with (e.g. --no-share-decoder-input-output-embed, "
+                    f"--no-share-all-embeddings)")

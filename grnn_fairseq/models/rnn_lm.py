@@ -20,6 +20,7 @@ from .common import (
     add_recurrent_args,
     check_option_names,
     check_recurrent_options,
+    check_tied_weights,
     dropout_module,
     embedding,
     fail,
@@ -64,6 +65,10 @@ class RecurrentLanguageModel(FairseqLanguageModel):
             fail("share-decoder-input-output-embed", True, f"needs --decoder-out-embed-dim "
                  f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})")
         return cls(RecurrentLMDecoder(args, dictionary))
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_tied_weights(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def max_positions(self):
         return MAX_POSITIONS
