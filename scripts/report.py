@@ -19,6 +19,7 @@ import argparse
 import csv
 import math
 import re
+import shlex
 import sys
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -62,19 +63,63 @@ def read_rows(paths):
     return rows
 
 
+def save_dir_of(row):
+    """The ``--save-dir`` of the row's fairseq-train command (None if not recorded)."""
+    try:
+        words = shlex.split(row.get("commands") or "")
+    except ValueError:
+        return None
+    for i, word in enumerate(words[:-1]):
+        if word == "--save-dir":
+            return words[i + 1]
+    return None
+
+
 def aggregate(rows):
-    """{experiment: [run summary]}: the latest row per (experiment, run, seed), then the
-    mean (and standard deviation) over seeds; runs in their first-seen order."""
+    """{experiment: [run summary]}: the latest row (by date) per training run (its save
+    dir: a continued or re-evaluated run), then the mean (and standard deviation) over
+    seeds of the runs that differ only in the seed (same data, same work dir); runs in
+    their first-seen order.  Runs of the same name trained elsewhere (another data set or
+    work dir) are kept apart, labelled with what differs."""
     latest = OrderedDict()
-    for row in rows:
-        latest[(row["experiment"], row["run"], row.get("seed", ""))] = row
+    order = sorted(range(len(rows)), key=lambda i: rows[i].get("date") or "")  # stable
+    first_seen = {}
+    for i in order:
+        row = rows[i]
+        save = save_dir_of(row)
+        key = (row["experiment"], row["run"], row.get("data") or "",
+               save if save is not None else "seed" + str(row.get("seed") or ""))
+        first_seen.setdefault(key, i)
+        first_seen[key] = min(first_seen[key], i)
+        latest[key] = row
+    patterns = {key: re.sub(r"seed\d+/*$", "seed*", key[3]) if save_dir_of(row) else ""
+                for key, row in latest.items()}
+    relative = {p for p in patterns.values() if p and not p.startswith("/")}
+    for key, pattern in patterns.items():
+        # an absolute save dir (--work-dir given as an absolute path) is the relative one
+        # of another row when it ends with it (runs record paths relative to the root)
+        same = [r for r in relative if pattern.startswith("/") and pattern.endswith("/" + r)]
+        if same:
+            patterns[key] = max(same, key=len)
     by_run = OrderedDict()
-    for (exp, run, _), row in latest.items():
-        by_run.setdefault((exp, run), []).append(row)
+    for key in sorted(latest, key=lambda k: first_seen[k]):
+        exp, run, data, _ = key
+        by_run.setdefault((exp, run, data, patterns[key]), []).append(latest[key])
+    names = defaultdict(list)
+    for exp, run, data, pattern in by_run:
+        names[(exp, run)].append((data, pattern))
     out = OrderedDict()
-    for (exp, run), group in by_run.items():
+    for (exp, run, data, pattern), group in by_run.items():
         last = group[-1]
         s = {k: last.get(k, "") for k in last}
+        if len(names[(exp, run)]) > 1:  # the same run name trained more than one way
+            where = pattern
+            tail = f"/{exp}/{run}/seed*"
+            if where.endswith(tail):
+                where = where[:-len(tail)] or "."
+            if len({p for _, p in names[(exp, run)]}) < len(names[(exp, run)]):
+                where = data  # the same work dir: told apart by the data
+            s["run"] = f"{run} ({where})"
         s["n"] = len(group)
         s["groups_k"] = groups_of(last.get("groups"))
         s["r"] = number(last.get("sharing_rate"))

@@ -53,6 +53,9 @@ COLUMNS = ("experiment", "run", "task", "data", "arch", "cell", "groups", "rearr
            "date", "commands", "notes")
 # keys of a config that describe the experiment rather than one run
 META_KEYS = ("experiment", "description", "paper", "runs", "grid")
+# keys of a run's settings (configs/README.md, Format); anything else is a typo
+SETTING_KEYS = ("task", "data", "env", "train", "average", "generate", "eval_lm", "metrics",
+                "tokenized_bleu", "interactive")
 # fairseq-train options the runner sets itself
 RESERVED_TRAIN = ("save-dir", "user-dir", "seed")
 # lines of fairseq's output shown while it runs (everything goes to the logs; --verbose
@@ -171,6 +174,8 @@ def load_config(path):
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a config is a mapping")
     cfg.setdefault("experiment", path.stem)
+    for key in cfg:
+        check_key(str(key), str(path))
     task = cfg.get("task")
     if task not in TASKS:
         raise ConfigError(f"{path}: task must be one of {', '.join(TASKS)} (got {task!r})")
@@ -178,6 +183,17 @@ def load_config(path):
     if not isinstance(data, dict) or "path" not in data:
         raise ConfigError(f"{path}: data.path (the data-bin folder) is required")
     return cfg
+
+
+def check_key(key, where, known=SETTING_KEYS + META_KEYS):
+    """ConfigError for a top-level key that no part of the runner reads (``trian.lr``)."""
+    if key not in known:
+        import difflib
+
+        close = difflib.get_close_matches(key, known, n=1)
+        raise ConfigError(f"{where}: unknown setting {key!r}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; known: {', '.join(SETTING_KEYS)}")
 
 
 def parse_override(text):
@@ -189,6 +205,8 @@ def parse_override(text):
         if "=" not in item:
             raise ConfigError(f"--override {item!r}: expected dotted.key=value (e.g. train.lr=0.001)")
         key, value = item.split("=", 1)
+        # a run's settings only: experiment / runs / grid are read before overrides apply
+        check_key(key.strip().split(".")[0], f"--override {item!r}", SETTING_KEYS)
         out.append((key.strip(), yaml.safe_load(value) if value != "" else None))
     return out
 
@@ -296,11 +314,16 @@ class Run:
         return ([tool("fairseq-train"), rel(self.data_dir), "--user-dir", rel(USER_DIR),
                  "--save-dir", rel(self.save_dir), "--seed", str(self.seed)] + options(opts))
 
-    def average_cmd(self, n):
+    def average_cmd(self, n, paths=None):
         """Average the last ``n`` epoch checkpoints; n = 0: take checkpoint_last.pt alone
-        (a run stopped by max-update or stop-time-hours inside its first epoch)."""
-        inputs = ([rel(self.save_dir), "--num-epoch-checkpoints", str(n)] if n
-                  else [rel(self.save_dir / "checkpoint_last.pt")])
+        (a run stopped by max-update or stop-time-hours inside its first epoch); ``paths``:
+        exactly these checkpoints (a run stopped inside a later epoch: its last epoch
+        checkpoints and checkpoint_last.pt, which holds the final updates)."""
+        if paths:
+            inputs = [rel(p) for p in paths]
+        else:
+            inputs = ([rel(self.save_dir), "--num-epoch-checkpoints", str(n)] if n
+                      else [rel(self.save_dir / "checkpoint_last.pt")])
         return [sys_python(), "-m", "grnn_fairseq.average_checkpoints", "--inputs", *inputs,
                 "--output", rel(self.checkpoint)]
 
@@ -348,11 +371,11 @@ class Run:
     def interactive_input(self):
         return self.save_dir / "interactive.in"
 
-    def commands(self, n_average=None):
+    def commands(self, n_average=None, average_paths=None):
         """[(label, argv, stdin file or None)] in order."""
         cmds = [("train", self.train_cmd(), None),
-                ("average", self.average_cmd(self.average if n_average is None else n_average),
-                 None),
+                ("average", self.average_cmd(self.average if n_average is None else n_average,
+                                             average_paths), None),
                 ("evaluate", self.eval_cmd(), None)]
         if self.task == "translation" and "tokenized_bleu" in self.metrics:
             cmds.append(("score", self.score_cmd(), None))
@@ -446,6 +469,23 @@ def last_logged(log_path):
     return text[starts[-1]:] if starts else text
 
 
+_SAVED = re.compile(r"Saved checkpoint (.+?) \(epoch (\d+) @ (\d+) updates")
+
+
+def stopped_inside_epoch(text):
+    """(epoch, updates) when the last checkpoint fairseq-train saved (its log ``text``) is
+    not an epoch checkpoint: training stopped inside that epoch (max-update,
+    stop-time-hours), and only checkpoint_last.pt holds its final updates.  None when the
+    last save was an epoch's end (or nothing was saved)."""
+    saves = _SAVED.findall(text)
+    if not saves:
+        return None
+    path, epoch, updates = saves[-1]
+    if re.fullmatch(r"checkpoint\d+\.pt", Path(path).name):
+        return None
+    return int(epoch), int(updates)
+
+
 def epoch_checkpoints(save_dir):
     return sorted(int(m.group(1)) for p in Path(save_dir).glob("checkpoint*.pt")
                   if (m := re.fullmatch(r"checkpoint(\d+)\.pt", p.name)))
@@ -482,7 +522,9 @@ def parse_generate(text):
     for line in text.splitlines():
         if line.startswith("D-"):
             parts = line.split("\t")
-            hyps[int(parts[0][2:])] = parts[2] if len(parts) > 2 else ""
+            # with --nbest N fairseq prints N D- lines per sentence, best first: the best is
+            # the one --scoring scores, so keep the first (not the last, the N-th best)
+            hyps.setdefault(int(parts[0][2:]), parts[2] if len(parts) > 2 else "")
         elif line.startswith("T-"):
             parts = line.split("\t")
             refs[int(parts[0][2:])] = parts[1] if len(parts) > 1 else ""
@@ -658,9 +700,21 @@ def execute(run, results, env, show):
         raise CommandError(f"{run.name}: fairseq-train wrote no checkpoint in "
                            f"{rel(run.save_dir)} (train.no-save set?)")
     n = min(run.average, len(have))
+    paths = None
+    partial = stopped_inside_epoch(log_path.read_text(encoding="utf-8", errors="replace"))
+    if have and partial and (run.save_dir / "checkpoint_last.pt").exists():
+        # the epoch checkpoints end before the final updates: checkpoint_last.pt is the
+        # newest of the averaged checkpoints (else the row's updates would not be the
+        # evaluated model's)
+        older = have[-(run.average - 1):] if run.average > 1 else []
+        paths = [run.save_dir / f"checkpoint{e}.pt" for e in older] + [run.save_dir / "checkpoint_last.pt"]
+        n = len(paths)
+        notes.append(f"stopped inside epoch {partial[0]} at {partial[1]} updates: averaged "
+                     + (f"epoch checkpoints {older[0]}..{older[-1]} and " if older else "")
+                     + "checkpoint_last.pt")
     if 0 < n < run.average:
         notes.append(f"averaged {n} of {run.average} checkpoints")
-    cmds = run.commands(n_average=n)
+    cmds = run.commands(n_average=n, average_paths=paths)
     executed = [shell(train_cmd)]
     row = {"experiment": run.experiment, "run": run.name, "task": run.task,
            "data": rel(run.data_dir), "seed": run.seed}

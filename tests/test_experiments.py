@@ -371,10 +371,8 @@ grid:
     assert int(row["params"]) == count_parameters(model)["total"]
 
 
-@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
-def test_run_stopped_inside_the_first_epoch_is_evaluated(tmp_path, capsys):
-    """max-update inside epoch 1 leaves no epoch checkpoint: checkpoint_last.pt is
-    evaluated, and the row says so."""
+def _run_tiny_lm(tmp_path, capsys, max_update, average):
+    """run_experiment.py on a tiny LM config (tokens-per-sample 20, batch 4): the save dir."""
     _tiny_lm_data(tmp_path)
     config = tmp_path / "lm.yaml"
     config.write_text(f"""
@@ -383,16 +381,24 @@ task: lm
 data: {{path: {tmp_path / 'bin'}}}
 env: {{OMP_NUM_THREADS: 1}}
 train: {{task: language_modeling, tokens-per-sample: 20, sample-break-mode: none, batch-size: 4,
-        optimizer: sgd, lr: 5, max-update: 3, max-epoch: 5, criterion: cross_entropy, cpu: true,
-        num-workers: 0, decoder-embed-dim: 8, decoder-hidden-size: 8, decoder-layers: 1}}
-average: 3
+        optimizer: sgd, lr: 5, max-update: {max_update}, max-epoch: 5, criterion: cross_entropy,
+        cpu: true, num-workers: 0, decoder-embed-dim: 8, decoder-hidden-size: 8,
+        decoder-layers: 1}}
+average: {average}
 eval_lm: {{gen-subset: test, batch-size: 16}}
 runs: {{lstm: {{arch: restricted_lstm_lm}}}}
 """, encoding="utf-8")
+    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results",
+                    str(tmp_path / "r.tsv"), "--quiet"]) == 0, capsys.readouterr()
+    return tmp_path / "w" / "tinylm" / "lstm" / "seed1"
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_run_stopped_inside_the_first_epoch_is_evaluated(tmp_path, capsys):
+    """max-update inside epoch 1 leaves no epoch checkpoint: checkpoint_last.pt is
+    evaluated, and the row says so."""
+    save = _run_tiny_lm(tmp_path, capsys, max_update=3, average=3)
     results = tmp_path / "r.tsv"
-    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results", str(results),
-                    "--quiet"]) == 0, capsys.readouterr()
-    save = tmp_path / "w" / "tinylm" / "lstm" / "seed1"
     assert not list(save.glob("checkpoint[0-9]*.pt")) and (save / "checkpoint_last.pt").exists()
     with open(results, encoding="utf-8", newline="") as f:
         (row,) = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -400,8 +406,9 @@ runs: {{lstm: {{arch: restricted_lstm_lm}}}}
     assert "evaluated checkpoint_last.pt" in row["notes"]
     assert "checkpoint_last.pt --output" in row["commands"]
     # continued: the new row has the new evaluation, not the first one in the kept log
-    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results", str(results),
-                    "--quiet", "--override", "train.max-update=8"]) == 0, capsys.readouterr()
+    assert rx.main([str(tmp_path / "lm.yaml"), "--work-dir", str(tmp_path / "w"), "--results",
+                    str(results), "--quiet", "--override", "train.max-update=8"]) == 0, \
+        capsys.readouterr()
     with open(results, encoding="utf-8", newline="") as f:
         first, again = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     printed = re.findall(r"Perplexity: ([\d.]+)", (save / "eval-test.log").read_text())
@@ -485,6 +492,17 @@ def test_log_parsers():
     scores = rx.parse_generate("Generate test with beam=5: ROUGE-1 35.12 ROUGE-2 16.40 ROUGE-L 32.90")[2]
     assert (scores["rouge1"], scores["rouge2"], scores["rougeL"]) == (35.12, 16.40, 32.90)
     assert rx.parse_eval_lm("x | Loss (base 2): 6.6439, Perplexity: 100.02") == {"loss": 6.6439, "ppl": 100.02}
+
+
+def test_parse_generate_nbest_keeps_the_best_hypothesis():
+    # fairseq-generate --nbest 2 prints two H-/D- lines per sentence, best first; the
+    # score line (and so bleu / rouge*) is of the best one, and so must test.hyp be
+    gen = ("S-1\tsrc one\nT-1\tref one\nH-1\t-0.1\tbest one\nD-1\t-0.1\tbest one\n"
+           "P-1\t-0.1 -0.1\nH-1\t-0.9\tsecond one\nD-1\t-0.9\tsecond one\nP-1\t-0.9 -0.9\n"
+           "S-0\tsrc zero\nT-0\tref zero\nD-0\t-0.2\tbest zero\nD-0\t-0.5\t\n"
+           "Generate test with beam=5: ROUGE-1 35.12 ROUGE-2 16.40 ROUGE-L 32.90\n")
+    hyps, refs, _ = rx.parse_generate(gen)
+    assert (hyps, refs) == (["best zero", "best one"], ["ref zero", "ref one"])
 
 
 def test_append_row_keeps_one_header(tmp_path):
@@ -601,3 +619,49 @@ def test_model_fields_groups_and_tied_columns():
     lm = fields(N(arch="restricted_lstm_lm", decoder_groups=1,
                   share_decoder_input_output_embed=True))
     assert (lm["groups"], lm["tied"]) == ("1", "yes")
+
+
+# ------------------------------------------------------------------- audit regressions
+
+
+def test_override_with_an_unknown_key_is_an_error(capsys):
+    """A misspelled top-level key (trian.lr, averge) was silently ignored."""
+    for bad, hint in (("trian.lr=1", "'train'"), ("averge=1", "'average'"), ("experiment=x", "")):
+        rc = rx.main([str(ROOT / "configs" / "quickstart.yaml"), "--dry-run", "--override", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "unknown setting" in err and hint in err, (bad, err)
+
+
+def test_report_keeps_runs_trained_apart_and_takes_the_latest_by_date(tmp_path):
+    """Rows of one run name trained on other data / in another work dir are not averaged
+    as seeds, and a continued run's latest row wins whatever the order of the files."""
+    def row(work, data, seed, ppl, date):
+        save = f"{work}/e/r/seed{seed}"
+        return {"experiment": "e", "run": "r", "task": "lm", "data": data, "seed": seed,
+                "ppl": ppl, "date": date, "commands": f"fairseq-train {data} --save-dir {save}"}
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    for r in (row("work/x", "d1", 1, 100.0, "2026-01-02"), row("work/y", "d2", 1, 200.0, "2026-01-01"),
+              row("work/x", "d1", 2, 110.0, "2026-01-01")):
+        rx.append_row(a, r)
+    rx.append_row(b, row("work/x", "d1", 1, 90.0, "2026-01-03"))  # work/x seed 1, continued
+    for files in ([a, b], [b, a]):
+        (runs,) = report.aggregate(report.read_rows(files)).values()
+        got = {s["run"]: (s["ppl"], s["n"]) for s in runs}
+        assert got == {"r (work/x)": (100.0, 2), "r (work/y)": (200.0, 1)}, got
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_run_stopped_inside_a_later_epoch_evaluates_its_final_updates(tmp_path, capsys):
+    """max-update inside epoch 2: only checkpoint_last.pt holds the final updates, so it is
+    evaluated (it was checkpoint1.pt, while the row said updates = max-update)."""
+    save = _run_tiny_lm(tmp_path, capsys, max_update=40, average=1)
+    results = tmp_path / "r.tsv"
+    assert (save / "checkpoint1.pt").exists() and not (save / "checkpoint2.pt").exists()
+    with open(results, encoding="utf-8", newline="") as f:
+        (row,) = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert row["epochs"] == "2" and row["updates"] == "40"
+    import torch
+
+    state = torch.load(save / "averaged.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 40
+    assert "stopped inside epoch 2 at 40 updates" in row["notes"]
