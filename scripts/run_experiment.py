@@ -631,31 +631,38 @@ def device_name(train_opts, env):
 
 
 def append_row(path, row):
-    """Append ``row`` to the TSV at ``path`` (header written when new; an older header
-    with other columns is rewritten to the current columns)."""
+    """Append ``row`` to the TSV at ``path``, under a lock (runs side by side share a file).
+
+    A new file gets the header. A file with an older header is rewritten to the current
+    columns first, field by field (rows are never re-parsed as CSV, so quotes in old rows are
+    kept), and columns the current version no longer writes stay at the end with their
+    values."""
+    import fcntl
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: ("" if row.get(k) is None else str(row.get(k)).replace("\t", " ").replace("\n", " "))
              for k in COLUMNS}
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, encoding="utf-8", newline="") as f:
-            header = f.readline().rstrip("\n").split("\t")
-        if header != list(COLUMNS):
-            with open(path, encoding="utf-8", newline="") as f:
-                old = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                w = csv.DictWriter(f, COLUMNS, delimiter="\t", quoting=csv.QUOTE_NONE,
-                                   escapechar=None, extrasaction="ignore", lineterminator="\n")
-                w.writeheader()
-                for r in old:
-                    w.writerow({k: r.get(k) or "" for k in COLUMNS})
+    with open(path, "a+", encoding="utf-8", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        f.seek(0)
+        lines = f.read().splitlines()
+        header = lines[0].split("\t") if lines else list(COLUMNS)
+        extra = [c for c in header if c not in COLUMNS]
+        if lines and header != list(COLUMNS) + extra:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+                out.write("\t".join(list(COLUMNS) + extra) + "\n")
+                for line in lines[1:]:
+                    old = dict(zip(header, line.split("\t")))
+                    out.write("\t".join(old.get(k, "") for k in list(COLUMNS) + extra) + "\n")
+                out.write("\t".join([clean[k] for k in COLUMNS] + [""] * len(extra)) + "\n")
             os.replace(tmp, path)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", encoding="utf-8", newline="") as f:
-        if new:
+            return
+        if not lines:
             f.write("\t".join(COLUMNS) + "\n")
-        f.write("\t".join(clean[k] for k in COLUMNS) + "\n")
+        f.write("\t".join([clean[k] for k in COLUMNS] + [""] * len(extra)) + "\n")
 
 
 def fmt(v, places=2):

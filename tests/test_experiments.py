@@ -514,6 +514,28 @@ def test_append_row_keeps_one_header(tmp_path):
     assert all(len(line.split("\t")) == len(rx.COLUMNS) for line in lines)
 
 
+def test_append_row_to_an_older_file_keeps_every_old_field(tmp_path):
+    """A results file written by an older version (a column since retired, one not yet
+    there, a quote in a note) is rewritten to the current columns without losing a field;
+    a csv round trip raised "need to escape" on the quote, after the run had trained."""
+    tsv = tmp_path / "r.tsv"
+    old_columns = [c for c in rx.COLUMNS if c != "notes"] + ["retired"]
+    old_row = {c: "" for c in old_columns} | {"experiment": "e", "run": "old",
+                                               "commands": 'fairseq-train --x "a b"',
+                                               "retired": "kept"}
+    tsv.write_text("\t".join(old_columns) + "\n"
+                   + "\t".join(old_row[c] for c in old_columns) + "\n", encoding="utf-8")
+    rx.append_row(tsv, {"experiment": "e", "run": "new", "notes": "n"})
+    rx.append_row(tsv, {"experiment": "e", "run": "newer"})
+    header, *rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines()]
+    assert header == list(rx.COLUMNS) + ["retired"]
+    got = [dict(zip(header, r)) for r in rows]
+    assert [r["run"] for r in got] == ["old", "new", "newer"]
+    assert got[0]["commands"] == 'fairseq-train --x "a b"' and got[0]["retired"] == "kept"
+    assert got[0]["notes"] == "" and got[1]["notes"] == "n" and got[2]["retired"] == ""
+
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAVE_FAIRSEQ and HAVE_SPM), reason="needs fairseq and sentencepiece")
 def test_tiny_summarization_run_on_the_real_sample_reports_rouge(tmp_path, capsys):
