@@ -806,6 +806,35 @@ def summary(rows):
     return "\n".join(lines)
 
 
+def check_commands(runs):
+    """Parse every run's fairseq commands with fairseq's own parsers before any training, so
+    that a misspelled ``generate.*`` or ``eval_lm.*`` option (``generate.beem=5``) stops
+    the sweep now, not after the first run has trained. Skipped without fairseq."""
+    try:
+        from fairseq import options
+    except ImportError:
+        return
+    parsers = {"fairseq-train": options.get_training_parser,
+               "fairseq-generate": options.get_generation_parser,
+               "fairseq-interactive": options.get_interactive_generation_parser,
+               "fairseq-eval-lm": options.get_eval_lm_parser}
+    here = os.getcwd()
+    os.chdir(ROOT)  # the commands run in the repository root (--user-dir grnn_fairseq)
+    try:
+        for run in runs:
+            for label, cmd, _ in run.commands():
+                tool = Path(cmd[0]).name
+                if tool not in parsers:
+                    continue
+                try:
+                    options.parse_args_and_arch(parsers[tool](), cmd[1:])
+                except SystemExit:  # argparse has printed what it rejects
+                    raise ConfigError(f"{run.name}: {tool} rejects the options above (the "
+                                      f"config's or --override's); nothing was trained") from None
+    finally:
+        os.chdir(here)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a YAML file of configs/")
@@ -885,6 +914,7 @@ def _main(a):
             run_logged(argv, log, env, show=a.verbose and "all")
             print(f"  prepared {rel(run.data_dir)} (log: {rel(log)})", flush=True)
             run.check_data()
+    check_commands(runs)
     rows = []
     for i, run in enumerate(runs, 1):
         print(f"\n=== [{i}/{len(runs)}] {experiment} / {run.name}  ({run.arch}, save dir "

@@ -373,6 +373,13 @@ grid:
 
 def _run_tiny_lm(tmp_path, capsys, max_update, average):
     """run_experiment.py on a tiny LM config (tokens-per-sample 20, batch 4): the save dir."""
+    config = _tiny_lm_config(tmp_path, max_update, average)
+    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results",
+                    str(tmp_path / "r.tsv"), "--quiet"]) == 0, capsys.readouterr()
+    return tmp_path / "w" / "tinylm" / "lstm" / "seed1"
+
+
+def _tiny_lm_config(tmp_path, max_update, average):
     _tiny_lm_data(tmp_path)
     config = tmp_path / "lm.yaml"
     config.write_text(f"""
@@ -388,9 +395,7 @@ average: {average}
 eval_lm: {{gen-subset: test, batch-size: 16}}
 runs: {{lstm: {{arch: restricted_lstm_lm}}}}
 """, encoding="utf-8")
-    assert rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results",
-                    str(tmp_path / "r.tsv"), "--quiet"]) == 0, capsys.readouterr()
-    return tmp_path / "w" / "tinylm" / "lstm" / "seed1"
+    return config
 
 
 @pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
@@ -644,6 +649,18 @@ def test_model_fields_groups_and_tied_columns():
 
 
 # ------------------------------------------------------------------- audit regressions
+
+
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_misspelled_evaluation_option_stops_before_training(tmp_path, capsys):
+    """A misspelled eval_lm / generate option fails in fairseq's parser before any run
+    trains (it used to fail after the first run's training)."""
+    config = _tiny_lm_config(tmp_path, max_update=3, average=1)
+    rc = rx.main([str(config), "--work-dir", str(tmp_path / "w"), "--results",
+                  str(tmp_path / "r.tsv"), "--quiet", "--override", "eval_lm.beem=5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--beem" in err and "nothing was trained" in err, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r.tsv").exists()
 
 
 def test_override_with_an_unknown_key_is_an_error(capsys):
