@@ -81,19 +81,16 @@ def aggregate(rows):
     seeds of the runs that differ only in the seed (same data, same work dir); runs in
     their first-seen order.  Runs of the same name trained elsewhere (another data set or
     work dir) are kept apart, labelled with what differs."""
-    latest = OrderedDict()
-    order = sorted(range(len(rows)), key=lambda i: rows[i].get("date") or "")  # stable
-    first_seen = {}
-    for i in order:
+    latest, first_seen, patterns = {}, {}, {}
+    for i in sorted(range(len(rows)), key=lambda i: rows[i].get("date") or ""):  # stable
         row = rows[i]
         save = save_dir_of(row)
         key = (row["experiment"], row["run"], row.get("data") or "",
                save if save is not None else "seed" + str(row.get("seed") or ""))
-        first_seen.setdefault(key, i)
-        first_seen[key] = min(first_seen[key], i)
+        first_seen[key] = min(first_seen.get(key, i), i)
         latest[key] = row
-    patterns = {key: re.sub(r"seed\d+/*$", "seed*", key[3]) if save_dir_of(row) else ""
-                for key, row in latest.items()}
+        # the seeds of one run: the same save dir but for its seed<N> folder
+        patterns[key] = re.sub(r"seed\d+/*$", "seed*", save) if save is not None else ""
     relative = {p for p in patterns.values() if p and not p.startswith("/")}
     for key, pattern in patterns.items():
         # an absolute save dir (--work-dir given as an absolute path) is the relative one

@@ -386,7 +386,7 @@ def test_no_repeat_ngram_blocks_the_tokens_that_would_repeat_an_ngram():
             out = block(tokens, lprobs, bsz, beam, step)
             for row in range(bsz * beam):
                 seq = tokens[row, : step + 1].tolist()
-                last = seq[len(seq) - (n - 1):] if n > 1 else []
+                last = seq[len(seq) - (n - 1):]
                 banned = {seq[i + n - 1] for i in range(len(seq) - n + 1)
                           if seq[i: i + n - 1] == last} if len(seq) >= n else set()
                 got = {w for w in range(vocab) if out[row, w] == -math.inf}
