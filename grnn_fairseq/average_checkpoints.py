@@ -64,9 +64,15 @@ def _shape(value):
     return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
 
 
+def _is_record(key):
+    """A recurrent stack's record of its rearrangement (``RecurrentStack.shuffles``), which
+    checkpoints saved before 2026-11-24 lack: one run resumed across that change has both."""
+    return key == "shuffles" or key.endswith(".shuffles")
+
+
 def _check_same(first_path, first, path, model):
-    missing = sorted(set(first) - set(model))
-    extra = sorted(set(model) - set(first))
+    missing = sorted(k for k in set(first) - set(model) if not _is_record(k))
+    extra = sorted(k for k in set(model) - set(first) if not _is_record(k))
     if missing or extra:
         raise CheckpointMismatchError(
             f"{path} and {first_path} have different parameters: "
@@ -74,6 +80,8 @@ def _check_same(first_path, first, path, model):
             f"{len(extra)} not in {first_path} {extra[:5]}"
         )
     for key, value in first.items():
+        if key not in model:  # a record (checked above)
+            continue
         other = model[key]
         if torch.is_tensor(value) != torch.is_tensor(other) or (
             torch.is_tensor(value) and value.shape != other.shape
@@ -132,6 +140,8 @@ def average_checkpoints(paths):
         model = other["model"]
         _check_same(first_path, first, path, model)
         _check_same_options(first_path, first_options, path, _model_options(other))
+        for key in [k for k in sums if _is_record(k) and k not in model]:
+            del sums[key], first[key]  # averaged with an older checkpoint: kept by none
         for key in sums:
             if not model[key].is_floating_point():
                 raise CheckpointMismatchError(

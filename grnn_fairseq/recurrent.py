@@ -23,7 +23,7 @@ from torch import nn
 
 from . import engine
 from .cells import GATES, check_cell, state_size
-from .rearrangement import check_mode, rearrange, uses_layer, uses_time
+from .rearrangement import REARRANGEMENT_MODES, check_mode, rearrange, uses_layer, uses_time
 from .restricted import RestrictedWeights, check_sharing_rate
 from .weights import GroupedWeights, check_groups
 
@@ -151,6 +151,41 @@ class RecurrentStack(nn.Module):
                            uses_time(rearrangement), bidirectional, backend)
             for i in range(num_layers)
         )
+        # What the weights mean but their shapes do not show, saved with them: 1 where this
+        # stack shuffles [between layers, between time steps].  A state dict trained with
+        # another rearrangement (fairseq's --model-overrides "{'rearrangement': 'none'}")
+        # is refused on load instead of running with its channels read in the wrong order.
+        self.register_buffer("shuffles", self._shuffles(rearrangement))
+
+    def _shuffles(self, mode):
+        """The ``shuffles`` flags of ``mode`` for this stack's groups and layers: the modes
+        that differ only where nothing is shuffled (K=1; ``layer`` with one layer) agree."""
+        grouped = self.groups > 1
+        return torch.tensor([float(grouped and self.num_layers > 1 and uses_layer(mode)),
+                             float(grouped and uses_time(mode))])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "shuffles"
+        saved = state_dict.get(key)
+        if saved is not None and saved.shape == self.shuffles.shape:
+            trained, own = saved.float().cpu() > 0.5, self.shuffles.cpu() > 0.5
+            if not torch.equal(trained, own):
+                modes = [m for m in REARRANGEMENT_MODES
+                         if torch.equal(self._shuffles(m) > 0.5, trained)]
+                error_msgs.append(
+                    f"{key}: the weights were trained with rearrangement "
+                    f"{' / '.join(repr(m) for m in modes) or '?'} but this stack "
+                    f"(groups={self.groups}, {self.num_layers} layer(s)) was built with "
+                    f"rearrangement={self.rearrangement!r}, which would read their channels "
+                    f"in another order and give wrong outputs: build it with the "
+                    f"rearrangement it was trained with (fairseq: --rearrangement "
+                    f"{modes[-1] if modes else '...'}, or no 'rearrangement' in "
+                    f"--model-overrides)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if saved is None and key in missing_keys:  # saved before 2026-11-24: nothing to check
+            missing_keys.remove(key)
 
     @property
     def output_size(self):

@@ -93,6 +93,26 @@ def test_mismatched_keys_and_shapes_are_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_checkpoints_from_before_and_after_the_rearrangement_record_average(tmp_path):
+    """A run resumed across the change that added RecurrentStack's ``shuffles`` record has
+    checkpoints with and without it: they average (in either order), and the result keeps
+    the record only if every input has it; any other missing key is still refused."""
+    new = _save(tmp_path / "new.pt", {"w": torch.tensor([1.0, 2.0]),
+                                      "decoder.rnn.shuffles": torch.tensor([0.0, 1.0])})
+    old = _save(tmp_path / "old.pt", {"w": torch.tensor([3.0, 6.0])})
+    out = tmp_path / "avg.pt"
+    for inputs in ([new, old], [old, new]):
+        assert avg.main(["--inputs", *inputs, "--output", str(out)]) == 0
+        got = torch.load(out, weights_only=True)["model"]
+        assert list(got) == ["w"] and torch.equal(got["w"], torch.tensor([2.0, 4.0]))
+    assert avg.main(["--inputs", new, new, "--output", str(out)]) == 0
+    assert torch.equal(torch.load(out, weights_only=True)["model"]["decoder.rnn.shuffles"],
+                       torch.tensor([0.0, 1.0]))
+    other = _save(tmp_path / "other.pt", {"w": torch.tensor([3.0, 6.0]),
+                                          "decoder.rnn.weights": torch.tensor([0.0, 1.0])})
+    assert avg.main(["--inputs", other, old, "--output", str(out)]) == 1
+
+
 def test_last_n_by_number(tmp_path):
     for name in ("checkpoint2.pt", "checkpoint9.pt", "checkpoint10.pt", "checkpoint_best.pt",
                  "checkpoint_last.pt", "checkpoint_3_95.pt", "checkpoint_3_100.pt",

@@ -646,6 +646,35 @@ def test_no_repeat_ngram_size_through_generate(work):
 
 
 # --------------------------------------------------------------------------- tied weights
+def test_checkpoint_refuses_another_rearrangement(work, mt_data, mt_model):
+    """A checkpoint trained with groups and rearrangement 'both' (1 layer: the shuffle between
+    time steps) does not load into the same model without it: --model-overrides at
+    generation and --finetune-from-model fail and name the option.  Weight shapes are the
+    same, so before the stacks recorded their rearrangement this ran and gave nonsense.  A
+    checkpoint saved before the record existed still loads and translates as before."""
+    ckpt, _ = mt_model
+    gen = [*COMMON, "--beam", "2", "--batch-size", "16"]
+    code, out = run("generate", mt_data, *gen, "--path", ckpt,
+                    "--model-overrides", "{'rearrangement': 'none'}", check=False)
+    assert code != 0 and "built with rearrangement='none'" in out, out[-2000:]
+    assert "--rearrangement both" in out, out[-2000:]
+    code, out = run("train", mt_data, *TRAIN, "--max-epoch", "1", "--batch-size", "16",
+                    "--arch", "group_rnnsearch_k2", *TINY_MT, "--rearrangement", "none",
+                    "--finetune-from-model", ckpt, "--save-dir", work / "mt_none_ft", check=False)
+    assert code != 0 and "built with rearrangement='none'" in out, out[-2000:]
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    dropped = [k for k in state["model"] if k.endswith(".shuffles")]
+    assert dropped  # the encoder's and the decoder's stacks
+    for k in dropped:
+        del state["model"][k]
+    legacy = work / "mt_legacy.pt"
+    torch.save(state, legacy)
+    hyps = [re.findall(r"^H-\d+\t.*$", run("generate", mt_data, *gen, "--path", path)[1], re.M)
+            for path in (ckpt, legacy)]
+    assert hyps[0] and sorted(hyps[0]) == sorted(hyps[1])
+
+
 def test_tied_model_refuses_untied_checkpoint(work, mt_data, lm_model):
     """A checkpoint trained with untied decoder embeddings, loaded into a model that ties them
     (--finetune-from-model, --model-overrides), is refused, as fairseq's own lstm refuses it

@@ -320,3 +320,31 @@ def test_group_count_must_divide_the_input_width_too():
 def test_group_count_must_divide_the_hidden_width():
     with pytest.raises(ValueError, match="groups=3 does not divide hidden_size=8"):
         RecurrentStack(9, 8, groups=3)
+
+
+@pytest.mark.parametrize("groups,layers", [(4, 2), (4, 1), (1, 2)])
+def test_state_dict_refuses_exactly_the_rearrangements_that_change_outputs(groups, layers):
+    """A state dict records the stack's rearrangement (its weight shapes do not show it):
+    loading it into a stack built with another mode fails with the mode to use, exactly when
+    the two would compute different outputs with the same weights (K=1 and one layer make
+    some modes the same).  A state dict without the record (saved before it existed) loads."""
+    modes = ("none", "layer", "time", "both")
+    x = torch.randn(5, 3, 8)
+    for trained in modes:
+        torch.manual_seed(0)
+        src = RecurrentStack(8, 8, num_layers=layers, groups=groups, rearrangement=trained)
+        saved = src.state_dict()
+        legacy = {k: v for k, v in saved.items() if k != "shuffles"}
+        for built in modes:
+            dst = RecurrentStack(8, 8, num_layers=layers, groups=groups, rearrangement=built)
+            dst.load_state_dict(legacy)
+            same = torch.equal(src(x)[0], dst(x)[0])
+            if same:
+                dst.load_state_dict(saved)
+            else:
+                with pytest.raises(RuntimeError, match=rf"trained with rearrangement [^\n]*'{trained}'"
+                                   rf".*built with rearrangement='{built}'.*--rearrangement"):
+                    dst.load_state_dict(saved)
+        if groups > 1:  # the record survives a cast to half precision
+            RecurrentStack(8, 8, num_layers=layers, groups=groups,
+                           rearrangement=trained).load_state_dict(src.half().state_dict())
