@@ -10,7 +10,11 @@ stack are registered here when fairseq is importable.
 """
 import warnings
 
+from .errors import install_excepthook
+
 __version__ = "0.1.0"
+
+install_excepthook()  # a ConfigError ending a fairseq command prints as one line (errors.py)
 
 try:
     import fairseq  # noqa: F401

@@ -24,6 +24,8 @@ from fairseq.data import FairseqDataset, data_utils, iterators
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ class TokenStreams(torch.utils.data.Dataset):
     def __init__(self, tokens, streams, length):
         self.per_stream = (tokens.numel() - 1) // streams
         if self.per_stream < 1:
-            raise ValueError(f"{tokens.numel()} tokens cannot fill {streams} streams; lower "
+            raise ConfigError(f"{tokens.numel()} tokens cannot fill {streams} streams; lower "
                              f"--batch-size (or --batch-size-valid) or use more data")
         n = streams * self.per_stream
         self.inputs = tokens[:n].view(streams, self.per_stream)
@@ -106,14 +108,14 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         if self.args.sample_break_mode not in (None, "none"):
-            raise ValueError(f"--sample-break-mode={self.args.sample_break_mode}: "
+            raise ConfigError(f"--sample-break-mode={self.args.sample_break_mode}: "
                              "bptt_language_modeling reads the corpus as one stream; leave "
                              "it at none (or use --task language_modeling)")
         if not self.args.tokens_per_sample or self.args.tokens_per_sample < 1:
-            raise ValueError(f"--tokens-per-sample={self.args.tokens_per_sample}: the segment "
+            raise ConfigError(f"--tokens-per-sample={self.args.tokens_per_sample}: the segment "
                              "length (backpropagation steps) must be at least 1, e.g. 35")
         if self.targets != ["future"] or self.args.add_bos_token:
-            raise ValueError("bptt_language_modeling predicts the next token only: drop "
+            raise ConfigError("bptt_language_modeling predicts the next token only: drop "
                              "--self-target/--past-target/--add-bos-token")
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -139,7 +141,7 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
                 num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
                 skip_remainder_batch=skip_remainder_batch, **kwargs)
         if not max_sentences or max_sentences < 1:
-            raise ValueError(f"--batch-size={max_sentences}: bptt_language_modeling needs "
+            raise ConfigError(f"--batch-size={max_sentences}: bptt_language_modeling needs "
                              "--batch-size >= 1, the number of parallel token streams per "
                              "process (--max-tokens does not apply)")
         streams = TokenStreams(dataset.tokens, max_sentences * num_shards,
@@ -155,7 +157,7 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
                            max_positions=None, num_shards=1, shard_id=0, num_workers=1,
                            data_buffer_size=10, context_window=0):
         if context_window > 0:
-            raise ValueError("--context-window does not apply to bptt_language_modeling: "
+            raise ConfigError("--context-window does not apply to bptt_language_modeling: "
                              "every segment starts from the state the previous one ended in")
         return self.get_batch_iterator(
             dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,

@@ -7,13 +7,15 @@ products live in the engine; the cell math is written once here.
 """
 import torch
 
+from .errors import ConfigError
+
 # cell name -> number of gates G (rows of W_ih / W_hh per hidden unit)
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def check_cell(cell):
     if cell not in GATES:
-        raise ValueError(f"cell={cell!r} is not a known cell type; use one of {tuple(GATES)}")
+        raise ConfigError(f"cell={cell!r} is not a known cell type; use one of {tuple(GATES)}")
     return cell
 
 

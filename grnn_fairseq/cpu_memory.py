@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 ENV = "GRNN_KEEP_FREED_MEMORY"
 CHOICES = ("auto", "1", "0")
 M_TRIM_THRESHOLD = -1  # <malloc.h>
@@ -51,7 +53,7 @@ def wanted(value=None):
     the environment).  Raises ValueError for a value that is not one of :data:`CHOICES`."""
     value = (os.environ.get(ENV, "auto") if value is None else value).strip().lower() or "auto"
     if value not in CHOICES:
-        raise ValueError(f"${ENV}={value!r} is not one of {', '.join(CHOICES)}: 'auto' (the "
+        raise ConfigError(f"${ENV}={value!r} is not one of {', '.join(CHOICES)}: 'auto' (the "
                          "default) keeps freed memory on machines without a CUDA device, "
                          "'1' always, '0' never")
     if value == "auto":

@@ -45,6 +45,7 @@ import os
 import torch
 
 from .cells import POINTWISE
+from .errors import ConfigError
 from .rearrangement import rearrange_grouped
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
@@ -224,7 +225,7 @@ def resolve_backend(backend, cell, device, dtype=None):
     ``auto``) resolved to ``reference``, ``torch``, ``cpp`` or ``triton``."""
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
+        raise ConfigError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
                          "(argument backend= or environment variable GRNN_BACKEND)")
     fallback = "torch" if cell in CELLS["torch"] else "reference"
     if name == "auto":

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .errors import ConfigError
+
 CATEGORIES = ("embeddings", "recurrent", "attention", "output", "other")
 
 
@@ -49,7 +51,7 @@ def _dictionary(size):
     while len(d) < size:
         d.add_symbol(f"w{len(d)}")
     if len(d) != size:
-        raise ValueError(f"a fairseq dictionary has at least {len(d)} entries; got vocabulary {size}")
+        raise ConfigError(f"a fairseq dictionary has at least {len(d)} entries; got vocabulary {size}")
     return d
 
 
@@ -60,7 +62,7 @@ def build_architecture(arch, src_vocab=None, tgt_vocab=None, vocab=None, overrid
 
     if arch not in ARCH_MODEL_REGISTRY:
         ours = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m.__module__.startswith("grnn_fairseq"))
-        raise ValueError(f"--arch {arch!r} is not registered; grnn-fairseq architectures: {ours}")
+        raise ConfigError(f"--arch {arch!r} is not registered; grnn-fairseq architectures: {ours}")
     model_cls = ARCH_MODEL_REGISTRY[arch]
     parser = argparse.ArgumentParser(allow_abbrev=False)
     model_cls.add_args(parser)

@@ -7,12 +7,14 @@ moves to position ``j*K + k``.  After it, every group of the next consumer sees
 """
 import torch
 
+from .errors import ConfigError
+
 REARRANGEMENT_MODES = ("none", "layer", "time", "both")
 
 
 def check_mode(mode):
     if mode not in REARRANGEMENT_MODES:
-        raise ValueError(
+        raise ConfigError(
             f"rearrangement={mode!r} is not a rearrangement mode; use one of {REARRANGEMENT_MODES}"
         )
     return mode

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import engine
 from .cells import GATES, check_cell, state_size
+from .errors import ConfigError
 from .rearrangement import REARRANGEMENT_MODES, check_mode, rearrange, uses_layer, uses_time
 from .restricted import RestrictedWeights, check_sharing_rate
 from .weights import GroupedWeights, check_groups
@@ -124,17 +125,17 @@ class RecurrentStack(nn.Module):
                  backend=None):
         super().__init__()
         if backend is not None and backend not in engine.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not a recurrence backend; use one of "
+            raise ConfigError(f"backend={backend!r} is not a recurrence backend; use one of "
                              f"{engine.BACKENDS} or None")
         check_cell(cell)
         check_mode(rearrangement)
         if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers={num_layers!r} must be a positive integer")
+            raise ConfigError(f"num_layers={num_layers!r} must be a positive integer")
         if not isinstance(dropout, nn.Module) and not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+            raise ConfigError(f"dropout={dropout!r} must be in [0, 1)")
         rates = sharing_rate if isinstance(sharing_rate, (list, tuple)) else [sharing_rate] * num_layers
         if len(rates) != num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"sharing_rate={sharing_rate!r} has {len(rates)} values for num_layers={num_layers}; "
                 "give one value or one per layer")
         rates = [check_sharing_rate(r) for r in rates]
@@ -173,7 +174,7 @@ class RecurrentStack(nn.Module):
             if not torch.equal(trained, own):
                 modes = [m for m in REARRANGEMENT_MODES
                          if torch.equal(self._shuffles(m) > 0.5, trained)]
-                error_msgs.append(
+                raise ConfigError(
                     f"{key}: the weights were trained with rearrangement "
                     f"{' / '.join(repr(m) for m in modes) or '?'} but this stack "
                     f"(groups={self.groups}, {self.num_layers} layer(s)) was built with "

@@ -15,12 +15,13 @@ r=1 makes every input and gate use the same m-row matrix.
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .weights import check_groups, init_uniform_
 
 
 def check_sharing_rate(rate):
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"sharing_rate={rate!r} is outside [0, 1]; it is the fraction of each gate's rows "
             "taken from the shared pool (0 = standard cell, 1 = all gates share one matrix)"
         )

@@ -15,15 +15,17 @@ import math
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 def check_groups(groups, **widths):
     """Raise a ValueError unless ``groups`` is a positive int dividing every named width."""
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups={groups!r} must be a positive integer (1 = ungrouped)")
+        raise ConfigError(f"groups={groups!r} must be a positive integer (1 = ungrouped)")
     for name, width in widths.items():
         if width % groups != 0:
             divisors = [k for k in range(1, width + 1) if width % k == 0]
-            raise ValueError(
+            raise ConfigError(
                 f"groups={groups} does not divide {name}={width}; each group needs an equal "
                 f"share of the channels: use groups in {divisors} or change {name}"
             )

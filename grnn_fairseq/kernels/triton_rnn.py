@@ -62,6 +62,7 @@ import triton.language as tl
 
 from ..cells import GATES
 from ..engine import _interpreting
+from ..errors import ConfigError
 
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
@@ -786,7 +787,7 @@ def _parse_blocks(raw):
         vals = ()
     if len(vals) != 4 or any(v < 16 or v & (v - 1) for v in vals[:3]) or \
             vals[3] not in (1, 2, 4, 8, 16):
-        raise ValueError(f"GRNN_TRITON_BLOCKS={raw!r}: expected four integers bb,bj,br,warps "
+        raise ConfigError(f"GRNN_TRITON_BLOCKS={raw!r}: expected four integers bb,bj,br,warps "
                          "(block sizes powers of two >= 16, warps 1-16), e.g. 32,16,64,4")
     return vals
 
@@ -798,7 +799,7 @@ def _parse_programs(raw):
     except ValueError:
         p = 0
     if p < 1:
-        raise ValueError(f"GRNN_TRITON_PROGRAMS={raw!r}: expected a positive integer (the "
+        raise ConfigError(f"GRNN_TRITON_PROGRAMS={raw!r}: expected a positive integer (the "
                          "most programs of a persistent kernel)")
     return p
 

@@ -7,6 +7,7 @@ from fairseq.modules import FairseqDropout
 from torch import nn
 
 from ..cells import GATES
+from ..errors import ConfigError
 from ..rearrangement import REARRANGEMENT_MODES
 
 
@@ -66,7 +67,7 @@ def linear(in_features, out_features, bias=True):
 
 def fail(option, value, message):
     """A configuration error that names the option, the value and the fix."""
-    raise ValueError(f"--{option}={value}: {message}")
+    raise ConfigError(f"--{option}={value}: {message}")
 
 
 def check_recurrent_options(args, part, embed_dim, hidden_size, groups):
@@ -111,7 +112,7 @@ def check_option_names(model_cls, cfg):
         for name in unknown:
             close = difflib.get_close_matches(name, sorted(known - {"_name", "arch"}), n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
+        raise ConfigError(
             f"model {cfg.get('_name', '?')}: unknown option(s) {', '.join(hints)} in the "
             f"model section of the config; the options are the --{{name}} flags of "
             f"`fairseq-train --user-dir grnn_fairseq --arch {cfg.get('_name', '...')} --help` "
@@ -137,7 +138,7 @@ def check_tied_weights(model, state_dict):
             first, other = state_dict[present[0]], state_dict[name]
             if (torch.is_tensor(first) and torch.is_tensor(other) and first.shape == other.shape
                     and not torch.equal(first, other)):
-                raise ValueError(
+                raise ConfigError(
                     f"the checkpoint holds different weights for {present[0]} and {name}, which "
                     f"this model ties (one parameter): it was trained without the tying options "
                     f"this model has (--share-decoder-input-output-embed, --share-all-embeddings; "
