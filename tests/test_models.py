@@ -829,3 +829,27 @@ def test_decoder_gathers_restricted_weights_once_per_forward(monkeypatch):
     enc = 2 * 2  # 2 encoder layers x 2 directions, once each
     dec = 2      # 2 decoder layers, once for all 9 steps
     assert len(calls) == enc + dec
+
+
+def test_checkpoint_that_does_not_fit_names_the_cause():
+    """A checkpoint of other shapes is refused with what to do: another dictionary (the
+    embedding rows) or other model options (here the groups); torch alone says only "size
+    mismatch".  A fitting one loads."""
+    from grnn_fairseq.errors import ConfigError
+
+    k2 = build_mt(groups=2)
+    build_mt(groups=2, seed=1).load_state_dict(k2.state_dict())
+    with pytest.raises(ConfigError, match=r"encoder\.rnn\.layers\.0\.directions\.0\.weight_ih "
+                       r"is \[2, 32, 8\] in the checkpoint and \[4, 16, 4\] here.*other model "
+                       r"options \(groups"):
+        build_mt(groups=4).load_state_dict(k2.state_dict())
+    other = build(RNNSearchModel, MT_TINY + ["--share-decoder-input-output-embed"],
+                  make_dict(SRC_V), make_dict(TGT_V + 5))
+    with pytest.raises(ConfigError, match=rf"its dictionaries have \[{TGT_V}\] entries, this "
+                       rf"data's \[{SRC_V}, {TGT_V + 5}\]: use the data folder"):
+        other.load_state_dict(build_mt().state_dict())
+    lm = build_lm(tied=True)
+    bigger = build(RecurrentLanguageModel, LM_TINY + ["--share-decoder-input-output-embed"],
+                   None, make_dict(TGT_V + 1))
+    with pytest.raises(ConfigError, match=rf"its dictionaries have \[{TGT_V}\] entries"):
+        bigger.load_state_dict(lm.state_dict())

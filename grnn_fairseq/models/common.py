@@ -145,3 +145,32 @@ def check_tied_weights(model, state_dict):
                     f"the IWSLT-sized architectures tie the decoder by default). Load it with the "
                     f"options it was trained with (e.g. --no-share-decoder-input-output-embed, "
                     f"--no-share-all-embeddings)")
+
+
+def check_shapes(model, state_dict):
+    """Refuse a checkpoint whose tensors do not fit this model with the cause a user can act
+    on: a dictionary other than the training data's (the embeddings' rows differ), or other
+    model options.  torch would say only "size mismatch for <name>" under a traceback."""
+    own = model.state_dict()
+    bad = [k for k, v in state_dict.items()
+           if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    if not bad:
+        return
+    shown = "; ".join(f"{k} is {list(state_dict[k].shape)} in the checkpoint and "
+                      f"{list(own[k].shape)} here" for k in bad[:3])
+    if len(bad) > 3:
+        shown += f" (and {len(bad) - 3} more)"
+    parts = (getattr(model, "encoder", None), getattr(model, "decoder", None))
+    vocab = {len(p.dictionary) for p in parts if getattr(p, "dictionary", None) is not None}
+    if all(own[k].dim() and own[k].shape[0] in vocab
+           and state_dict[k].shape[1:] == own[k].shape[1:] for k in bad):  # only vocab rows
+        rows = sorted({state_dict[k].shape[0] for k in bad})
+        cause = (f"its dictionaries have {rows} entries, this data's {sorted(vocab)}: use the "
+                 f"data folder (its dict.*.txt) the model was trained with")
+    else:
+        cause = ("it was trained with other model options (groups, --cell, --sharing-rate, "
+                 "widths or layers): load it with those (none of them in --model-overrides; "
+                 "for --finetune-from-model or --restore-file, the training run's options, "
+                 "which the checkpoint keeps under cfg['model'])")
+    raise ConfigError(f"the checkpoint does not fit this model: {shown}; {cause}")
+

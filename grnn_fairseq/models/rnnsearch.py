@@ -28,6 +28,7 @@ from .common import (
     add_recurrent_args,
     check_option_names,
     check_recurrent_options,
+    check_shapes,
     check_tied_weights,
     dropout_module,
     embedding,
@@ -103,6 +104,7 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
         return (MAX_POSITIONS, MAX_POSITIONS)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_shapes(self, state_dict)
         check_tied_weights(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
