@@ -4,8 +4,8 @@
     python scripts/report.py results/*.tsv [--out results/report]
 
 Writes OUT/report.md: per experiment, a table of its runs (the latest row of each run and
-seed; several seeds are averaged, with the standard deviation), and PNG plots like the
-papers' figures:
+seed; several seeds are averaged, with the standard deviation, and a warning when they
+trained unequal budgets), and PNG plots like the papers' figures:
 
 * experiments over the number of groups K: parameters, training speed (target tokens/s)
   and the metric against K (one line per rearrangement setting and data set);
@@ -75,12 +75,28 @@ def save_dir_of(row):
     return None
 
 
+def unequal_budgets(group):
+    """What each row of ``group`` (the seeds of one run) trained, as "seed 1: 10 epochs,
+    1000 updates; seed 2: ...", when their epochs or updates differ (a seed stopped by a
+    time limit, continued further, or run with another max-epoch); else None."""
+    if all(len({number(r.get(c)) for r in group} - {None}) < 2 for c in ("epochs", "updates")):
+        return None
+
+    def budget(r):
+        stopped = re.search(r"stopped inside epoch \d+", r.get("notes") or "")
+        return (f"seed {r.get('seed') or '?'}: {r.get('epochs') or '?'} epochs, "
+                f"{r.get('updates') or '?'} updates"
+                + (f" ({stopped.group(0)})" if stopped else ""))
+    return "; ".join(budget(r) for r in group)
+
+
 def aggregate(rows):
     """{experiment: [run summary]}: the latest row (by date) per training run (its save
     dir: a continued or re-evaluated run), then the mean (and standard deviation) over
     seeds of the runs that differ only in the seed (same data, same work dir); runs in
     their first-seen order.  Runs of the same name trained elsewhere (another data set or
-    work dir) are kept apart, labelled with what differs."""
+    work dir) are kept apart, labelled with what differs.  ``unequal_budgets`` says what
+    each seed trained when the averaged seeds trained unequal budgets."""
     latest, first_seen, patterns = {}, {}, {}
     for i in sorted(range(len(rows)), key=lambda i: rows[i].get("date") or ""):  # stable
         row = rows[i]
@@ -118,6 +134,7 @@ def aggregate(rows):
                 where = data  # the same work dir: told apart by the data
             s["run"] = f"{run} ({where})"
         s["n"] = len(group)
+        s["unequal_budgets"] = unequal_budgets(group)
         s["groups_k"] = groups_of(last.get("groups"))
         s["r"] = number(last.get("sharing_rate"))
         for col in NUMERIC:
@@ -166,7 +183,8 @@ def markdown_table(runs):
     for s in runs:
         data = Path(s.get("data") or "-").parts
         data = "/".join(p for p in data if p not in ("data-bin",)) or "-"
-        row = [s["run"], data, f"`{s.get('arch') or '-'}`", s.get("groups") or "-",
+        run = s["run"] + (" ⚠" if s["unequal_budgets"] else "")  # see budget_warnings
+        row = [run, data, f"`{s.get('arch') or '-'}`", s.get("groups") or "-",
                s.get("rearrangement") or "-", s.get("sharing_rate") or "-", s.get("tied") or "-",
                cell(s, "params")] + [cell(s, c) for c, _, _ in mcols]
         row += [cell(s, "train_wall_s"), cell(s, "train_wps")] + (
@@ -174,6 +192,14 @@ def markdown_table(runs):
                 s.get("device") or "-"] + ([str(s["n"])] if seeds else [])
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
+
+
+def budget_warnings(runs):
+    """One warning per run whose mean is over seeds that trained unequal budgets."""
+    return [f"{s['run']}: the mean over {s['n']} seeds mixes unequal training budgets "
+            f"({s['unequal_budgets']}); continue the shorter seeds to the same budget "
+            "(run_experiment.py continues from checkpoint_last.pt) before comparing it"
+            for s in runs if s["unequal_budgets"]]
 
 
 def _pyplot():
@@ -302,6 +328,9 @@ def write_report(tsvs, out_dir):
         md.append("No results yet.")
     for exp, runs in experiments.items():
         md += [f"## {exp}", "", markdown_table(runs), ""]
+        for warning in budget_warnings(runs):
+            md += [f"⚠ {warning}", ""]
+            print(f"report.py: warning: {exp} / {warning}", file=sys.stderr)
         if plt is not None:
             for fn in (plot_groups, plot_sharing):
                 path = fn(plt, exp, runs, out_dir)

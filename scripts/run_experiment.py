@@ -267,9 +267,11 @@ def fill(value, places):
     return value
 
 
-def shell(cmd, stdin=None):
+def shell(cmd, stdin=None, stdout=None):
+    """``cmd`` as a shell command line, with its stdin / stdout redirections."""
     text = " ".join(shlex.quote(c) for c in cmd)
-    return f"{text} < {shlex.quote(stdin)}" if stdin else text
+    text = f"{text} < {shlex.quote(stdin)}" if stdin else text
+    return f"{text} > {shlex.quote(stdout)}" if stdout else text
 
 
 class Run:
@@ -371,11 +373,26 @@ class Run:
     def interactive_input(self):
         return self.save_dir / "interactive.in"
 
+    def stdout_of(self, label):
+        """The file the runner sends a command's stdout to (and parses), or None (its log)."""
+        if label == "interactive":
+            return self.save_dir / "interactive.txt"
+        if label == "evaluate" and self.task != "lm":
+            return self.save_dir / f"generate-{self.subset}.txt"
+        return None
+
+    def planned_average(self):
+        """The epoch checkpoints averaged when training runs to its max-epoch: ``average``,
+        or max-epoch when that is fewer (execute() counts what training really left)."""
+        max_epoch = int(self.train_opts.get("max-epoch") or 0)
+        return min(self.average, max_epoch) if max_epoch else self.average
+
     def commands(self, n_average=None, average_paths=None):
-        """[(label, argv, stdin file or None)] in order."""
+        """[(label, argv, stdin file or None)] in order; ``n_average`` defaults to
+        :meth:`planned_average`."""
+        n = self.planned_average() if n_average is None else n_average
         cmds = [("train", self.train_cmd(), None),
-                ("average", self.average_cmd(self.average if n_average is None else n_average,
-                                             average_paths), None),
+                ("average", self.average_cmd(n, average_paths), None),
                 ("evaluate", self.eval_cmd(), None)]
         if self.task == "translation" and "tokenized_bleu" in self.metrics:
             cmds.append(("score", self.score_cmd(), None))
@@ -384,6 +401,14 @@ class Run:
         return cmds
 
     # data ------------------------------------------------------------------------------
+    def prepare_cmd(self):
+        """The config's data.prepare command as the runner runs it (its ``python`` is this
+        Python); [] when the config names none."""
+        argv = shlex.split(self.spec["data"].get("prepare") or "")
+        if argv and argv[0] == "python":
+            argv[0] = sys.executable
+        return argv
+
     def check_data(self):
         """Raise ConfigError naming the prepare command when the data-bin is not there."""
         d = self.data_dir
@@ -736,7 +761,7 @@ def execute(run, results, env, show):
                                    f"({rel(run.save_dir / f'eval-{run.subset}.log')})")
             row.update(scores)
         elif label == "evaluate":
-            out = run.save_dir / f"generate-{run.subset}.txt"
+            out = run.stdout_of(label)
             run_logged(cmd, run.save_dir / f"generate-{run.subset}.log", env, show=show,
                        stdout_path=out)
             hyps, refs, scores = parse_generate(out.read_text(encoding="utf-8", errors="replace"))
@@ -768,7 +793,7 @@ def execute(run, results, env, show):
         elif label == "interactive":
             lines = [str(x) for x in run.interactive["inputs"]]
             (ROOT / stdin).write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-            out = run.save_dir / "interactive.txt"
+            out = run.stdout_of(label)
             run_logged(cmd, run.save_dir / "interactive.log", env, show=False, stdout_path=out,
                        stdin_path=stdin)
             text = out.read_text(encoding="utf-8", errors="replace")
@@ -806,6 +831,59 @@ def summary(rows):
     return "\n".join(lines)
 
 
+def dry_run_script(runs, results, prepare=False):
+    """The lines --dry-run prints: a bash script that runs the commands as the runner would
+    (from the repository root, with the config's env, into the same files; with
+    ``prepare``, missing data folders first), and ``#`` lines for what the runner does in
+    Python between them."""
+    lines = ["# run_experiment.py --dry-run: bash runs these lines as the runner would; '#' lines",
+             "# say what the runner does itself. A config's env applies where it is not set.",
+             shell(["cd", str(ROOT)])]
+    missing = set()
+    for run in runs:  # as _main: every missing data folder before any training
+        if run.data_dir in missing:
+            continue
+        try:
+            run.check_data()
+        except ConfigError:
+            missing.add(run.data_dir)
+            argv = run.prepare_cmd() if prepare else []
+            if not argv:
+                lines.append(f"# data folder {rel(run.data_dir)} is missing or incomplete: the "
+                             "runner stops before any training; --prepare runs the config's "
+                             f"data.prepare: {run.spec['data'].get('prepare') or '(none)'}")
+            else:
+                # _main's environment for it: this Python's tools first on PATH, and PYTHON
+                lines.append(f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH "
+                             f"PYTHON=${{PYTHON-{shlex.quote(sys.executable)}}} {shell(argv)}")
+    for run in runs:
+        save = rel(run.save_dir)
+        lines.append(f"# {run.experiment} / {run.name}  (save dir {save})")
+        lines.append(shell(["mkdir", "-p", save]))
+        env = "".join(f"{key}=${{{key}-{shlex.quote(value)}}} " for key, value in run.env.items())
+        for label, cmd, stdin in run.commands():
+            if label == "average":
+                lines.append("# the runner averages the epoch checkpoints that training left "
+                             "(fewer when it saved fewer), with checkpoint_last.pt as the newest "
+                             "when max-update or stop-time-hours stopped it inside an epoch")
+            elif label == "score":
+                spec = run.spec.get("tokenized_bleu") or {}
+                tokenized = tokenizer(spec.get("tokenizer", "13a"), spec.get("lang"))[1]
+                lines.append(f"# the runner writes the D- and T- lines of "
+                             f"{rel(run.stdout_of('evaluate'))} to {run.subset}.hyp / "
+                             f"{run.subset}.ref, and tokenized ({tokenized}) to "
+                             f"{run.subset}.hyp.tok / {run.subset}.ref.tok in {save}")
+            elif label == "interactive":
+                lines.append(shell(["printf", r"%s\n", *map(str, run.interactive["inputs"])],
+                                   stdout=stdin))
+            out = run.stdout_of(label)
+            lines.append(env + shell(cmd, stdin, out and rel(out)))
+        lines.append(f"# the runner reads the scores, epochs, updates and speed from the output "
+                     f"(logged in {save}), counts the parameters of {rel(run.checkpoint)} and "
+                     f"appends one row to {results}")
+    return lines
+
+
 def check_commands(runs):
     """Parse every run's fairseq commands with fairseq's own parsers before any training, so
     that a misspelled ``generate.*`` or ``eval_lm.*`` option (``generate.beem=5``) stops
@@ -840,7 +918,9 @@ def main(argv=None):
     p.add_argument("config", help="a YAML file of configs/")
     p.add_argument("--only", nargs="+", metavar="RUN",
                    help="run only these runs (names or shell patterns, e.g. 'ptb_lstm_*')")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the commands as a bash script (what the runner does itself "
+                        "between them as # lines), run nothing")
     p.add_argument("--list", action="store_true", help="print the run names and exit")
     p.add_argument("--seed", type=int, help="training seed (default: the config's train.seed or 1)")
     p.add_argument("--results", help="results TSV (default: results/<experiment>.tsv)")
@@ -885,14 +965,7 @@ def _main(a):
     results = Path(a.results) if a.results else ROOT / "results" / f"{experiment}.tsv"
 
     if a.dry_run:
-        for run in runs:
-            print(f"# {experiment} / {run.name}  (save dir {rel(run.save_dir)})")
-            if not run.data_dir.is_dir():
-                print(f"# data folder {rel(run.data_dir)} is missing; prepare it with: "
-                      f"{run.spec['data'].get('prepare', '?')}")
-            for label, cmd, stdin in run.commands():
-                print(shell(cmd, stdin))
-            print(f"# -> one row appended to {results}")
+        print("\n".join(dry_run_script(runs, results, a.prepare)))
         return 0
 
     env = dict(os.environ)
@@ -904,12 +977,9 @@ def _main(a):
         try:
             run.check_data()
         except ConfigError:
-            prep = run.spec["data"].get("prepare")
-            if not (a.prepare and prep):
+            argv = run.prepare_cmd()
+            if not (a.prepare and argv):
                 raise
-            argv = shlex.split(prep)
-            if argv and argv[0] == "python":
-                argv[0] = sys.executable
             log = Path(a.work_dir) / experiment / "prepare.log"
             run_logged(argv, log, env, show=a.verbose and "all")
             print(f"  prepared {rel(run.data_dir)} (log: {rel(log)})", flush=True)

@@ -7,6 +7,7 @@ checks the row that run_experiment.py appends; everything else is config expansi
 import csv
 import importlib.util
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,8 @@ def test_dry_run_prints_the_commands(capsys, tmp_path):
     assert "--arch group_rnnsearch_k2" in train[0] and "--arch group_rnnsearch_k16" in train[1]
     assert all("--max-epoch 3" in t and "--seed 7" in t and "--keep-last-epochs 5" in t for t in train)
     assert "seed7" in train[0]
-    assert sum("grnn_fairseq.average_checkpoints" in line and "--num-epoch-checkpoints 5" in line
+    # average: 5, but max-epoch 3 leaves 3 epoch checkpoints, and the runner averages those
+    assert sum("grnn_fairseq.average_checkpoints" in line and "--num-epoch-checkpoints 3" in line
                for line in lines) == 2
     gen = [line for line in lines if "fairseq-generate" in line]
     assert len(gen) == 2 and all("--scoring sacrebleu" in g and "--beam 5" in g
@@ -696,3 +698,88 @@ def test_run_stopped_inside_a_later_epoch_evaluates_its_final_updates(tmp_path, 
     state = torch.load(save / "averaged.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 40
     assert "stopped inside epoch 2 at 40 updates" in row["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_dry_run_script_runs_in_bash_as_the_runner_would(tmp_path, capsys):
+    """The --dry-run output, run by bash from another folder, trains, averages and evaluates
+    the model the runner evaluates (it had no cd to the repository root, and asked for
+    ``average`` epoch checkpoints where max-epoch leaves fewer)."""
+    config = _tiny_lm_config(tmp_path, max_update=1000, average=2)
+    args = [str(config), "--override", "train.max-epoch=1"]
+    assert rx.main(args + ["--dry-run", "--work-dir", str(tmp_path / "script")]) == 0
+    script = tmp_path / "dry-run.sh"
+    script.write_text(capsys.readouterr().out, encoding="utf-8")
+    done = subprocess.run(["bash", "-e", str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    printed = re.findall(r"Perplexity: ([\d.]+)", done.stdout + done.stderr)
+    assert len(printed) == 1
+    assert (tmp_path / "script" / "tinylm" / "lstm" / "seed1" / "averaged.pt").exists()
+    results = tmp_path / "r.tsv"
+    assert rx.main(args + ["--work-dir", str(tmp_path / "runner"), "--results", str(results),
+                           "--quiet"]) == 0, capsys.readouterr()
+    with open(results, encoding="utf-8", newline="") as f:
+        (row,) = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert float(row["ppl"]) == float(printed[0]) and "averaged 1 of 2" in row["notes"]
+
+
+def test_dry_run_script_makes_what_its_commands_read(tmp_path, capsys):
+    """Every line of a translation --dry-run --prepare (missing data, tokenized BLEU,
+    fairseq-interactive, a config env) is a command that bash can run from the repository
+    root, and every file a command reads from the save dir is written by an earlier line
+    or, where the runner writes it in Python, named by an earlier # line (interactive.in
+    was not written; the cd, the env, the data preparation and fairseq-generate's > were
+    missing)."""
+    rc = rx.main([str(ROOT / "configs" / "quickstart.yaml"), "--dry-run", "--prepare",
+                  "--work-dir", str(ROOT / "work"), "--override",
+                  f"metrics=[sacrebleu,tokenized_bleu] data.path={tmp_path / 'data-bin'}"])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if not line.startswith("#")]
+    assert commands[0] == f"cd {ROOT}"
+    assert f"PYTHON=${{PYTHON-{sys.executable}}} {sys.executable} scripts/spm_binarize.py" \
+        in commands[1]  # the data, prepared as the runner prepares it, before any training
+    save = "work/quickstart/group_rnnsearch_k2/seed1"
+    written, comments, reads = set(), "", 0
+    for line in lines:
+        if line.startswith("#"):
+            comments += line
+            continue
+        words = shlex.split(line)
+        while re.fullmatch(r"[A-Z_]+=.*", words[0]):  # the config's env: OMP_NUM_THREADS=...
+            words = words[1:]
+        assert words[0] in ("cd", "mkdir", "printf") or shutil.which(words[0]), line
+        pairs = list(zip(words, words[1:]))
+        for flag, path in pairs:
+            if flag in ("<", "--path", "--inputs", "--sys", "--ref") and path.startswith(save):
+                reads += 1
+                assert path in written or Path(path).name in comments, (path, line)
+        written |= {path for flag, path in pairs if flag in (">", "-p", "--save-dir", "--output")}
+    assert reads == 6  # --inputs, 2 x --path, --sys, --ref, < interactive.in
+    assert any(line.startswith("OMP_NUM_THREADS=") and "fairseq-train" in line for line in lines)
+    assert f"{save}/generate-test.txt" in written and f"{save}/interactive.txt" in written
+
+
+
+def test_report_warns_when_averaged_seeds_trained_unequal_budgets(tmp_path, capsys):
+    """Seeds averaged into one row but trained for different numbers of updates (one stopped
+    inside an epoch by a time limit) are flagged in the row, under the table and on stderr;
+    seeds of equal budgets are not."""
+    tsv = tmp_path / "r.tsv"
+    for run, seed, epochs, updates, notes in (
+            ("short", 1, 10, 1000, ""),
+            ("short", 2, 7, 650, "stopped inside epoch 7 at 650 updates: averaged checkpoint_last.pt"),
+            ("equal", 1, 10, 1000, ""), ("equal", 2, 10, 1000, "")):
+        rx.append_row(tsv, {"experiment": "e", "run": run, "task": "lm", "data": "d", "seed": seed,
+                            "ppl": 100.0 + seed, "epochs": epochs, "updates": updates,
+                            "notes": notes, "commands": f"fairseq-train d --save-dir "
+                                                        f"work/e/{run}/seed{seed}"})
+    assert report.main([str(tsv), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| short ⚠ |" in md and "| equal |" in md
+    budgets = ("seed 1: 10 epochs, 1000 updates; seed 2: 7 epochs, 650 updates "
+               "(stopped inside epoch 7)")
+    assert f"⚠ short: the mean over 2 seeds mixes unequal training budgets ({budgets})" in md
+    err = capsys.readouterr().err
+    assert "warning: e / short:" in err and budgets in err and "e / equal" not in err
