@@ -1,4 +1,4 @@
-"""Exact parameter accounting for layers and registered architectures.
+"""Exact parameter accounting for layers and grnn-fairseq's architectures.
 
     python -m grnn_fairseq.params --arch group_rnnsearch_k4 --src-vocab 8848 --tgt-vocab 6632
     python -m grnn_fairseq.params --arch restricted_rnn_lm --vocab 10000 --sharing-rate 0.5
@@ -56,13 +56,17 @@ def _dictionary(size):
 
 
 def build_architecture(arch, src_vocab=None, tgt_vocab=None, vocab=None, overrides=(), device="meta"):
-    """Build a registered fairseq architecture with dictionaries of the given sizes."""
+    """Build one of grnn-fairseq's architectures with dictionaries of the given sizes."""
     import grnn_fairseq  # noqa: F401  (registers the models)
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
+    ours = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m.__module__.startswith("grnn_fairseq"))
     if arch not in ARCH_MODEL_REGISTRY:
-        ours = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m.__module__.startswith("grnn_fairseq"))
         raise ConfigError(f"--arch {arch!r} is not registered; grnn-fairseq architectures: {ours}")
+    if arch not in ours:  # fairseq's own models read options of the whole training namespace
+        raise ConfigError(f"--arch {arch!r} is fairseq's own: this counts grnn-fairseq "
+                          f"architectures ({ours}); count a model of fairseq's with "
+                          f"count_parameters(model)")
     model_cls = ARCH_MODEL_REGISTRY[arch]
     parser = argparse.ArgumentParser(allow_abbrev=False)
     model_cls.add_args(parser)
@@ -107,7 +111,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With --arch, every other option is passed to the model (e.g. --encoder-groups 4).")
-    p.add_argument("--arch", help="a registered fairseq architecture")
+    p.add_argument("--arch", help="a grnn-fairseq architecture (fairseq's own are refused)")
     p.add_argument("--src-vocab", type=int, help="source dictionary size (translation models)")
     p.add_argument("--tgt-vocab", type=int, help="target dictionary size (translation models)")
     p.add_argument("--vocab", type=int, help="dictionary size (language models)")

@@ -5,8 +5,8 @@
 #      pairs) with a 2000-piece sentencepiece vocabulary (scripts/spm_binarize.py),
 #   3. trains a small 2-group RNNSearch (configs/quickstart.yaml) with progress shown,
 #      averages the last 3 epoch checkpoints, computes BLEU on the test split with beam 5
-#      (sacrebleu on detokenized output, and tokenized BLEU with fairseq-score), translates
-#      a few German sentences with fairseq-interactive and prints a results table.
+#      (sacrebleu on detokenized output), translates a few German sentences with
+#      fairseq-interactive and prints a results table.
 # Steps 2-3 take about 10 minutes on 2 CPU cores.  Everything goes to work/quickstart/; a
 # second run reuses the data and the finished training (rm -rf work/quickstart to redo
 # it).  Extra arguments go to scripts/run_experiment.py (e.g. --override "train.max-epoch=4").

@@ -119,6 +119,39 @@ def test_group_families_cover_the_papers_runs():
     assert len([n for n in lm if n.startswith("restricted_")]) == 3 * 8
 
 
+@pytest.mark.skipif(not HAVE_FAIRSEQ, reason="needs fairseq")
+def test_ptb_schedule_decays_after_epoch_14_as_zaremba():
+    """Zaremba et al. 2014 (large), as the config's comment says: the learning rate stays
+    for 14 epochs, then falls by 1/1.15 after every epoch.  fairseq's fixed schedule
+    anneals from epoch --force-anneal on, so that is 15."""
+    from fairseq.optim.lr_scheduler.fixed_schedule import FixedLRSchedule, FixedLRScheduleConfig
+
+    for spec in runs_of("ptb_group_lstm_lm").values():
+        train = spec["train"]
+        assert train["lr-scheduler"] == "fixed"
+        sched = FixedLRSchedule(FixedLRScheduleConfig(
+            force_anneal=int(train["force-anneal"]), lr_shrink=float(train["lr-shrink"]),
+            lr=[float(train["lr"])]), None)
+        assert [sched.get_next_lr(e) for e in range(1, 15)] == [20.0] * 14
+        for e in (15, 16, 30):  # lr-shrink 0.87 for 1/1.15 = 0.8696
+            assert sched.get_next_lr(e) == pytest.approx(20 / 1.15 ** (e - 14), rel=0.01)
+
+
+def test_wmt_config_prepares_the_dictionary_the_parameter_table_assumes():
+    """The WMT sizes land within 5% of Gao et al.'s counts with a joined 40k dictionary
+    (paper_tables, README "Parameter counts"); the config's prepare command must build
+    that dictionary, not prepare-wmt14-en-de.sh's default (32k: 105M / 73M, -5% / -6%)."""
+    import shlex
+
+    from grnn_fairseq.paper_tables import GROUP_RNN
+
+    dataprep = _load("dataprep_under_test", SCRIPTS / "dataprep.py")
+    argv = shlex.split(rx.load_config(ROOT / "configs" / "wmt14_group_rnnsearch.yaml")["data"]["prepare"])
+    assert argv[:2] == ["bash", "scripts/prepare-wmt14-en-de.sh"]
+    opts = dataprep.build_parser("wmt14-en-de").parse_args(argv[2:])
+    assert (opts.vocab_size, opts.vocab_size) == GROUP_RNN["wmt_en_de"]["vocab"]
+
+
 def test_restricted_grid_expands_to_cells_rates_and_embeddings():
     specs = runs_of("restricted_rnn_lm")
     assert len(specs) == 2 * 3 * 8 * 2

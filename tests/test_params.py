@@ -118,6 +118,11 @@ def test_params_command_rejects_unknown_arch():
     r = subprocess.run([sys.executable, "-m", "grnn_fairseq.params", "--arch", "nope", "--vocab", "10"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "'nope' is not registered" in r.stderr
+    # fairseq's own architectures read the whole training namespace: refused with a
+    # message, not a traceback from inside fairseq
+    r = subprocess.run([sys.executable, "-m", "grnn_fairseq.params", "--arch",
+                        "lstm_wiseman_iwslt_de_en", "--src-vocab", "10"], capture_output=True, text=True)
+    assert r.returncode == 2 and "fairseq's own" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_tied_architectures_can_be_untied_from_the_command_line():
