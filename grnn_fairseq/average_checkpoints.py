@@ -55,9 +55,16 @@ def _load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refused or corrupt file: say which file, briefly
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        why = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line),
-                   lines[0] if lines else type(err).__name__)
-        raise RuntimeError(f"cannot load {path} with weights_only=True: {why}") from err
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is not None:  # a class outside the allow-list
+            raise RuntimeError(f"cannot load {path} with weights_only=True: {refused}") from err
+        # not a checkpoint at all, or a damaged one: torch's own words, without its advice
+        # to load with weights_only=False
+        after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler" in line]
+        why = (after or lines or [""])[0].split(". ")[0]
+        raise RuntimeError(f"cannot load {path}: it is not a torch checkpoint, or it is "
+                           f"truncated ({type(err).__name__}: {why}); pass the checkpoint*.pt "
+                           f"files that fairseq-train wrote") from err
 
 
 def _shape(value):
@@ -191,6 +198,9 @@ def main(argv=None):
                        help="average the last N checkpoint_E_U.pt of the --inputs directory")
     parser.add_argument("--output", required=True, help="where to write the average")
     args = parser.parse_args(argv)
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a directory: give the file to write, e.g. "
+                     f"{os.path.join(args.output, 'averaged.pt')}")
 
     by = "epoch" if args.num_epoch_checkpoints is not None else "update"
     n = args.num_epoch_checkpoints if by == "epoch" else args.num_update_checkpoints

@@ -224,8 +224,10 @@ def resolve_backend(backend, cell, device, dtype=None):
     """The backend that runs ``cell`` on ``device``: ``backend`` (or $GRNN_BACKEND, or
     ``auto``) resolved to ``reference``, ``torch``, ``cpp`` or ``triton``."""
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
+    # how the user chose it, for the messages: the argument, or the environment variable
+    chosen = f"backend={name!r}" if backend else f"GRNN_BACKEND={name}"
     if name not in BACKENDS:
-        raise ConfigError(f"backend={name!r} is not a recurrence backend; use one of {BACKENDS} "
+        raise ConfigError(f"{chosen} is not a recurrence backend; use one of {BACKENDS} "
                          "(argument backend= or environment variable GRNN_BACKEND)")
     fallback = "torch" if cell in CELLS["torch"] else "reference"
     if name == "auto":
@@ -240,8 +242,9 @@ def resolve_backend(backend, cell, device, dtype=None):
         return "reference"
     if name == "cpp":
         if device.type != "cpu":
-            raise RuntimeError(f"backend='cpp' runs on CPU tensors (got {device.type}); use "
-                               "backend='triton' or 'torch' on the GPU")
+            raise ConfigError(f"{chosen}: the C++ backend runs on CPU tensors (got "
+                              f"{device.type}); use 'triton' or 'torch' on the GPU, or leave "
+                              "it unset ('auto' picks the backend of each device)")
         if dtype is not None and dtype not in CPP_DTYPES:
             return fallback  # the C++ loops cover fp32 / fp64
         from .kernels import cpu_rnn
@@ -249,10 +252,13 @@ def resolve_backend(backend, cell, device, dtype=None):
         cpu_rnn.load()  # a RuntimeError naming the cause and the fix if it cannot build
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' needs Triton: pip install triton")
+            raise ConfigError(f"{chosen}: needs Triton: pip install triton, or leave the "
+                              "backend unset ('auto')")
         if device.type != "cuda" and not _interpreting():
-            raise RuntimeError(f"backend='triton' runs on CUDA tensors (got {device.type}); "
-                               "set TRITON_INTERPRET=1 to run it through Triton's interpreter")
+            raise ConfigError(f"{chosen}: the Triton backend runs on CUDA tensors (got "
+                              f"{device.type}); leave it unset ('auto' picks the C++ or torch "
+                              "backend on CPU), or set TRITON_INTERPRET=1 to run it through "
+                              "Triton's interpreter")
         if dtype is not None and dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {dtype}")
     return name

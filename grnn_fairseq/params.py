@@ -68,6 +68,11 @@ def build_architecture(arch, src_vocab=None, tgt_vocab=None, vocab=None, overrid
                           f"architectures ({ours}); count a model of fairseq's with "
                           f"count_parameters(model)")
     model_cls = ARCH_MODEL_REGISTRY[arch]
+    from fairseq.models import FairseqLanguageModel
+
+    if vocab is None and issubclass(model_cls, FairseqLanguageModel):
+        raise ConfigError(f"--arch {arch!r} is a language model: give its dictionary size with "
+                          f"--vocab N (--src-vocab/--tgt-vocab are for translation models)")
     parser = argparse.ArgumentParser(allow_abbrev=False)
     model_cls.add_args(parser)
     args = parser.parse_args(list(overrides))

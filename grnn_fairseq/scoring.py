@@ -110,9 +110,20 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     args = parser.parse_args(argv)
     for path in (args.ref, args.hyp):
+        if os.path.isdir(path):
+            parser.error(f"{path} is a directory: give a text file, one sentence per line")
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")
-    refs, hyps = _read_lines(args.ref), _read_lines(args.hyp)
+    texts = []
+    for path in (args.ref, args.hyp):
+        try:
+            texts.append(_read_lines(path))
+        except UnicodeDecodeError as err:
+            parser.error(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                         f"offset {err.start}): give the detokenized text, one sentence per "
+                         "line (e.g. the H- lines of fairseq-generate, cut -f3), not a "
+                         "binarized or other-encoded file")
+    refs, hyps = texts
     if len(refs) != len(hyps):
         parser.error(
             f"line counts differ: {args.ref} has {len(refs)} lines, {args.hyp} has {len(hyps)}"

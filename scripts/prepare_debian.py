@@ -734,6 +734,24 @@ def train_and_encode_spm(raw: Path, tmp: Path, corpus: str, lang: str, args):
     inputs = [str(raw / f"train.{e}") for e in exts]
     if all(os.path.getsize(p) == 0 for p in inputs):
         raise CorpusError(f"{raw}: the train split is empty; cannot train sentencepiece")
+    try:
+        _train_spm(spm, inputs, tmp, args)
+    except RuntimeError as err:  # sentencepiece's own check, e.g. a vocabulary below the characters
+        why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        why = why.rsplit("] ", 1)[-1]  # drop "INTERNAL: src/trainer_interface.cc(...) [check]"
+        raise CorpusError(f"--vocab-size={args.vocab_size}: sentencepiece cannot train on "
+                          f"{raw} ({why}); use a larger --vocab-size (it must hold every "
+                          f"character kept by --character-coverage) or a lower "
+                          f"--character-coverage") from None
+    sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+    for split in SPLITS:
+        for e in exts:
+            lines = read_lines(raw / f"{split}.{e}")
+            pieces = sp.encode(lines, out_type=str) if lines else []
+            write_lines(tmp / f"{split}.{e}", (" ".join(p) for p in pieces))
+
+
+def _train_spm(spm, inputs, tmp, args):
     spm.SentencePieceTrainer.train(
         input=",".join(inputs),
         model_prefix=str(tmp / "spm"),
@@ -747,12 +765,6 @@ def train_and_encode_spm(raw: Path, tmp: Path, corpus: str, lang: str, args):
         minloglevel=2,
         seed_sentencepiece_size=min(1000000, max(10000, args.spm_sentences)),
     )
-    sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
-    for split in SPLITS:
-        for e in exts:
-            lines = read_lines(raw / f"{split}.{e}")
-            pieces = sp.encode(lines, out_type=str) if lines else []
-            write_lines(tmp / f"{split}.{e}", (" ".join(p) for p in pieces))
 
 
 def preprocess_command() -> list[str]:
@@ -904,6 +916,9 @@ def parse_args(argv=None):
         p.error("--sample-sizes must be three integers: train,valid,test")
     if not (0 <= args.valid_frac < 1 and 0 <= args.test_frac < 1 and args.valid_frac + args.test_frac < 1):
         p.error("--valid-frac and --test-frac must be in [0, 1) with a sum below 1")
+    if args.vocab_size < 1:
+        p.error(f"--vocab-size={args.vocab_size}: the sentencepiece vocabulary needs at least one "
+                "piece per character of the corpus, e.g. 8000")
     if args.binarize:
         args.spm = True
     return args

@@ -167,10 +167,24 @@ def load_config(path):
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a config file in it (e.g. "
+                          f"{path / 'quickstart.yaml'})")
     if not path.is_file():
         raise ConfigError(f"no such config: {path}")
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}" + (f", line {where.line + 1}, column {where.column + 1}"
+                                       if where is not None else "")
+                          + f": not valid YAML ({what}); fix the file (configs/README.md, "
+                            "Format, shows the layout)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "a config is a YAML text file") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a config is a mapping")
     cfg.setdefault("experiment", path.stem)

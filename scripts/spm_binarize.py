@@ -41,6 +41,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--force", action="store_true", help="rebuild steps that are up to date")
     a = p.parse_args(argv)
+    if a.vocab_size < 1:
+        p.error(f"--vocab-size={a.vocab_size}: the sentencepiece vocabulary needs at least one "
+                "piece per character of the corpus, e.g. 4000")
     a.joined_dictionary = True
     corpus, lang = corpus_of(a.src, a.tgt)
     missing = [str(a.raw / f"{s}.{x}") for s in pd.SPLITS for x in (a.src, a.tgt)

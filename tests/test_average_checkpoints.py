@@ -93,6 +93,27 @@ def test_mismatched_keys_and_shapes_are_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_output_folder_and_files_that_are_not_checkpoints_are_refused(tmp_path, capsys):
+    """--output a folder used to fail after averaging (IsADirectoryError); a file that is not
+    a checkpoint blamed weights_only."""
+    a = _save(tmp_path / "a.pt", {"w": torch.zeros(2)})
+    b = _save(tmp_path / "b.pt", {"w": torch.ones(2)})
+    with pytest.raises(SystemExit) as err:
+        avg.main(["--inputs", a, b, "--output", str(tmp_path)])
+    assert err.value.code == 2
+    assert f"--output {tmp_path} is a directory: give the file to write" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "a.pt").read_bytes()[:200])
+    for bad in (text, truncated):
+        assert avg.main(["--inputs", a, str(bad), "--output", str(tmp_path / "avg.pt")]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot load {bad}: it is not a torch checkpoint, or it is truncated" in err, err
+        assert "weights_only" not in err and "pass the checkpoint*.pt files" in err
+    assert not (tmp_path / "avg.pt").exists()
+
+
 def test_checkpoints_from_before_and_after_the_rearrangement_record_average(tmp_path):
     """A run resumed across the change that added RecurrentStack's ``shuffles`` record has
     checkpoints with and without it: they average (in either order), and the result keeps

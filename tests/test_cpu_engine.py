@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from grnn_fairseq import engine
+from grnn_fairseq.errors import ConfigError
 from grnn_fairseq.cells import GATES
 from grnn_fairseq.kernels import cpu_rnn
 from grnn_fairseq.recurrent import RecurrentStack
@@ -389,8 +390,18 @@ def test_dispatch(monkeypatch):
         assert engine.resolve_backend("cpp", cell, cpu, torch.bfloat16) == "reference"
         assert engine.resolve_backend("auto", cell, cpu, torch.bfloat16) == "reference"
         assert engine.resolve_backend("torch", cell, cpu, torch.float32) == "reference"
-    with pytest.raises(RuntimeError, match="CPU tensors"):
+    # a backend the user forced on the wrong device is a ConfigError naming how it was chosen
+    with pytest.raises(ConfigError, match="backend='cpp': the C\\+\\+ backend runs on CPU tensors"):
         engine.resolve_backend("cpp", "lstm", torch.device("cuda"), torch.float32)
+    monkeypatch.setenv("GRNN_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(engine, "triton_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"GRNN_BACKEND=triton: the Triton backend runs on CUDA "
+                       r"tensors \(got cpu\); leave it unset"):
+        engine.resolve_backend(None, "lstm", cpu, torch.float32)
+    monkeypatch.setattr(engine, "triton_available", lambda: False)
+    with pytest.raises(ConfigError, match="GRNN_BACKEND=triton: needs Triton: pip install triton"):
+        engine.resolve_backend(None, "lstm", cpu, torch.float32)
 
 
 def test_build_failure_falls_back_or_raises(monkeypatch):

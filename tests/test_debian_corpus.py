@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -367,6 +368,29 @@ def test_shipped_sample_is_small():
 
 # ---------------------------------------------------------------------------------------
 # sentencepiece + fairseq-preprocess (the slow path)
+
+
+def test_sentencepiece_vocabulary_errors_name_the_option(tmp_path):
+    """A vocabulary sentencepiece cannot train used to end in its RuntimeError ("INTERNAL:
+    src/trainer_interface.cc ...") under a traceback; 0 or less is refused before any work."""
+    for script in (SCRIPT, ROOT / "scripts" / "spm_binarize.py"):
+        args = (["--src", FIXTURES, "--out", tmp_path / "o"] if script == SCRIPT
+                else [SAMPLE / "deen", tmp_path / "o", "--src", "de", "--tgt", "en"])
+        proc = subprocess.run([sys.executable, str(script), *map(str, args), "--vocab-size", "0"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "--vocab-size=0: the sentencepiece vocabulary needs" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+    pytest.importorskip("sentencepiece")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.en").write_text("".join(f"{w} words of text\n" for w in "abcdefghij"))
+    args = SimpleNamespace(vocab_size=5, spm_type="unigram", character_coverage=1.0,
+                           spm_sentences=1000, workers=1)
+    with pytest.raises(P.CorpusError, match=r"--vocab-size=5: sentencepiece cannot train on .*"
+                       r"Vocabulary size is smaller than required_chars.*use a larger "
+                       r"--vocab-size"):
+        P.train_and_encode_spm(raw, tmp_path, "lm", "en", args)
 
 
 @pytest.mark.slow

@@ -242,6 +242,17 @@ def test_unknown_run_is_an_error(capsys):
     assert "no run matches nope" in capsys.readouterr().err
 
 
+def test_config_that_is_not_yaml_or_a_folder_is_an_error(capsys, tmp_path):
+    """A YAML syntax error used to end in yaml's traceback (exit 1)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\ntask: translation\n  data: [\n")
+    assert rx.main([str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 3, column 7: not valid YAML (mapping values are not allowed here)" in err
+    assert rx.main([str(ROOT / "configs"), "--dry-run"]) == 2
+    assert "configs is a folder: give a config file in it" in capsys.readouterr().err
+
+
 def test_missing_data_names_the_prepare_script(capsys, tmp_path):
     rc = rx.main([str(ROOT / "configs" / "ptb_group_lstm_lm.yaml"), "--only", "k2",
                   "--work-dir", str(tmp_path), "--results", str(tmp_path / "r.tsv"),

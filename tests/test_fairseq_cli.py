@@ -718,3 +718,33 @@ def test_tied_model_refuses_untied_checkpoint(work, mt_data, lm_model):
                     "--tokens-per-sample", "64",
                     "--model-overrides", "{'share_decoder_input_output_embed': True}", check=False)
     assert code != 0 and "which this model ties" in out, out[-2000:]
+
+
+def test_lm_checkpoint_or_other_sharing_rate_fails_with_one_line(mt_data, mt_model, lm_model):
+    """A language model given to fairseq-generate / fairseq-interactive on translation data
+    used to print unconditioned LM samples (exit 0), and fairseq-train with an LM arch and
+    --task translation failed deep in fairseq (TypeError); a translation checkpoint loaded
+    with another --sharing-rate ended in torch's "Missing key(s)" traceback."""
+    _, lm_ckpt, _ = lm_model
+    mt_ckpt, _ = mt_model
+    gen = [*COMMON, "--beam", "2", "--batch-size", "16"]
+    lm_message = (r"^\S+: error: --arch=restricted(_lstm)?_lm: a language model .* --task "
+                  r"language_modeling")
+    code, out = run("generate", mt_data, *gen, "--path", lm_ckpt, check=False)
+    assert code == 1 and re.search(lm_message, out, re.M), out[-2000:]
+    assert "Traceback" not in out and not re.search(r"^H-\d", out, re.M)
+    code, out = run("interactive", mt_data, *COMMON, "--path", lm_ckpt, "--beam", "2",
+                    stdin="s1 s2 s3\n", check=False)
+    assert code == 1 and re.search(lm_message, out, re.M), out[-2000:]
+    code, out = run("train", mt_data, *TRAIN, "--arch", "restricted_lm", "--decoder-embed-dim",
+                    "16", "--decoder-hidden-size", "16", "--max-update", "1", "--batch-size", "8",
+                    "--save-dir", mt_data.parent / "lm_on_mt", check=False)
+    assert code == 1 and re.search(lm_message, out, re.M), out[-2000:]
+    assert "Traceback" not in out
+
+    code, out = run("generate", mt_data, *gen, "--path", mt_ckpt,
+                    "--model-overrides", "{'sharing_rate': 0.5}", check=False)
+    assert code == 1 and "Traceback" not in out, out[-2000:]
+    assert re.search(r"^\S+: error: the checkpoint does not fit this model: .*its recurrent "
+                     r"layers are standard \(--sharing-rate 0\) and this model's restricted",
+                     out, re.M), out[-2000:]

@@ -774,6 +774,16 @@ def test_rnnsearch_with_language_modeling_task_fails_naming_arch(tmp_path):
     ("group_rnnsearch_k2", ["--dropout", "1"], "--dropout-embed=1.0"),  # --dropout sets all
     ("group_rnnsearch_k2", ["--dropout-out", "-0.1"], "--dropout-out"),
     ("restricted_lm", ["--dropout-hidden", "1.5"], "--dropout-hidden"),
+    # the decoder's recurrent input is the embedding and the context, not the embedding alone
+    ("group_rnnsearch_k2", ["--decoder-groups", "3"],
+     r"does not divide the decoder input width \(--decoder-embed-dim \+ 2 x "
+     r"--encoder-hidden-size\)=640"),
+    # widths and depths below 1 (a zero attention width used to train, attending uniformly)
+    ("rnnsearch", ["--attention-dim", "0"], "--attention-dim=0: must be a positive integer"),
+    ("rnnsearch", ["--encoder-hidden-size", "0"], "--encoder-hidden-size=0: must be a positive"),
+    ("rnnsearch", ["--decoder-layers", "0"], "--decoder-layers=0: must be a positive"),
+    ("restricted_lm", ["--decoder-out-embed-dim", "-4"], "--decoder-out-embed-dim=-4: must be"),
+    ("restricted_lm", ["--decoder-embed-dim", "0"], "--decoder-embed-dim=0: must be"),
 ])
 def test_bad_options_name_the_option(arch, overrides, option):
     vocab = dict(vocab=40) if arch in LM_ARCHS else dict(src_vocab=40, tgt_vocab=40)
@@ -855,6 +865,39 @@ def test_decoder_gathers_restricted_weights_once_per_forward(monkeypatch):
     enc = 2 * 2  # 2 encoder layers x 2 directions, once each
     dec = 2      # 2 decoder layers, once for all 9 steps
     assert len(calls) == enc + dec
+
+
+def test_language_model_with_a_translation_task_fails_naming_arch():
+    """An LM arch under --task translation (or an LM checkpoint given to fairseq-generate /
+    fairseq-interactive on translation data) would build over the target dictionary:
+    training failed deep in fairseq, generation printed unconditioned LM samples."""
+    from grnn_fairseq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--arch=test: a language model .* no source side: "
+                       r"use --task language_modeling"):
+        build(RecurrentLanguageModel, LM_TINY, make_dict(SRC_V), make_dict(TGT_V))
+
+
+def test_checkpoint_with_other_recurrent_parameters_names_the_cause():
+    """Standard and restricted cells (--sharing-rate 0 / > 0) and stacks of other depths have
+    other parameter names: refused with the option, not torch's "Missing key(s)"."""
+    from grnn_fairseq.errors import ConfigError
+
+    standard = build_mt().state_dict()
+    with pytest.raises(ConfigError, match=r"does not fit this model: it has \S+\.rnn\..* "
+                       r"that this model lacks; it lacks .*its recurrent layers are standard "
+                       r"\(--sharing-rate 0\) and this model's restricted"):
+        build_mt(rate=0.5).load_state_dict(standard)
+    with pytest.raises(ConfigError, match=r"are restricted \(--sharing-rate > 0\) and this "
+                       r"model's standard"):
+        build_mt().load_state_dict(build_mt(rate=0.5).state_dict())
+    deeper = build(RecurrentLanguageModel, LM_TINY + ["--decoder-layers", "3"], None,
+                   make_dict(TGT_V))
+    with pytest.raises(ConfigError, match=r"it lacks decoder\.rnn\.layers\.2\..*other model "
+                       r"options \(layers"):
+        deeper.load_state_dict(build_lm().state_dict())
+    # strict=False (fairseq's loads that allow it) is left to torch, as before
+    deeper.load_state_dict(build_lm().state_dict(), strict=False)
 
 
 def test_checkpoint_that_does_not_fit_names_the_cause():

@@ -123,6 +123,12 @@ def test_params_command_rejects_unknown_arch():
     r = subprocess.run([sys.executable, "-m", "grnn_fairseq.params", "--arch",
                         "lstm_wiseman_iwslt_de_en", "--src-vocab", "10"], capture_output=True, text=True)
     assert r.returncode == 2 and "fairseq's own" in r.stderr and "Traceback" not in r.stderr
+    # a language model counted with translation vocabularies used to count the target side
+    # as its dictionary without a word
+    r = subprocess.run([sys.executable, "-m", "grnn_fairseq.params", "--arch", "restricted_lm",
+                        "--src-vocab", "100"], capture_output=True, text=True)
+    assert r.returncode == 2 and "is a language model: give its dictionary size with " \
+        "--vocab N" in r.stderr, r.stderr
 
 
 def test_tied_architectures_can_be_untied_from_the_command_line():

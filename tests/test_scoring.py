@@ -109,6 +109,16 @@ def test_cli_errors(files, tmp_path, capsys):
         scoring.main(["--ref", str(tmp_path / "missing.txt"), "--hyp", str(hyp)])
     assert err.value.code == 2
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        scoring.main(["--ref", str(tmp_path), "--hyp", str(hyp)])
+    assert err.value.code == 2 and "is a directory" in capsys.readouterr().err
+    # not text (a binarized file, another encoding): a message, not a UnicodeDecodeError
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Gr\u00fc\u00dfe\n".encode("latin-1") * len(PAIRS))
+    with pytest.raises(SystemExit) as err:
+        scoring.main(["--ref", str(ref), "--hyp", str(latin)])
+    assert err.value.code == 2
+    assert f"{latin} is not UTF-8 text (byte 0xfc at offset 2)" in capsys.readouterr().err
 
 
 def test_python_m_entry_point(files):

@@ -395,7 +395,7 @@ def test_dispatch(monkeypatch):
         engine.resolve_backend(None, "lstm", cpu)
     monkeypatch.delenv("GRNN_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
+    with pytest.raises(ValueError, match="CUDA tensors"):  # a ConfigError
         engine.resolve_backend("triton", "lstm", cpu, torch.float32)
 
 

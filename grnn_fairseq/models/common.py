@@ -70,13 +70,28 @@ def fail(option, value, message):
     raise ConfigError(f"--{option}={value}: {message}")
 
 
-def check_recurrent_options(args, part, embed_dim, hidden_size, groups):
-    """Validate one recurrent part's options with the option names a user typed."""
+def check_sizes(args, *options):
+    """Every width and layer count named must be a positive integer: 0 or less fails deep in
+    torch (a division by zero, a negative dimension), and a zero attention width even
+    trains, with attention uniform over the source."""
+    for option in options:
+        value = getattr(args, option.replace("-", "_"))
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(option, value, "must be a positive integer")
+
+
+def check_recurrent_options(args, part, embed_dim, hidden_size, groups, input_name=None):
+    """Validate one recurrent part's options with the option names a user typed.
+
+    ``input_name``: what to call the input width in a message when it is not
+    ``--{part}-embed-dim`` alone (RNNSearch's decoder reads its embedding and the
+    attention context)."""
     from ..restricted import check_sharing_rate
     from ..weights import check_groups
 
     try:
-        check_groups(groups, **{f"--{part}-embed-dim": embed_dim, f"--{part}-hidden-size": hidden_size})
+        check_groups(groups, **{input_name or f"--{part}-embed-dim": embed_dim,
+                                f"--{part}-hidden-size": hidden_size})
     except ValueError as err:
         fail(f"{part}-groups", groups, str(err))
     try:
@@ -145,6 +160,43 @@ def check_tied_weights(model, state_dict):
                     f"the IWSLT-sized architectures tie the decoder by default). Load it with the "
                     f"options it was trained with (e.g. --no-share-decoder-input-output-embed, "
                     f"--no-share-all-embeddings)")
+
+
+def check_keys(model, state_dict):
+    """Refuse a checkpoint whose recurrent layers have other parameters than this model's
+    (standard cells and restricted ones have different names, and so do stacks of other
+    depths): torch would say "Missing key(s) ... Unexpected key(s)" under a traceback."""
+    own = set(model.state_dict())
+    given = {k for k in state_dict if torch.is_tensor(state_dict[k])}
+
+    def recurrent(k):
+        return ".rnn." in k and not k.endswith(".shuffles")  # saved since 2026-11-24 only
+
+    missing = sorted(k for k in own - given if recurrent(k))
+    unexpected = sorted(k for k in given - own if recurrent(k))
+    if not (missing or unexpected):
+        return
+    shown = []
+    if unexpected:
+        shown.append(f"it has {', '.join(unexpected[:2])}"
+                     + (f" (and {len(unexpected) - 2} more)" if len(unexpected) > 2 else "")
+                     + " that this model lacks")
+    if missing:
+        shown.append(f"it lacks {', '.join(missing[:2])}"
+                     + (f" (and {len(missing) - 2} more)" if len(missing) > 2 else ""))
+    restricted = ("shared_weight" in " ".join(unexpected), "shared_weight" in " ".join(missing))
+    if restricted[0] != restricted[1]:
+        cause = (f"its recurrent layers are {'restricted' if restricted[0] else 'standard'} "
+                 f"(--sharing-rate {'> 0' if restricted[0] else '0'}) and this model's "
+                 f"{'restricted' if restricted[1] else 'standard'}: load it with the "
+                 f"--sharing-rate it was trained with")
+    else:
+        cause = ("it was trained with other model options (layers, --cell or --sharing-rate): "
+                 "load it with those")
+    raise ConfigError(
+        f"the checkpoint does not fit this model: {'; '.join(shown)}; {cause} (none of them "
+        f"in --model-overrides; for --finetune-from-model or --restore-file, the training "
+        f"run's options, which the checkpoint keeps under cfg['model'])")
 
 
 def check_shapes(model, state_dict):

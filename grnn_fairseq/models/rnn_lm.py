@@ -19,8 +19,10 @@ from .common import (
     add_dropout_args,
     add_recurrent_args,
     check_option_names,
+    check_keys,
     check_recurrent_options,
     check_shapes,
+    check_sizes,
     check_tied_weights,
     dropout_module,
     embedding,
@@ -56,6 +58,15 @@ class RecurrentLanguageModel(FairseqLanguageModel):
     def build_model(cls, args, task):
         check_option_names(cls, args)
         base_lm_architecture(args)
+        # translation tasks (the only ones with a src_dict) would build it over the target
+        # side: training then fails deep in fairseq, generation prints unconditioned samples
+        if getattr(task, "src_dict", None) is not None:
+            fail("arch", args.arch, "a language model reads one token stream and has no "
+                 "source side: use --task language_modeling or bptt_language_modeling (with "
+                 "data binarized by fairseq-preprocess --only-source); for translation use an "
+                 "RNNSearch --arch such as rnnsearch or group_rnnsearch_k2")
+        check_sizes(args, "decoder-embed-dim", "decoder-hidden-size", "decoder-layers",
+                    "decoder-out-embed-dim")
         check_recurrent_options(args, "decoder", args.decoder_embed_dim, args.decoder_hidden_size,
                                 args.decoder_groups)
         dictionary = task.target_dictionary
@@ -69,6 +80,8 @@ class RecurrentLanguageModel(FairseqLanguageModel):
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_shapes(self, state_dict)
+        if strict:
+            check_keys(self, state_dict)
         check_tied_weights(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 

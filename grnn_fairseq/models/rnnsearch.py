@@ -27,8 +27,10 @@ from .common import (
     add_dropout_args,
     add_recurrent_args,
     check_option_names,
+    check_keys,
     check_recurrent_options,
     check_shapes,
+    check_sizes,
     check_tied_weights,
     dropout_module,
     embedding,
@@ -77,10 +79,16 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
                  "side: use --task translation (or another task with source and target "
                  "dictionaries); for language models use --arch group_lstm_lm or restricted_lm")
         tgt_dict = task.target_dictionary
+        check_sizes(args, "encoder-embed-dim", "encoder-hidden-size", "encoder-layers",
+                    "decoder-embed-dim", "decoder-hidden-size", "decoder-layers",
+                    "decoder-out-embed-dim", "attention-dim")
         check_recurrent_options(args, "encoder", args.encoder_embed_dim,
                                 args.encoder_hidden_size, args.encoder_groups)
+        # the decoder's recurrent input is [E y_{i-1}; c_i]: the embedding and the context
         check_recurrent_options(args, "decoder", args.encoder_hidden_size * 2 + args.decoder_embed_dim,
-                                args.decoder_hidden_size, args.decoder_groups)
+                                args.decoder_hidden_size, args.decoder_groups,
+                                input_name="the decoder input width (--decoder-embed-dim "
+                                           "+ 2 x --encoder-hidden-size)")
         enc_embed = embedding(len(src_dict), args.encoder_embed_dim, src_dict.pad())
         if args.share_all_embeddings:
             if src_dict != tgt_dict:
@@ -105,6 +113,8 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_shapes(self, state_dict)
+        if strict:
+            check_keys(self, state_dict)
         check_tied_weights(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
