@@ -162,11 +162,22 @@ def check_tied_weights(model, state_dict):
                     f"--no-share-all-embeddings)")
 
 
-def check_keys(model, state_dict):
+def check_checkpoint(model, state_dict, strict=True):
+    """The checks of a checkpoint that name a cause a user can act on, before torch's
+    load_state_dict (which names only tensors): its shapes, with ``strict`` its recurrent
+    parameter names, and its tying.  Both models' ``load_state_dict`` call it."""
+    own = model.state_dict()
+    check_shapes(own, model, state_dict)
+    if strict:
+        check_keys(own, state_dict)
+    check_tied_weights(model, state_dict)
+
+
+def check_keys(own, state_dict):
     """Refuse a checkpoint whose recurrent layers have other parameters than this model's
     (standard cells and restricted ones have different names, and so do stacks of other
     depths): torch would say "Missing key(s) ... Unexpected key(s)" under a traceback."""
-    own = set(model.state_dict())
+    own = set(own)
     given = {k for k in state_dict if torch.is_tensor(state_dict[k])}
 
     def recurrent(k):
@@ -199,11 +210,11 @@ def check_keys(model, state_dict):
         f"run's options, which the checkpoint keeps under cfg['model'])")
 
 
-def check_shapes(model, state_dict):
+def check_shapes(own, model, state_dict):
     """Refuse a checkpoint whose tensors do not fit this model with the cause a user can act
     on: a dictionary other than the training data's (the embeddings' rows differ), or other
-    model options.  torch would say only "size mismatch for <name>" under a traceback."""
-    own = model.state_dict()
+    model options.  torch would say only "size mismatch for <name>" under a traceback.
+    ``own``: ``model.state_dict()``."""
     bad = [k for k, v in state_dict.items()
            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
     if not bad:

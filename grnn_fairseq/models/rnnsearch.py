@@ -26,12 +26,10 @@ from ..recurrent import RecurrentStack, from_grouped, to_grouped
 from .common import (
     add_dropout_args,
     add_recurrent_args,
+    check_checkpoint,
     check_option_names,
-    check_keys,
     check_recurrent_options,
-    check_shapes,
     check_sizes,
-    check_tied_weights,
     dropout_module,
     embedding,
     fail,
@@ -112,10 +110,7 @@ class RNNSearchModel(FairseqEncoderDecoderModel):
         return (MAX_POSITIONS, MAX_POSITIONS)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_shapes(self, state_dict)
-        if strict:
-            check_keys(self, state_dict)
-        check_tied_weights(self, state_dict)
+        check_checkpoint(self, state_dict, strict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
