@@ -815,7 +815,8 @@ def execute(run, results, env, show):
             print(f"[{run.name}] translations (fairseq-interactive, {rel(out)}):")
             for i, src in enumerate(lines):
                 print(f"  {src}\n    -> {got.get(i, '(none)')}")
-        executed.append(shell(cmd, stdin))
+        out = run.stdout_of(label)
+        executed.append(shell(cmd, stdin, out and rel(out)))  # as --dry-run prints it
 
     info = model_info(run.checkpoint, run.data_dir)
     row.update(info)

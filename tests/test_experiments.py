@@ -342,6 +342,10 @@ runs:
     for tool in ("fairseq-train", "average_checkpoints", "fairseq-generate", "fairseq-score",
                  "fairseq-interactive"):
         assert tool in row["commands"]
+    # the row's commands write where the runner wrote, as --dry-run prints them
+    save = tmp_path / "work" / "tiny" / "k2" / "seed3"
+    assert f"> {save / 'generate-test.txt'}" in row["commands"], row["commands"]
+    assert "interactive.in > " in row["commands"]
     assert "averaged 1 of 2" in row["notes"]
     assert row["rouge1"] == row["ppl"] == ""
 
