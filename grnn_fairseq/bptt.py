@@ -54,7 +54,7 @@ class TokenStreams(torch.utils.data.Dataset):
         self.per_stream = (tokens.numel() - 1) // streams
         if self.per_stream < 1:
             raise ConfigError(f"{tokens.numel()} tokens cannot fill {streams} streams; lower "
-                             f"--batch-size (or --batch-size-valid) or use more data")
+                              f"--batch-size (or --batch-size-valid) or use more data")
         n = streams * self.per_stream
         self.inputs = tokens[:n].view(streams, self.per_stream)
         self.targets = tokens[1:n + 1].view(streams, self.per_stream)
@@ -109,14 +109,14 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
         super().__init__(args, dictionary, output_dictionary, targets)
         if self.args.sample_break_mode not in (None, "none"):
             raise ConfigError(f"--sample-break-mode={self.args.sample_break_mode}: "
-                             "bptt_language_modeling reads the corpus as one stream; leave "
-                             "it at none (or use --task language_modeling)")
+                              "bptt_language_modeling reads the corpus as one stream; leave "
+                              "it at none (or use --task language_modeling)")
         if not self.args.tokens_per_sample or self.args.tokens_per_sample < 1:
             raise ConfigError(f"--tokens-per-sample={self.args.tokens_per_sample}: the segment "
-                             "length (backpropagation steps) must be at least 1, e.g. 35")
+                              "length (backpropagation steps) must be at least 1, e.g. 35")
         if self.targets != ["future"] or self.args.add_bos_token:
             raise ConfigError("bptt_language_modeling predicts the next token only: drop "
-                             "--self-target/--past-target/--add-bos-token")
+                              "--self-target/--past-target/--add-bos-token")
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         paths = utils.split_paths(self.args.data)
@@ -142,8 +142,8 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
                 skip_remainder_batch=skip_remainder_batch, **kwargs)
         if not max_sentences or max_sentences < 1:
             raise ConfigError(f"--batch-size={max_sentences}: bptt_language_modeling needs "
-                             "--batch-size >= 1, the number of parallel token streams per "
-                             "process (--max-tokens does not apply)")
+                              "--batch-size >= 1, the number of parallel token streams per "
+                              "process (--max-tokens does not apply)")
         streams = TokenStreams(dataset.tokens, max_sentences * num_shards,
                                self.args.tokens_per_sample)
         return iterators.EpochBatchIterator(
@@ -158,7 +158,7 @@ class BPTTLanguageModelingTask(LanguageModelingTask):
                            data_buffer_size=10, context_window=0):
         if context_window > 0:
             raise ConfigError("--context-window does not apply to bptt_language_modeling: "
-                             "every segment starts from the state the previous one ended in")
+                              "every segment starts from the state the previous one ended in")
         return self.get_batch_iterator(
             dataset, max_sentences=batch_size, num_shards=num_shards, shard_id=shard_id,
             num_workers=num_workers, data_buffer_size=data_buffer_size,

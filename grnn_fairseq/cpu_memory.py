@@ -54,8 +54,8 @@ def wanted(value=None):
     value = (os.environ.get(ENV, "auto") if value is None else value).strip().lower() or "auto"
     if value not in CHOICES:
         raise ConfigError(f"${ENV}={value!r} is not one of {', '.join(CHOICES)}: 'auto' (the "
-                         "default) keeps freed memory on machines without a CUDA device, "
-                         "'1' always, '0' never")
+                          "default) keeps freed memory on machines without a CUDA device, "
+                          "'1' always, '0' never")
     if value == "auto":
         return not torch.cuda.is_available()
     return value == "1"

@@ -220,15 +220,18 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _chosen(backend, name):
+    """How the user chose backend ``name``, for messages: the argument or $GRNN_BACKEND."""
+    return f"backend={name!r}" if backend else f"GRNN_BACKEND={name}"
+
+
 def resolve_backend(backend, cell, device, dtype=None):
     """The backend that runs ``cell`` on ``device``: ``backend`` (or $GRNN_BACKEND, or
     ``auto``) resolved to ``reference``, ``torch``, ``cpp`` or ``triton``."""
     name = backend or os.environ.get("GRNN_BACKEND") or "auto"
-    # how the user chose it, for the messages: the argument, or the environment variable
-    chosen = f"backend={name!r}" if backend else f"GRNN_BACKEND={name}"
     if name not in BACKENDS:
-        raise ConfigError(f"{chosen} is not a recurrence backend; use one of {BACKENDS} "
-                         "(argument backend= or environment variable GRNN_BACKEND)")
+        raise ConfigError(f"{_chosen(backend, name)} is not a recurrence backend; use one of "
+                          f"{BACKENDS} (argument backend= or environment variable GRNN_BACKEND)")
     fallback = "torch" if cell in CELLS["torch"] else "reference"
     if name == "auto":
         if (device.type == "cuda" and cell in CELLS["triton"] and dtype in TRITON_DTYPES
@@ -242,9 +245,9 @@ def resolve_backend(backend, cell, device, dtype=None):
         return "reference"
     if name == "cpp":
         if device.type != "cpu":
-            raise ConfigError(f"{chosen}: the C++ backend runs on CPU tensors (got "
-                              f"{device.type}); use 'triton' or 'torch' on the GPU, or leave "
-                              "it unset ('auto' picks the backend of each device)")
+            raise ConfigError(f"{_chosen(backend, name)}: the C++ backend runs on CPU tensors "
+                              f"(got {device.type}); use 'triton' or 'torch' on the GPU, or "
+                              "leave it unset ('auto' picks the backend of each device)")
         if dtype is not None and dtype not in CPP_DTYPES:
             return fallback  # the C++ loops cover fp32 / fp64
         from .kernels import cpu_rnn
@@ -252,13 +255,13 @@ def resolve_backend(backend, cell, device, dtype=None):
         cpu_rnn.load()  # a RuntimeError naming the cause and the fix if it cannot build
     if name == "triton":
         if not triton_available():
-            raise ConfigError(f"{chosen}: needs Triton: pip install triton, or leave the "
-                              "backend unset ('auto')")
+            raise ConfigError(f"{_chosen(backend, name)}: needs Triton: pip install triton, "
+                              "or leave the backend unset ('auto')")
         if device.type != "cuda" and not _interpreting():
-            raise ConfigError(f"{chosen}: the Triton backend runs on CUDA tensors (got "
-                              f"{device.type}); leave it unset ('auto' picks the C++ or torch "
-                              "backend on CPU), or set TRITON_INTERPRET=1 to run it through "
-                              "Triton's interpreter")
+            raise ConfigError(f"{_chosen(backend, name)}: the Triton backend runs on CUDA "
+                              f"tensors (got {device.type}); leave it unset ('auto' picks the "
+                              "C++ or torch backend on CPU), or set TRITON_INTERPRET=1 to run "
+                              "it through Triton's interpreter")
         if dtype is not None and dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports {TRITON_DTYPES}, got {dtype}")
     return name

@@ -58,7 +58,7 @@ def _dictionary(size):
 def build_architecture(arch, src_vocab=None, tgt_vocab=None, vocab=None, overrides=(), device="meta"):
     """Build one of grnn-fairseq's architectures with dictionaries of the given sizes."""
     import grnn_fairseq  # noqa: F401  (registers the models)
-    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, FairseqLanguageModel
 
     ours = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m.__module__.startswith("grnn_fairseq"))
     if arch not in ARCH_MODEL_REGISTRY:
@@ -68,8 +68,6 @@ def build_architecture(arch, src_vocab=None, tgt_vocab=None, vocab=None, overrid
                           f"architectures ({ours}); count a model of fairseq's with "
                           f"count_parameters(model)")
     model_cls = ARCH_MODEL_REGISTRY[arch]
-    from fairseq.models import FairseqLanguageModel
-
     if vocab is None and issubclass(model_cls, FairseqLanguageModel):
         raise ConfigError(f"--arch {arch!r} is a language model: give its dictionary size with "
                           f"--vocab N (--src-vocab/--tgt-vocab are for translation models)")

@@ -126,7 +126,7 @@ class RecurrentStack(nn.Module):
         super().__init__()
         if backend is not None and backend not in engine.BACKENDS:
             raise ConfigError(f"backend={backend!r} is not a recurrence backend; use one of "
-                             f"{engine.BACKENDS} or None")
+                              f"{engine.BACKENDS} or None")
         check_cell(cell)
         check_mode(rearrangement)
         if not isinstance(num_layers, int) or num_layers < 1:

@@ -109,13 +109,12 @@ def main(argv=None):
     parser.add_argument("--hyp", required=True, help="hypotheses, one sentence per line")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     args = parser.parse_args(argv)
+    texts = []
     for path in (args.ref, args.hyp):
         if os.path.isdir(path):
             parser.error(f"{path} is a directory: give a text file, one sentence per line")
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")
-    texts = []
-    for path in (args.ref, args.hyp):
         try:
             texts.append(_read_lines(path))
         except UnicodeDecodeError as err:

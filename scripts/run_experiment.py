@@ -765,6 +765,7 @@ def execute(run, results, env, show):
     row = {"experiment": run.experiment, "run": run.name, "task": run.task,
            "data": rel(run.data_dir), "seed": run.seed}
     for label, cmd, stdin in cmds[1:]:
+        out = run.stdout_of(label)  # None, or the file its stdout goes to
         if label == "average":
             run_logged(cmd, run.save_dir / "average.log", env, show=show)
         elif label == "evaluate" and run.task == "lm":
@@ -775,7 +776,6 @@ def execute(run, results, env, show):
                                    f"({rel(run.save_dir / f'eval-{run.subset}.log')})")
             row.update(scores)
         elif label == "evaluate":
-            out = run.stdout_of(label)
             run_logged(cmd, run.save_dir / f"generate-{run.subset}.log", env, show=show,
                        stdout_path=out)
             hyps, refs, scores = parse_generate(out.read_text(encoding="utf-8", errors="replace"))
@@ -807,7 +807,6 @@ def execute(run, results, env, show):
         elif label == "interactive":
             lines = [str(x) for x in run.interactive["inputs"]]
             (ROOT / stdin).write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-            out = run.stdout_of(label)
             run_logged(cmd, run.save_dir / "interactive.log", env, show=False, stdout_path=out,
                        stdin_path=stdin)
             text = out.read_text(encoding="utf-8", errors="replace")
@@ -815,7 +814,6 @@ def execute(run, results, env, show):
             print(f"[{run.name}] translations (fairseq-interactive, {rel(out)}):")
             for i, src in enumerate(lines):
                 print(f"  {src}\n    -> {got.get(i, '(none)')}")
-        out = run.stdout_of(label)
         executed.append(shell(cmd, stdin, out and rel(out)))  # as --dry-run prints it
 
     info = model_info(run.checkpoint, run.data_dir)

@@ -891,6 +891,10 @@ def test_checkpoint_with_other_recurrent_parameters_names_the_cause():
     with pytest.raises(ConfigError, match=r"are restricted \(--sharing-rate > 0\) and this "
                        r"model's standard"):
         build_mt().load_state_dict(build_mt(rate=0.5).state_dict())
+    # a rate too small for one shared row (round(0.01 * 16) = 0) is still a restricted cell
+    with pytest.raises(ConfigError, match=r"are restricted \(--sharing-rate > 0\) and this "
+                       r"model's standard"):
+        build_mt().load_state_dict(build_mt(rate=0.01).state_dict())
     deeper = build(RecurrentLanguageModel, LM_TINY + ["--decoder-layers", "3"], None,
                    make_dict(TGT_V))
     with pytest.raises(ConfigError, match=r"it lacks decoder\.rnn\.layers\.2\..*other model "

@@ -788,7 +788,7 @@ def _parse_blocks(raw):
     if len(vals) != 4 or any(v < 16 or v & (v - 1) for v in vals[:3]) or \
             vals[3] not in (1, 2, 4, 8, 16):
         raise ConfigError(f"GRNN_TRITON_BLOCKS={raw!r}: expected four integers bb,bj,br,warps "
-                         "(block sizes powers of two >= 16, warps 1-16), e.g. 32,16,64,4")
+                          "(block sizes powers of two >= 16, warps 1-16), e.g. 32,16,64,4")
     return vals
 
 
@@ -800,7 +800,7 @@ def _parse_programs(raw):
         p = 0
     if p < 1:
         raise ConfigError(f"GRNN_TRITON_PROGRAMS={raw!r}: expected a positive integer (the "
-                         "most programs of a persistent kernel)")
+                          "most programs of a persistent kernel)")
     return p
 
 

@@ -162,6 +162,12 @@ def check_tied_weights(model, state_dict):
                     f"--no-share-all-embeddings)")
 
 
+# what a checkpoint that does not fit this model's options needs
+LOAD_AS_TRAINED = ("load it with the options it was trained with (none of them in "
+                   "--model-overrides; for --finetune-from-model or --restore-file, the "
+                   "training run's options, which the checkpoint keeps under cfg['model'])")
+
+
 def check_checkpoint(model, state_dict, strict=True):
     """The checks of a checkpoint that name a cause a user can act on, before torch's
     load_state_dict (which names only tensors): its shapes, with ``strict`` its recurrent
@@ -177,37 +183,29 @@ def check_keys(own, state_dict):
     """Refuse a checkpoint whose recurrent layers have other parameters than this model's
     (standard cells and restricted ones have different names, and so do stacks of other
     depths): torch would say "Missing key(s) ... Unexpected key(s)" under a traceback."""
-    own = set(own)
     given = {k for k in state_dict if torch.is_tensor(state_dict[k])}
 
     def recurrent(k):
         return ".rnn." in k and not k.endswith(".shuffles")  # saved since 2026-11-24 only
 
-    missing = sorted(k for k in own - given if recurrent(k))
-    unexpected = sorted(k for k in given - own if recurrent(k))
+    def restricted(keys):  # RestrictedWeights' parameters: shared_* and private_*
+        return any(k.rsplit(".", 1)[-1].startswith(("shared_", "private_")) for k in keys)
+
+    missing = sorted(k for k in set(own) - given if recurrent(k))
+    unexpected = sorted(k for k in given - set(own) if recurrent(k))
     if not (missing or unexpected):
         return
-    shown = []
-    if unexpected:
-        shown.append(f"it has {', '.join(unexpected[:2])}"
-                     + (f" (and {len(unexpected) - 2} more)" if len(unexpected) > 2 else "")
-                     + " that this model lacks")
-    if missing:
-        shown.append(f"it lacks {', '.join(missing[:2])}"
-                     + (f" (and {len(missing) - 2} more)" if len(missing) > 2 else ""))
-    restricted = ("shared_weight" in " ".join(unexpected), "shared_weight" in " ".join(missing))
-    if restricted[0] != restricted[1]:
-        cause = (f"its recurrent layers are {'restricted' if restricted[0] else 'standard'} "
-                 f"(--sharing-rate {'> 0' if restricted[0] else '0'}) and this model's "
-                 f"{'restricted' if restricted[1] else 'standard'}: load it with the "
-                 f"--sharing-rate it was trained with")
+    shown = ([f"it has {_listed(unexpected)} that this model lacks"] if unexpected else []) + (
+        [f"it lacks {_listed(missing)}"] if missing else [])
+    theirs, ours = restricted(unexpected), restricted(missing)
+    if theirs != ours:
+        kind = {True: "restricted", False: "standard"}
+        cause = (f"its recurrent layers are {kind[theirs]} (--sharing-rate "
+                 f"{'> 0' if theirs else '0'}) and this model's {kind[ours]}")
     else:
-        cause = ("it was trained with other model options (layers, --cell or --sharing-rate): "
-                 "load it with those")
-    raise ConfigError(
-        f"the checkpoint does not fit this model: {'; '.join(shown)}; {cause} (none of them "
-        f"in --model-overrides; for --finetune-from-model or --restore-file, the training "
-        f"run's options, which the checkpoint keeps under cfg['model'])")
+        cause = "it was trained with other model options (layers, --cell or --sharing-rate)"
+    raise ConfigError(f"the checkpoint does not fit this model: {'; '.join(shown)}; {cause}; "
+                      f"{LOAD_AS_TRAINED}")
 
 
 def check_shapes(own, model, state_dict):
@@ -219,10 +217,8 @@ def check_shapes(own, model, state_dict):
            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
     if not bad:
         return
-    shown = "; ".join(f"{k} is {list(state_dict[k].shape)} in the checkpoint and "
-                      f"{list(own[k].shape)} here" for k in bad[:3])
-    if len(bad) > 3:
-        shown += f" (and {len(bad) - 3} more)"
+    shown = _listed([f"{k} is {list(state_dict[k].shape)} in the checkpoint and "
+                     f"{list(own[k].shape)} here" for k in bad], 3, "; ")
     parts = (getattr(model, "encoder", None), getattr(model, "decoder", None))
     vocab = {len(p.dictionary) for p in parts if getattr(p, "dictionary", None) is not None}
     if all(own[k].dim() and own[k].shape[0] in vocab
@@ -232,8 +228,11 @@ def check_shapes(own, model, state_dict):
                  f"data folder (its dict.*.txt) the model was trained with")
     else:
         cause = ("it was trained with other model options (groups, --cell, --sharing-rate, "
-                 "widths or layers): load it with those (none of them in --model-overrides; "
-                 "for --finetune-from-model or --restore-file, the training run's options, "
-                 "which the checkpoint keeps under cfg['model'])")
+                 f"widths or layers); {LOAD_AS_TRAINED}")
     raise ConfigError(f"the checkpoint does not fit this model: {shown}; {cause}")
 
+
+def _listed(items, n=2, sep=", "):
+    """The first ``n`` items, and how many more."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return sep.join(items[:n]) + more
