@@ -19,6 +19,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
+  python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident
   python scripts/bench_layer.py --quick                          # smoke test
 """
 import argparse
@@ -54,7 +55,10 @@ def parse_args(argv=None):
                    help="comma-separated modes (none|time|both|layer)")
     p.add_argument("--backend", default="auto",
                    help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
-                        "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0)")
+                        "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0; "
+                        "triton+load, triton+resident, triton+load+resident: triton with "
+                        "those variants of its persistent scans, GRNN_TRITON_POLL=load, "
+                        "GRNN_TRITON_RESIDENT=1)")
     p.add_argument("--modes", default="train,infer,decode", help="comma-separated modes")
     p.add_argument("--padding", type=float, default=0.0,
                    help="fraction of the batch padded to half length (exercises masks)")
@@ -197,12 +201,38 @@ def make_cases(args, mode, device, dtype):
     return cases
 
 
+TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1")}
+
+
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
-    :func:`two_pass`, every other name the engine itself, unwrapped."""
+    :func:`two_pass`; ``triton+load``, ``triton+resident`` and ``triton+load+resident`` are
+    ``triton`` run with those variants (:func:`triton_variant`); every other name is the
+    engine itself, unwrapped."""
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
+    name, *variants = backend.split("+")
+    if variants:
+        if name != "triton" or not set(variants) <= set(TRITON_VARIANTS):
+            sys.exit(f"bench_layer.py: error: --backend {backend}: variants exist for triton "
+                     f"only: triton+{'|'.join(TRITON_VARIANTS)} (one or both)")
+        return name, lambda run: triton_variant(run, variants)
     return backend, lambda run: run
+
+
+def triton_variant(run, variants):
+    """``triton+load`` etc.: the Triton kernels with VARIANT set for the duration of a call
+    (what GRNN_TRITON_POLL / GRNN_TRITON_RESIDENT set for a whole process)."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    def run_variant():
+        old = dict(triton_rnn.VARIANT)
+        triton_rnn.VARIANT.update(TRITON_VARIANTS[v] for v in variants)
+        try:
+            run()
+        finally:
+            triton_rnn.VARIANT.update(old)
+    return run_variant
 
 
 def two_pass(run):
@@ -243,13 +273,15 @@ def bench_mode(args, mode, device, dtype):
 
 
 def print_table(rows):
-    head = (f"{'mode':<7} {'model':<11} {'K':>3} {'rearr':<6} {'backend':<10} {'median ms':>10} "
+    bw = max([10] + [len(r["backend"]) for r in rows])
+    head = (f"{'mode':<7} {'model':<11} {'K':>3} {'rearr':<6} {'backend':<{bw}} {'median ms':>10} "
             f"{'min ms':>9} {'x median':>9} {'x min':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['mode']:<7} {r['model']:<11} {str(r['K']):>3} {r['rearr']:<6} {r['backend']:<10} "
-              f"{r['ms']:>10.2f} {r['min']:>9.2f} {r['speedup']:>9.2f} {r['speedup_min']:>7.2f}")
+        print(f"{r['mode']:<7} {r['model']:<11} {str(r['K']):>3} {r['rearr']:<6} "
+              f"{r['backend']:<{bw}} {r['ms']:>10.2f} {r['min']:>9.2f} {r['speedup']:>9.2f} "
+              f"{r['speedup_min']:>7.2f}")
 
 
 def main(argv=None):

@@ -11,6 +11,10 @@
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
 #                                   # decode steps vs LSTMCell; backends triton and torch;
 #                                   # then GRU and RNN vs nn.GRU / GRUCell, nn.RNN / RNNCell
+#   scripts/gpu-checks.sh variants  # the persistent scans' A/B variants side by side
+#                                   # (barrier polling by loads, resident W_hh; VARIANT in
+#                                   # kernels/triton_rnn.py): their tests compiled, then
+#                                   # bench_layer.py train/infer, LSTM K=1,4,16 (~4 minutes)
 #   scripts/gpu-checks.sh wmt       # scripts/bench_fairseq.sh, WMT14 sizes: group K=4, K=1,
 #   scripts/gpu-checks.sh iwslt     # fairseq's lstm_luong_wmt_en_de (resp. IWSLT sizes and
 #                                   # lstm_wiseman_iwslt_de_en); --fp16, 100 untimed warm-up
@@ -32,8 +36,8 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
-  kernels|training|layer|wmt|iwslt|all) ;;
-  *) sed -n '2,24p' "$0"; exit 2 ;;
+  kernels|training|layer|variants|wmt|iwslt|all) ;;
+  *) sed -n '2,28p' "$0"; exit 2 ;;
 esac
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu-checks: torch sees no CUDA GPU; these checks need one (CPU checks: bash scripts/test.sh)" >&2
@@ -70,6 +74,16 @@ stage_layer() {
   return "$rc"
 }
 
+stage_variants() {
+  { echo "device: $device"
+    "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_triton_engine.py \
+      -k "variant or resident"
+    "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 --rearrangement none,time \
+      --backend triton,triton+load,triton+resident,triton+load+resident --modes train,infer
+  } 2>&1 | tee "$out/bench_layer_cuda_variants.txt"
+  return "${PIPESTATUS[0]}"
+}
+
 stage_fairseq() {  # name, models
   local data_flags=()
   if [[ -d data-bin/debian/deen/data-bin ]]; then
@@ -88,10 +102,12 @@ case "${1:-}" in
   kernels) stage_kernels ;;
   training) stage_training ;;
   layer) stage_layer ;;
+  variants) stage_variants ;;
   wmt) stage_fairseq wmt "$wmt" ;;
   iwslt) stage_fairseq iwslt "$iwslt" ;;
   all) rc=0
        stage_kernels || rc=1; stage_training || rc=1; stage_layer || rc=1
+       stage_variants || rc=1
        stage_fairseq wmt "$wmt" || rc=1; stage_fairseq iwslt "$iwslt" || rc=1
        exit $rc ;;
 esac

@@ -103,3 +103,55 @@ def test_bench_layer_two_pass_backend(monkeypatch):
     monkeypatch.setenv("GRNN_CPU_FUSED", "1")
     run()
     assert seen == ["0", "0"] and os.environ["GRNN_CPU_FUSED"] == "1"
+
+
+def test_bench_layer_triton_variant_backends(monkeypatch):
+    """``triton+load`` / ``triton+resident`` run the triton engine with VARIANT set for the
+    call only (restored afterwards); a variant of another engine, or an unknown one, stops
+    with a message naming the choices."""
+    pytest.importorskip("triton")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "scripts" / "bench_layer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setattr(triton_rnn, "VARIANT", {"poll": "atomic", "resident": "0"})
+    seen = []
+    for backend, want in (("triton+load", {"poll": "load", "resident": "0"}),
+                          ("triton+resident", {"poll": "atomic", "resident": "1"}),
+                          ("triton+load+resident", {"poll": "load", "resident": "1"})):
+        engine, wrap = bench.engine_of(backend)
+        assert engine == "triton"
+        wrap(lambda: seen.append(dict(triton_rnn.VARIANT)))()
+        assert seen[-1] == want and triton_rnn.VARIANT == {"poll": "atomic", "resident": "0"}
+    for bad in ("cpp+load", "triton+fast"):
+        with pytest.raises(SystemExit, match="variants exist for triton only"):
+            bench.engine_of(bad)
+
+
+def test_kernel_resources_reports_every_variant():
+    """scripts/kernel_resources.py compiles the LSTM scans for sm_90 without a GPU and prints
+    registers, spills and shared memory per kernel and variant; the resident forward uses
+    more shared memory than the default one (its weight slices); bad groups are refused."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "scripts/kernel_resources.py", "--groups", "4,16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(env, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0 and "cuobjdump is not at" in proc.stderr:
+        pytest.skip("Triton's CUDA toolchain is not available")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"(forward|backward)\s+(\d+)\s+(\d+)\s+(\w+)\s+(\d+)\s+(\d+)\s+(\d+)$", line)
+        if m:
+            rows[m.group(1), int(m.group(2)), m.group(4)] = [int(v) for v in m.groups()[4:]]
+    assert set(rows) == {(kernel, k, v) for kernel in ("forward", "backward") for k in (4, 16)
+                         for v in ("default", "load", "resident")
+                         if not (kernel == "backward" and v == "resident")}, proc.stdout
+    assert all(0 < regs <= 255 for regs, _, _ in rows.values())
+    assert rows["forward", 4, "resident"][2] > rows["forward", 4, "default"][2]
+    bad = subprocess.run([sys.executable, "scripts/kernel_resources.py", "--groups", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must divide --width 1024" in bad.stderr

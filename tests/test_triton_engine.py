@@ -311,6 +311,11 @@ def test_tuning_knobs_reject_bad_values(monkeypatch):
     for bad in ("0", "-2", "x"):
         with pytest.raises(ValueError, match="GRNN_TRITON_PROGRAMS"):
             triton_rnn._parse_programs(bad)
+    with pytest.raises(ValueError, match="GRNN_TRITON_POLL='spin': expected one of atomic"):
+        triton_rnn._parse_variant("spin", "0")
+    with pytest.raises(ValueError, match="GRNN_TRITON_RESIDENT='yes': expected 0 or 1"):
+        triton_rnn._parse_variant("load", "yes")
+    assert triton_rnn._parse_variant("load", "1") == ("load", True)
 
 
 def test_a_failed_barrier_is_reported(monkeypatch):
@@ -343,6 +348,76 @@ def test_persistent_grid_matches_reference(monkeypatch, cell, programs):
         got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's grid and keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# (K, m, T, B): on a GPU one shape with many programs, each with one tile (3 batch tiles x
+# 4 groups x 4 unit tiles); in the interpreter, where programs run one after another, the
+# two shapes in which the resident forward runs there: one tile over several steps (the
+# weights kept across steps), many tiles over one step (no barrier to wait at)
+VARIANT_SHAPES = [(4, 64, 9, 70)] if CUDA else [(1, 16, 5, 8), (4, 16, 1, 8)]
+
+
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=lambda s: "K{}-m{}-T{}-B{}".format(*s))
+@pytest.mark.parametrize("resident", ["0", "1"])
+@pytest.mark.parametrize("poll", ["atomic", "load"])
+def test_scan_variants_match_reference(monkeypatch, poll, resident, shape):
+    """The persistent scans' A/B variants (VARIANT: barrier polling by loads, the LSTM's
+    resident W_hh) against the reference, forward and backward, with padding and the
+    shuffle, both directions; the launches must have used the variant asked for."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setitem(triton_rnn.VARIANT, "poll", poll)
+    monkeypatch.setitem(triton_rnn.VARIANT, "resident", resident)
+    spy = _LaunchSpy(triton_rnn._scan_fwd)
+    monkeypatch.setattr(triton_rnn, "_scan_fwd", spy)
+    k, m, t_len, b = shape
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=2 * k, padding=t_len > 2, seed=3)
+    for reverse in (False, True):
+        ref = _run("reference", p, mask, upstream, True, reverse, t_len, b)
+        got = _run("triton", p, mask, upstream, True, reverse, t_len, b)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert spy.launches and all(kw["POLL"] == poll for _, kw in spy.launches)
+    for grid, kw in spy.launches:
+        assert kw["RESIDENT"] == (resident == "1")
+        if kw["RESIDENT"]:   # one program per tile; one product over all of m
+            assert grid == (_cdiv(b, kw["BLOCK_B"]) * k * _cdiv(m, kw["BLOCK_J"]),)
+            assert kw["BLOCK_R"] == m
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def test_resident_weights_only_where_they_fit(monkeypatch):
+    """The resident forward is the LSTM's, for m a power of two within the byte budget and
+    one program per tile; anything else runs the ordinary scan."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setattr(triton_rnn, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", None)
+    fits = dict(cell="lstm", b=64, m=256, k=4, t_len=50, bb=32, bj=16, itemsize=2, n_sm=132)
+    assert triton_rnn._resident(**fits)                    # 128 tiles, 32 KiB of slices
+    for change in (dict(cell="gru"), dict(m=192), dict(itemsize=4), dict(n_sm=100),
+                   dict(b=65)):
+        assert not triton_rnn._resident(**dict(fits, **change)), change
+    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", "64")
+    assert not triton_rnn._resident(**fits)
+    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", "128")
+    assert triton_rnn._resident(**fits)
 
 
 @pytest.mark.skipif(not CUDA, reason="compilation caches exist on a GPU only")
@@ -413,4 +488,6 @@ def test_kernels_compile_for_h100():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 18" in proc.stdout  # 2 dtypes x 3 cells x (forward, backward, step)
+    # 2 dtypes x (3 cells x (forward, backward, step) + the LSTM's other scan variants: a
+    # forward that polls by loads with resident weights, a backward that polls by loads)
+    assert "compiled 22" in proc.stdout

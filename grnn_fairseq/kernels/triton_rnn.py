@@ -12,7 +12,8 @@ release on arrival, acquire while waiting; state loads bypass L1).  A barrier th
 far too long (programs not co-resident, e.g. SMs taken by another process) gives up and
 raises a flag; the host turns it into an error instead of returning wrong numbers.  The
 persistent drivers (:func:`_scan_fwd`, :func:`_scan_bwd`) are shared by the cells; a
-constexpr ``CELL`` picks the tile functions.
+constexpr ``CELL`` picks the tile functions.  ``VARIANT`` selects A/B variants of the scans
+for timing on a GPU (how the barrier polls; the LSTM forward's resident W_hh slices).
 
 * forward tile (:func:`_fwd_tile`; the cells in ``_lstm_fwd_cell``, ``_gru_fwd_cell``,
   ``_rnn_fwd_cell``), tile = (batch tile, group k, tile of m units): the recurrent product
@@ -82,15 +83,25 @@ def _tanh(x):
 
 
 @triton.jit
-def _grid_sync(sync_ptr, err_ptr, target, limit):
+def _grid_sync(sync_ptr, err_ptr, target, limit, POLL: tl.constexpr):
     """Grid-wide barrier number n: ``target`` = n * P.  The counter only grows, so no reset
     is needed between barriers.  Waits at most ``limit`` spins; a wait that gives up sets
     the sticky flag err_ptr and returns limit 0, so that the launch's later barriers do
-    not wait again (the launch is then finished quickly, and reported by the host)."""
+    not wait again (the launch is then finished quickly, and reported by the host).
+
+    POLL picks how a waiting program reads the counter: "atomic" (an acquire read-modify-
+    write per spin, so waiting programs queue at the counter with the arriving ones) or
+    "load" (volatile loads while waiting, then one acquire read-modify-write, which reads a
+    value >= target and so synchronises with every program's release)."""
     tl.debug_barrier()                                   # this program's stores are issued
     tl.atomic_add(sync_ptr, 1, sem="release")
-    seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
     spins = tl.full([], 0, tl.int32)
+    if POLL == "load":
+        seen = tl.load(sync_ptr, volatile=True)
+        while (seen < target) & (spins < limit):
+            seen = tl.load(sync_ptr, volatile=True)
+            spins += 1
+    seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
     while (seen < target) & (spins < limit):
         seen = tl.atomic_add(sync_ptr, 0, sem="acquire")
         spins += 1
@@ -204,24 +215,34 @@ def _store_acts(act_ptr, k, t, offs_b, offs_j, bm, a0, a1, a2, a3, B, T, M: tl.c
 # ----------------------------------------------------------------------- forward tiles
 @triton.jit
 def _lstm_fwd_cell(w_base, h_base, row_b, offs_b, mask_b, k, offs_j, mask_j, gx_base, b_base,
-                   bm, unit, keep, c_ptr, act_ptr, t, s_in, s_out, B, T,
+                   bm, unit, keep, c_ptr, act_ptr, t, s_in, s_out, B, T, w_i, w_f, w_g, w_o,
                    K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr,
-                   HAS_MASK: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_MASK: tl.constexpr, SAVE: tl.constexpr, RESIDENT: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """The LSTM at step t for a tile's units (Hochreiter & Schmidhuber; PyTorch's gates i, f,
     g, o): c_t = f c_{t-1} + i g, h_t = o tanh(c_t), the gates reading shuffle(h_{t-1}).
     Stores c_t (kept at padding) and the activations; -> (h_t, h_{t-1}; the latter read
-    only with a mask)."""
+    only with a mask).  RESIDENT: the tile's W_hh slices are w_i, w_f, w_g, w_o ([M, J],
+    loaded once per scan; BLOCK_R = M), else they are loaded from w_base at every step."""
     H = K * M
-    acc_i = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    for r0 in range(0, M, BLOCK_R):
-        hp, w_off, w_mask = _operand(h_base, row_b, mask_b, k, r0, offs_j, mask_j,
-                                     w_base.dtype.element_ty, K, M, SHUFFLE, BLOCK_R)
-        acc_i, acc_f, acc_g, acc_o = _add_gate_products(
-            acc_i, acc_f, acc_g, acc_o, hp, w_base + w_off, w_mask, M * M, PRECISION)
+    if RESIDENT:
+        hp, _, _ = _operand(h_base, row_b, mask_b, k, 0, offs_j, mask_j, w_i.dtype, K, M,
+                            SHUFFLE, BLOCK_R)
+        acc_i = tl.dot(hp, w_i, input_precision=PRECISION)
+        acc_f = tl.dot(hp, w_f, input_precision=PRECISION)
+        acc_g = tl.dot(hp, w_g, input_precision=PRECISION)
+        acc_o = tl.dot(hp, w_o, input_precision=PRECISION)
+    else:
+        acc_i = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+        acc_f = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, M, BLOCK_R):
+            hp, w_off, w_mask = _operand(h_base, row_b, mask_b, k, r0, offs_j, mask_j,
+                                         w_base.dtype.element_ty, K, M, SHUFFLE, BLOCK_R)
+            acc_i, acc_f, acc_g, acc_o = _add_gate_products(
+                acc_i, acc_f, acc_g, acc_o, hp, w_base + w_off, w_mask, M * M, PRECISION)
     i = _sigmoid(acc_i + _gate_input(gx_base, b_base, 0, bm, mask_j))
     f = _sigmoid(acc_f + _gate_input(gx_base, b_base, M, bm, mask_j))
     g = _tanh(acc_g + _gate_input(gx_base, b_base, 2 * M, bm, mask_j))
@@ -298,15 +319,16 @@ def _rnn_fwd_cell(w_base, h_base, row_b, mask_b, k, offs_j, mask_j, gx_base, b_b
 def _fwd_tile(
     CELL: tl.constexpr, pid_b, pid_u, gx_ptr, stride_gx_t, stride_gx_k, stride_gx_b,
     w_ptr, b_ptr, h_ptr, c_ptr, out_ptr, act_ptr, mask_ptr,
-    t, s_in, s_out, B, T,
+    t, s_in, s_out, B, T, w_res,
     K: tl.constexpr, M: tl.constexpr,
     SHUFFLE: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One forward step t for one tile (batch tile, group k, tile of m units): the cell,
     then h_t stored as the state (slot s_out) and as the output of step t; a padded row
-    keeps h_{t-1} and outputs zeros."""
+    keeps h_{t-1} and outputs zeros.  w_res: the tile's resident W_hh slices (RESIDENT,
+    LSTM only), else unused."""
     H = K * M
     G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(pid_b, pid_u, B, M, BLOCK_B, BLOCK_J)
@@ -334,7 +356,8 @@ def _fwd_tile(
     else:
         h_new, h_prev = _lstm_fwd_cell(w_base, h_base, row_b, offs_b, mask_b, k, offs_j,
                                        mask_j, gx_base, b_base, bm, unit, keep, c_ptr, act_ptr,
-                                       t, s_in, s_out, B, T, K, M, SHUFFLE, HAS_MASK, SAVE,
+                                       t, s_in, s_out, B, T, w_res[0], w_res[1], w_res[2],
+                                       w_res[3], K, M, SHUFFLE, HAS_MASK, SAVE, RESIDENT,
                                        BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
     if HAS_MASK:
         h_state = tl.where(keep, h_new, h_prev)
@@ -368,6 +391,21 @@ def _fwd_slots(step, T, SAVE: tl.constexpr, REVERSE: tl.constexpr):
     return t, s_in, s_out
 
 
+@triton.jit
+def _resident_weights(w_ptr, pid, B, K: tl.constexpr, M: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The four [M, J] W_hh slices (i, f, g, o) of the LSTM tile ``pid`` (one tile per
+    program), as the forward's products read them."""
+    n_u = K * ((M + BLOCK_J - 1) // BLOCK_J)
+    k, _, offs_j, _, mask_j = _tile(pid // n_u, pid % n_u, B, M, BLOCK_B, BLOCK_J)
+    offs_r = tl.arange(0, M)
+    ptrs = w_ptr + k.to(tl.int64) * 4 * M * M + offs_j[None, :] * M + offs_r[:, None]
+    mask = mask_j[None, :] & (offs_r < M)[:, None]
+    return (tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + M * M, mask=mask, other=0.0),
+            tl.load(ptrs + 2 * M * M, mask=mask, other=0.0),
+            tl.load(ptrs + 3 * M * M, mask=mask, other=0.0))
+
+
 @triton.jit(do_not_specialize=["B", "T", "P", "stride_gx_t", "stride_gx_k", "stride_gx_b"])
 def _scan_fwd(
     gx_ptr, stride_gx_t, stride_gx_k, stride_gx_b,
@@ -376,22 +414,29 @@ def _scan_fwd(
     CELL: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
     SHUFFLE: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, POLL: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """The whole forward scan of a cell ('lstm': c_ptr holds the c slots; 'gru': unused):
-    P programs, a barrier between time steps."""
+    P programs, a barrier between time steps (none after the last: nothing reads across
+    tiles after it).  RESIDENT (LSTM; the host launches one program per tile and BLOCK_R =
+    M): each program loads its tile's W_hh slices once, before the time loop."""
     pid = tl.program_id(0)
     n_u = K * ((M + BLOCK_J - 1) // BLOCK_J)
     n_tiles = ((B + BLOCK_B - 1) // BLOCK_B) * n_u
     limit = tl.full([], _SPIN_LIMIT, tl.int32)
+    if RESIDENT:
+        w_res = _resident_weights(w_ptr, pid, B, K, M, BLOCK_B, BLOCK_J)
+    else:
+        w_res = (w_ptr, w_ptr, w_ptr, w_ptr)
     for step in range(0, T):
         t, s_in, s_out = _fwd_slots(step, T, SAVE, REVERSE)
         for tile in range(pid, n_tiles, P):
             _fwd_tile(CELL, tile // n_u, tile % n_u, gx_ptr, stride_gx_t, stride_gx_k,
                       stride_gx_b, w_ptr, b_ptr, h_ptr, c_ptr, out_ptr, act_ptr, mask_ptr,
-                      t, s_in, s_out, B, T, K, M, SHUFFLE, HAS_MASK, SAVE,
+                      t, s_in, s_out, B, T, w_res, K, M, SHUFFLE, HAS_MASK, SAVE, RESIDENT,
                       BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
-        limit = _grid_sync(sync_ptr, err_ptr, (step + 1) * P, limit)
+        if step + 1 < T:
+            limit = _grid_sync(sync_ptr, err_ptr, (step + 1) * P, limit, POLL)
 
 
 # ---------------------------------------------------------------------- backward tiles
@@ -572,7 +617,7 @@ def _scan_bwd(
     SHUFFLE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOUT: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, POLL: tl.constexpr,
 ):
     """The whole backward scan of a cell (time visited opposite to the forward), then dh_0.
     dg_ptr: the gradients of the recurrent pre-activations; dgx_ptr: those of the input
@@ -597,7 +642,7 @@ def _scan_bwd(
                       dout_ptr, stride_do_t, stride_do_b, stride_do_u, ph_ptr, gc_ptr,
                       mask_ptr, dh0_ptr, t, t_next, n_red, s_in, B, T, K, M, SHUFFLE,
                       HAS_MASK, HAS_DOUT, True, BLOCK_B, BLOCK_J, BLOCK_N, PRECISION)
-        limit = _grid_sync(sync_ptr, err_ptr, (step + 1) * P, limit)
+        limit = _grid_sync(sync_ptr, err_ptr, (step + 1) * P, limit, POLL)
     if REVERSE:
         t_last = T - 1
     else:
@@ -777,6 +822,16 @@ def _pow2(n, lo, hi):
 # GRNN_TRITON_PROGRAMS=P caps the persistent grid.
 _FORCED_BLOCKS = os.environ.get("GRNN_TRITON_BLOCKS")
 _FORCED_PROGRAMS = os.environ.get("GRNN_TRITON_PROGRAMS")
+# Variants of the persistent scans, for A/B runs on a GPU (bench_layer.py --backend
+# triton,triton+load,triton+resident); the defaults are the variants measured so far.
+# GRNN_TRITON_POLL=atomic|load: how programs wait at a time-step barrier (_grid_sync);
+# GRNN_TRITON_RESIDENT=0|1: the LSTM forward loads each tile's W_hh slices once per scan
+# instead of once per step, where one program per tile fits the GPU (_resident).
+VARIANT = {"poll": os.environ.get("GRNN_TRITON_POLL", "atomic"),
+           "resident": os.environ.get("GRNN_TRITON_RESIDENT", "0")}
+POLLS = ("atomic", "load")
+# the most bytes of resident W_hh slices per program (4 gates x M x BLOCK_J)
+_RESIDENT_BYTES = 32 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -817,6 +872,32 @@ def _blocks(b, m, k, n_sm):
     bb = _pow2(min(b, 32), 16, 32)
     bj = 16 if _cdiv(b, bb) * k * _cdiv(m, 16) <= n_sm else _pow2(m, 16, 32)
     return bb, bj, _pow2(m, 16, 64), 4
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_variant(poll, resident):
+    """-> (poll, resident) of VARIANT, checked."""
+    if poll not in POLLS:
+        raise ConfigError(f"GRNN_TRITON_POLL={poll!r}: expected one of {', '.join(POLLS)}")
+    if resident not in ("0", "1"):
+        raise ConfigError(f"GRNN_TRITON_RESIDENT={resident!r}: expected 0 or 1")
+    return poll, resident == "1"
+
+
+def _resident(cell, b, m, k, t_len, bb, bj, itemsize, n_sm):
+    """Whether the forward scan keeps W_hh resident (VARIANT['resident']): the LSTM, m a
+    power of two (one product over all of m), the slices within _RESIDENT_BYTES, and one
+    program per tile, so at most n_sm tiles (GRNN_TRITON_PROGRAMS, if set, must allow
+    them).  The interpreter runs programs one after another, so there several programs
+    can only run where none waits at a barrier: one tile, or one step."""
+    n_tiles = _cdiv(b, bb) * k * _cdiv(m, bj)
+    if cell != "lstm" or m & (m - 1) or m < 16 or 4 * m * bj * itemsize > _RESIDENT_BYTES:
+        return False
+    if _interpreting():
+        return n_tiles == 1 or t_len == 1
+    if _FORCED_PROGRAMS and _parse_programs(_FORCED_PROGRAMS) < n_tiles:
+        return False
+    return n_tiles <= n_sm
 
 
 @functools.lru_cache(maxsize=4096)
@@ -925,13 +1006,19 @@ def _forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, s
             if save and ACTS[cell] else out)
     mask8 = mask.to(torch.int8).contiguous() if mask is not None else out
     bb, bj, br, nw, n_prog = _grid(b, m, k, gx.device)
+    poll, resident = _parse_variant(VARIANT["poll"], VARIANT["resident"])
+    if resident and _resident(cell, b, m, k, t_len, bb, bj, w.element_size(),
+                              1 << 30 if _interpreting() else _sm_count(gx.device)):
+        br, n_prog = m, _cdiv(b, bb) * k * _cdiv(m, bj)
+    else:
+        resident = False
     sync, err = _sync_buffers(gx.device)
     _scan_fwd[(n_prog,)](
         gx, gx.stride(0), gx.stride(1), gx.stride(2),
         w, bias, hs, cs if lstm else hs, out, acts, mask8, sync, err, b, t_len, n_prog,
         CELL=cell, K=k, M=m, SHUFFLE=bool(time_shuffle), HAS_MASK=mask is not None, SAVE=save,
         REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_J=bj, BLOCK_R=br,
-        PRECISION=_precision(w.dtype), num_warps=nw,
+        PRECISION=_precision(w.dtype), POLL=poll, RESIDENT=resident, num_warps=nw,
     )
     _check_health(gx.device)
     final = tuple(_grouped(s[last], k, gx.dtype) for s in ((hs, cs) if lstm else (hs,)))
@@ -970,7 +1057,8 @@ def _backward(ctx, d_out, d_state):
         b, t_len, n_prog,
         CELL=cell, K=k, M=m, SHUFFLE=bool(time_shuffle), HAS_MASK=mask is not None,
         HAS_DOUT=has_dout, REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_J=bj, BLOCK_N=bn,
-        PRECISION=_precision(w.dtype), num_warps=nw)
+        PRECISION=_precision(w.dtype), POLL=_parse_variant(VARIANT["poll"], VARIANT["resident"])[0],
+        num_warps=nw)
     _check_health(hs.device)
     # dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: h_in_t = the state slot before t, shuffled
     h_in = hs[2:] if reverse else hs[:t_len]                      # [T, B, H] unit order
@@ -1074,41 +1162,57 @@ def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shu
     return out, new
 
 
-def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
-    """Compile the kernels ahead of time for a CUDA target (no GPU needed: Triton's bundled
-    ptxas), for every cell, every feature on (shuffle, mask, training, output gradient,
-    reverse).  Catches type, shape and lowering errors that the interpreter does not.
-    Returns the number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces
-    the kernels)."""
+def kernel_signatures(dt, k, m, block_j=32):
+    """The (kernel, pointer types, constexprs) of the forward scan, the backward scan and
+    the decoding step in dtype ``dt`` ("bf16", "fp16", "fp32"), every feature on (shuffle,
+    mask, training, output gradient, reverse), the default variant; for ahead-of-time
+    compilation (:func:`compile_kernel`).  Add CELL (and change any constexpr) per use."""
+    prec = "tf32" if dt == "fp32" else None
+    blocks = dict(K=k, M=m, SHUFFLE=True, BLOCK_B=32, BLOCK_J=block_j, PRECISION=prec)
+    fwd = (_scan_fwd,
+           dict(gx_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", h_ptr="*fp32", c_ptr="*fp32",
+                out_ptr=f"*{dt}", act_ptr="*fp32", mask_ptr="*i8", sync_ptr="*i32",
+                err_ptr="*i32"),
+           dict(blocks, HAS_MASK=True, SAVE=True, REVERSE=True, BLOCK_R=min(m, 64),
+                POLL="atomic", RESIDENT=False))
+    bwd = (_scan_bwd,
+           dict(dg_ptr=f"*{dt}", dgx_ptr=f"*{dt}", w_ptr=f"*{dt}", act_ptr="*fp32",
+                st_ptr="*fp32", dout_ptr=f"*{dt}", ph_ptr="*fp32", gc_ptr="*fp32",
+                mask_ptr="*i8", dh0_ptr="*fp32", sync_ptr="*i32", err_ptr="*i32"),
+           dict(blocks, HAS_MASK=True, HAS_DOUT=True, REVERSE=True, BLOCK_N=64, POLL="atomic"))
+    step = (_decode_step,
+            {p: f"*{dt}" for p in ("x_ptr", "wih_ptr", "bih_ptr", "whh_ptr", "bhh_ptr", "h_ptr",
+                                   "c_ptr", "h_new_ptr", "c_new_ptr", "out_ptr")},
+            dict(blocks, MI=m, BLOCK_R=min(m, 64)))
+    return fwd, bwd, step
+
+
+def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
+    """Compile one kernel ahead of time for a CUDA target (no GPU needed: Triton's bundled
+    ptxas) -> Triton's compiled kernel (``.asm['cubin']``, ``.metadata.shared``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, 32)
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
+    """Compile every kernel of every cell for a CUDA target, every feature on, and the
+    LSTM's scans in their other variants (VARIANT: polling by loads, resident weights).
+    Catches type, shape and lowering errors that the interpreter does not.  Returns the
+    number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces the
+    kernels)."""
     n = 0
     for dt in dtypes:
-        prec = "tf32" if dt == "fp32" else None
-        blocks = dict(K=k, M=m, SHUFFLE=True, BLOCK_B=32, BLOCK_J=32, PRECISION=prec)
-        for cell in CELLS:
-            for fn, ptrs, consts in (
-                (_scan_fwd,
-                 dict(gx_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", h_ptr="*fp32",
-                      c_ptr="*fp32", out_ptr=f"*{dt}", act_ptr="*fp32", mask_ptr="*i8",
-                      sync_ptr="*i32", err_ptr="*i32"),
-                 dict(blocks, CELL=cell, HAS_MASK=True, SAVE=True, REVERSE=True, BLOCK_R=64)),
-                (_scan_bwd,
-                 dict(dg_ptr=f"*{dt}", dgx_ptr=f"*{dt}", w_ptr=f"*{dt}", act_ptr="*fp32",
-                      st_ptr="*fp32", dout_ptr=f"*{dt}", ph_ptr="*fp32", gc_ptr="*fp32",
-                      mask_ptr="*i8", dh0_ptr="*fp32", sync_ptr="*i32", err_ptr="*i32"),
-                 dict(blocks, CELL=cell, HAS_MASK=True, HAS_DOUT=True, REVERSE=True,
-                      BLOCK_N=64)),
-                (_decode_step,
-                 {p: f"*{dt}" for p in ("x_ptr", "wih_ptr", "bih_ptr", "whh_ptr", "bhh_ptr",
-                                        "h_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "out_ptr")},
-                 dict(blocks, CELL=cell, MI=m, BLOCK_R=64)),
-            ):
-                sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32")
-                       for a in fn.arg_names}
-                triton.compile(ASTSource(fn, sig, consts), target=target,
-                               options=dict(num_warps=4))
-                n += 1
+        fwd, bwd, step = kernel_signatures(dt, k, m)
+        jobs = [(fn, ptrs, dict(consts, CELL=cell)) for cell in CELLS
+                for fn, ptrs, consts in (fwd, bwd, step)]
+        jobs += [(fwd[0], fwd[1], dict(fwd[2], CELL="lstm", POLL="load", RESIDENT=True,
+                                       BLOCK_J=16, BLOCK_R=m)),
+                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load"))]
+        for fn, ptrs, consts in jobs:
+            compile_kernel(fn, ptrs, consts, arch)
+            n += 1
     return n
