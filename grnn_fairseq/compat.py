@@ -33,8 +33,15 @@ idempotent.
   extension is built: the Python path (``NGramRepeatBlock._no_repeat_ngram``) takes the last
   n - 1 tokens of the generator's whole token buffer, which are padding until the last step.
   It is handed the tokens generated so far.
+* **fairseq 0.12** never calls ``torch.distributed.destroy_process_group``.  With gloo (CPU
+  training on several processes) a rank can then die at interpreter exit with SIGABRT
+  ("terminate called without an active exception") after its training finished, when its
+  group's worker threads are torn down during finalisation (pytorch/pytorch#190489), so a
+  job scheduler sees a failed run.  A gloo default group is destroyed at exit, while the
+  interpreter is still alive.
 """
 import argparse
+import atexit
 import collections
 import functools
 import sys
@@ -245,6 +252,15 @@ def _ngram_block_reads_generated_tokens():
     cls._no_repeat_ngram = _no_repeat_ngram
 
 
+def _destroy_gloo_group():
+    """At exit: destroy the default process group if it is gloo's.  Other backends are left
+    as they are: destroying an NCCL group waits for its pending work, which could hang a
+    rank whose peers have died, where exiting without it does not."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 _APPLIED = False
 
 
@@ -255,6 +271,7 @@ def apply():
         return
     _allow_list_checkpoint_globals()
     _numpy_compat_long()
+    atexit.register(_destroy_gloo_group)
     try:
         import fairseq.data  # noqa: F401
     except ImportError:  # no fairseq: the allow-list and np.compat are all there is to do

@@ -393,3 +393,22 @@ def test_no_repeat_ngram_blocks_the_tokens_that_would_repeat_an_ngram():
                 assert got == banned, (n, step, seq)
                 checked += bool(banned)
     assert checked > 20  # the random hypotheses do repeat n-grams
+
+
+def test_gloo_process_group_is_destroyed_at_exit(tmp_path):
+    """fairseq never destroys its process group; a gloo rank could then abort at exit after
+    a finished training (pytorch/pytorch#190489).  Importing the plugin registers a handler
+    that destroys a gloo group first: an exit handler registered before the import runs
+    after it and sees no group left."""
+    code = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('group at exit:', dist.is_initialized()))\n"
+        "import grnn_fairseq\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', "
+        "rank=0, world_size=1)\n"
+        "print('group during the run:', dist.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "group during the run: True" in proc.stdout
+    assert "group at exit: False" in proc.stdout, proc.stdout
