@@ -77,8 +77,8 @@ def main(argv=None):
                 if variant == "resident" and name == "backward":
                     continue
                 if variant == "resident" and not triton_rnn._resident(
-                        "lstm", 64, m, k, 50, 32, 16, 4 if args.dtype == "fp32" else 2,
-                        1 << 30):
+                        "lstm", m, 16, 4 if args.dtype == "fp32" else 2, n_tiles=1, n_prog=1,
+                        t_len=50):
                     print(f"{name:<9} {k:>3} {m:>5} {variant:<9} (does not fit: "
                           "m not a power of two or slices over _RESIDENT_BYTES)")
                     continue

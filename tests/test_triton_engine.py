@@ -394,30 +394,33 @@ def test_scan_variants_match_reference(monkeypatch, poll, resident, shape):
     for grid, kw in spy.launches:
         assert kw["RESIDENT"] == (resident == "1")
         if kw["RESIDENT"]:   # one program per tile; one product over all of m
-            assert grid == (_cdiv(b, kw["BLOCK_B"]) * k * _cdiv(m, kw["BLOCK_J"]),)
+            cdiv = triton_rnn._cdiv
+            assert grid == (cdiv(b, kw["BLOCK_B"]) * k * cdiv(m, kw["BLOCK_J"]),)
             assert kw["BLOCK_R"] == m
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def test_resident_weights_only_where_they_fit(monkeypatch):
-    """The resident forward is the LSTM's, for m a power of two within the byte budget and
-    one program per tile; anything else runs the ordinary scan."""
+    """The resident forward is the LSTM's, for m a power of two within the byte budget and a
+    grid of one program per tile (the interpreter's one-program grid: over one step only);
+    anything else runs the ordinary scan.  The grid has fewer programs than tiles where the
+    SMs or GRNN_TRITON_PROGRAMS allow fewer."""
     from grnn_fairseq.kernels import triton_rnn
 
     monkeypatch.setattr(triton_rnn, "_interpreting", lambda: False)
-    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", None)
-    fits = dict(cell="lstm", b=64, m=256, k=4, t_len=50, bb=32, bj=16, itemsize=2, n_sm=132)
-    assert triton_rnn._resident(**fits)                    # 128 tiles, 32 KiB of slices
-    for change in (dict(cell="gru"), dict(m=192), dict(itemsize=4), dict(n_sm=100),
-                   dict(b=65)):
+    fits = dict(cell="lstm", m=256, bj=16, itemsize=2, n_tiles=128, n_prog=128, t_len=50)
+    assert triton_rnn._resident(**fits)                    # 32 KiB of slices
+    for change in (dict(cell="gru"), dict(m=192), dict(itemsize=4), dict(n_prog=100),
+                   dict(n_prog=1, t_len=1)):
         assert not triton_rnn._resident(**dict(fits, **change)), change
-    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", "64")
-    assert not triton_rnn._resident(**fits)
-    monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", "128")
-    assert triton_rnn._resident(**fits)
+    monkeypatch.setattr(triton_rnn, "_interpreting", lambda: True)
+    assert triton_rnn._resident(**dict(fits, n_prog=1, t_len=1))
+    assert not triton_rnn._resident(**dict(fits, n_prog=1, t_len=2))
+    monkeypatch.setattr(triton_rnn, "_interpreting", lambda: False)
+    monkeypatch.setitem(triton_rnn._SM_COUNT, 0, 100)
+    for b, forced, full in ((64, None, True), (64, "32", False), (128, None, False)):
+        monkeypatch.setattr(triton_rnn, "_FORCED_PROGRAMS", forced)   # 64, 64, 128 tiles
+        _, _, _, _, n_prog, n_tiles = triton_rnn._grid(b, 64, 16, torch.device("cuda", 0))
+        assert (n_prog == n_tiles) == full, (b, forced)
 
 
 @pytest.mark.skipif(not CUDA, reason="compilation caches exist on a GPU only")

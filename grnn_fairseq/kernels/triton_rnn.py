@@ -884,20 +884,15 @@ def _parse_variant(poll, resident):
     return poll, resident == "1"
 
 
-def _resident(cell, b, m, k, t_len, bb, bj, itemsize, n_sm):
+def _resident(cell, m, bj, itemsize, n_tiles, n_prog, t_len):
     """Whether the forward scan keeps W_hh resident (VARIANT['resident']): the LSTM, m a
-    power of two (one product over all of m), the slices within _RESIDENT_BYTES, and one
-    program per tile, so at most n_sm tiles (GRNN_TRITON_PROGRAMS, if set, must allow
-    them).  The interpreter runs programs one after another, so there several programs
-    can only run where none waits at a barrier: one tile, or one step."""
-    n_tiles = _cdiv(b, bb) * k * _cdiv(m, bj)
+    power of two (one product over all of m), the slices within _RESIDENT_BYTES, and a
+    persistent grid (:func:`_grid`) of one program per tile.  The interpreter runs programs
+    one after another (its grid is one program), so there several programs can also run
+    where none waits at a barrier: over one step."""
     if cell != "lstm" or m & (m - 1) or m < 16 or 4 * m * bj * itemsize > _RESIDENT_BYTES:
         return False
-    if _interpreting():
-        return n_tiles == 1 or t_len == 1
-    if _FORCED_PROGRAMS and _parse_programs(_FORCED_PROGRAMS) < n_tiles:
-        return False
-    return n_tiles <= n_sm
+    return n_prog == n_tiles or (_interpreting() and t_len == 1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -929,9 +924,9 @@ def _sm_count(device):
 
 
 def _grid(b, m, k, device):
-    """Block sizes and P, the persistent grid: every program must be resident at once (one
-    per SM at most, fewer with GRNN_TRITON_PROGRAMS); the interpreter runs programs one
-    by one, so there P = 1."""
+    """Block sizes, P (the persistent grid: every program must be resident at once, so one
+    per SM at most, fewer with GRNN_TRITON_PROGRAMS; the interpreter runs programs one by
+    one, so there P = 1) and the number of tiles."""
     n_sm = 1 << 30 if _interpreting() else _sm_count(device)
     bb, bj, br, nw = _blocks(b, m, k, n_sm)
     n_tiles = _cdiv(b, bb) * k * _cdiv(m, bj)
@@ -941,7 +936,7 @@ def _grid(b, m, k, device):
         p = max(1, min(n_tiles, _parse_programs(_FORCED_PROGRAMS)))
     else:
         p = max(1, min(n_tiles, n_sm))
-    return bb, bj, br, nw, p
+    return bb, bj, br, nw, p, n_tiles
 
 
 def _sync_buffers(device):
@@ -1005,13 +1000,11 @@ def _forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, s
     acts = (gx.new_empty(k, t_len, b, ACTS[cell] * m, dtype=torch.float32)
             if save and ACTS[cell] else out)
     mask8 = mask.to(torch.int8).contiguous() if mask is not None else out
-    bb, bj, br, nw, n_prog = _grid(b, m, k, gx.device)
+    bb, bj, br, nw, n_prog, n_tiles = _grid(b, m, k, gx.device)
     poll, resident = _parse_variant(VARIANT["poll"], VARIANT["resident"])
-    if resident and _resident(cell, b, m, k, t_len, bb, bj, w.element_size(),
-                              1 << 30 if _interpreting() else _sm_count(gx.device)):
-        br, n_prog = m, _cdiv(b, bb) * k * _cdiv(m, bj)
-    else:
-        resident = False
+    resident = resident and _resident(cell, m, bj, w.element_size(), n_tiles, n_prog, t_len)
+    if resident:
+        br, n_prog = m, n_tiles
     sync, err = _sync_buffers(gx.device)
     _scan_fwd[(n_prog,)](
         gx, gx.stride(0), gx.stride(1), gx.stride(2),
@@ -1049,7 +1042,7 @@ def _backward(ctx, d_out, d_state):
         strides = (0, 0, 0)
     else:
         strides = d_out.stride()
-    bb, bj, _, nw, n_prog = _grid(b, m, k, hs.device)
+    bb, bj, _, nw, n_prog, _ = _grid(b, m, k, hs.device)
     bn = _pow2(gm, 16, 64)
     sync, err = _sync_buffers(hs.device)
     _scan_bwd[(n_prog,)](
