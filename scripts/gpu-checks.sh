@@ -22,6 +22,12 @@
 #                                   # corpus when data-bin/debian/deen/data-bin is there
 #                                   # (carry it), else on synthetic data
 #   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
+#   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
+#                                   # needed parts of the above, most needed first, each
+#                                   # bounded, all within GPU_CHECKS_SECONDS (default 450 s):
+#                                   # kernels' tests compiled; the variants timed (LSTM
+#                                   # K=4,16); decode steps; GRU and RNN timed; fairseq
+#                                   # --fp16/--amp/--bf16 training tests with the time left
 #
 # On the project's lent machine (see DEVELOPERS.md), from the repository root:
 #   source .whl/device-setup.sh .whl && bash scripts/gpu-checks.sh kernels
@@ -36,8 +42,8 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
-  kernels|training|layer|variants|wmt|iwslt|all) ;;
-  *) sed -n '2,28p' "$0"; exit 2 ;;
+  kernels|training|layer|variants|wmt|iwslt|all|first) ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;  # this header
 esac
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu-checks: torch sees no CUDA GPU; these checks need one (CPU checks: bash scripts/test.sh)" >&2
@@ -96,6 +102,42 @@ stage_fairseq() {  # name, models
   return "${PIPESTATUS[0]}"
 }
 
+# stage first: parts run one after another until the deadline; each is stopped (SIGINT,
+# so pytest still prints its summary) when its cap or the deadline comes, whichever first
+first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
+part() {  # cap_seconds log_name command...
+  local cap="$1" name="$2"; shift 2
+  local t=$((first_end - SECONDS))
+  (( t > cap )) && t="$cap"
+  if (( t < 30 )); then
+    echo "[first] $name: not run, ${t}s left" | tee -a "$out/first_skipped.txt"
+    return 1
+  fi
+  { echo "device: $device"
+    echo "command (stopped after ${t}s): $*"
+    timeout -s INT -k 20 "$t" "$@"
+  } 2>&1 | tee "$out/$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+stage_first() {
+  local rc=0 cell
+  part 180 triton_tests "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs \
+    tests/test_triton_engine.py || rc=1
+  part 120 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
+    --rearrangement none,time --backend triton,triton+load,triton+resident,triton+load+resident \
+    --modes train,infer || rc=1
+  part 45 bench_layer_cuda_decode "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 \
+    --rearrangement none,time --backend triton --modes decode || rc=1
+  for cell in gru rnn; do
+    part 45 "bench_layer_cuda_$cell" "$py" scripts/bench_layer.py --device cuda --cell "$cell" \
+      --backend triton --groups 4,16 --rearrangement time --modes train,infer,decode || rc=1
+  done
+  part 600 gpu_training_tests "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs \
+    tests/test_gpu_training.py || rc=1
+  return "$rc"
+}
+
 wmt="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de"
 iwslt="group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
 case "${1:-}" in
@@ -105,6 +147,7 @@ case "${1:-}" in
   variants) stage_variants ;;
   wmt) stage_fairseq wmt "$wmt" ;;
   iwslt) stage_fairseq iwslt "$iwslt" ;;
+  first) stage_first ;;
   all) rc=0
        stage_kernels || rc=1; stage_training || rc=1; stage_layer || rc=1
        stage_variants || rc=1

@@ -20,7 +20,8 @@ For every run of the config (``runs`` and the expansion of ``grid``, see configs
    Optionally ``fairseq-interactive`` translates the config's ``interactive.inputs``.
 4. One row per run is appended to the results TSV (default ``results/<experiment>.tsv``):
    the exact parameter count of the averaged checkpoint's model, the metrics, training
-   wall time and target tokens/s (fairseq's ``wps``), device, seed, date and commands.
+   wall time and target tokens/s (fairseq's ``wps``), device, seed, date and commands
+   (with an ``export`` of the config's env and the ``GRNN_*`` variables they ran with).
 
 Relative paths inside a config are relative to the repository root, where every command
 runs.  Exit status: 0 when every run succeeded, 2 for a configuration or data problem,
@@ -669,6 +670,15 @@ def device_name(train_opts, env):
     return f"cpu: {cpu} ({os.cpu_count()} cores{extra})"
 
 
+def recorded_env(run, env):
+    """``export K=V ...`` for the variables that change what a run computes or how fast: the
+    config's ``env`` with the values the run really had (the caller's environment wins) and
+    every ``GRNN_*`` variable that was set (engine, kernels).  '' when there are none."""
+    keys = list(run.env) + sorted(k for k in env if k.startswith("GRNN_") and k not in run.env)
+    pairs = [f"{k}={shlex.quote(env[k])}" for k in keys if k in env]
+    return "export " + " ".join(pairs) if pairs else ""
+
+
 def append_row(path, row):
     """Append ``row`` to the TSV at ``path``, under a lock (runs side by side share a file).
 
@@ -761,7 +771,7 @@ def execute(run, results, env, show):
     if 0 < n < run.average:
         notes.append(f"averaged {n} of {run.average} checkpoints")
     cmds = run.commands(n_average=n, average_paths=paths)
-    executed = [shell(train_cmd)]
+    executed = [x for x in (recorded_env(run, env), shell(train_cmd)) if x]
     row = {"experiment": run.experiment, "run": run.name, "task": run.task,
            "data": rel(run.data_dir), "seed": run.seed}
     for label, cmd, stdin in cmds[1:]:

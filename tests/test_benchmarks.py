@@ -2,6 +2,7 @@
 CPU; the numbers themselves are meaningless there and not checked)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,87 @@ def test_kernel_resources_reports_every_variant():
     bad = subprocess.run([sys.executable, "scripts/kernel_resources.py", "--groups", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must divide --width 1024" in bad.stderr
+
+
+def _fake_gpu_python(tmp_path):
+    """A stand-in for the GPU machine's python3: it says a GPU is there, records every other
+    call, and checks each bench_layer.py command line with the script's own parser and
+    backend names (so a misspelled option fails here, not in a lease)."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python3"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then echo "Fake GPU | torch 0"; exit 0; fi
+printf '%s\\n' "$*" >> {calls}
+if [ "$1" = scripts/bench_layer.py ]; then
+  shift
+  exec {sys.executable} -c '
+import sys
+sys.path.insert(0, "scripts")
+import bench_layer
+args = bench_layer.parse_args(sys.argv[1:])
+assert args.device == "cuda", args.device
+assert set(args.modes) <= {{"train", "infer", "decode"}}, args.modes
+for backend in args.backend:
+    bench_layer.engine_of(backend)
+' "$@"
+fi
+""")
+    fake.chmod(0o755)
+    return fake, calls
+
+
+def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
+    """scripts/gpu-checks.sh first (one call of a 15-minute lease): the compiled kernel tests,
+    then the variants, decode, GRU and RNN timings, then the fairseq half-precision tests,
+    each logged to $OUT with its time cap; with too little time left a part is not started
+    and is listed, and the stage fails."""
+    fake, calls = _fake_gpu_python(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_CHECKS_SECONDS="400")
+    proc = subprocess.run(["bash", "scripts/gpu-checks.sh", "first"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = calls.read_text().splitlines()
+    assert len(ran) == 6, ran
+    assert ran[0].startswith("-m pytest") and ran[0].endswith("tests/test_triton_engine.py")
+    assert "--backend triton,triton+load,triton+resident,triton+load+resident" in ran[1]
+    assert "--modes decode" in ran[2]
+    assert "--cell gru" in ran[3] and "--cell rnn" in ran[4]
+    assert ran[5].startswith("-m pytest") and ran[5].endswith("tests/test_gpu_training.py")
+    logs = sorted(p.name for p in out.iterdir())
+    assert logs == sorted(["triton_tests.txt", "bench_layer_cuda_variants.txt",
+                           "bench_layer_cuda_decode.txt", "bench_layer_cuda_gru.txt",
+                           "bench_layer_cuda_rnn.txt", "gpu_training_tests.txt"])
+    first = (out / "triton_tests.txt").read_text()
+    assert first.startswith("device: Fake GPU") and "stopped after 180s" in first
+    # the deadline caps the last part (cap 600 s; 400 s in all, less what the others took)
+    last = re.search(r"stopped after (\d+)s", (out / "gpu_training_tests.txt").read_text())
+    assert last and 300 < int(last.group(1)) <= 400, last
+
+    calls.unlink()
+    shutil.rmtree(out)
+    env["GPU_CHECKS_SECONDS"] = "20"
+    proc = subprocess.run(["bash", "scripts/gpu-checks.sh", "first"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and not calls.exists()
+    skipped = (out / "first_skipped.txt").read_text().splitlines()
+    assert len(skipped) == 6 and "triton_tests: not run" in skipped[0], skipped
+
+
+def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():
+    env = dict(os.environ, PYTHON=sys.executable)
+    usage = subprocess.run(["bash", "scripts/gpu-checks.sh", "nonsense"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+    for stage in ("kernels", "training", "layer", "variants", "wmt", "iwslt", "all", "first"):
+        assert f"gpu-checks.sh {stage} " in usage.stdout, stage
+    assert "set -uo" not in usage.stdout  # the header only
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return
+    except ImportError:
+        pass
+    proc = subprocess.run(["bash", "scripts/gpu-checks.sh", "first"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "torch sees no CUDA GPU" in proc.stderr

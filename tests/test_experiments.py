@@ -6,6 +6,7 @@ checks the row that run_experiment.py appends; everything else is config expansi
 """
 import csv
 import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -284,7 +285,8 @@ def binarize_sample_subset(tmp_path, corpus, src, tgt):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAVE_FAIRSEQ and HAVE_SPM), reason="needs fairseq and sentencepiece")
-def test_tiny_run_appends_a_well_formed_row(tmp_path, capsys):
+def test_tiny_run_appends_a_well_formed_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRNN_CPU_FUSED", "1")  # the default; the row must record it
     binarize_sample_subset(tmp_path, "deen", "de", "en")
     config = tmp_path / "tiny.yaml"
     config.write_text(f"""
@@ -348,6 +350,11 @@ runs:
     assert "interactive.in > " in row["commands"]
     assert "averaged 1 of 2" in row["notes"]
     assert row["rouge1"] == row["ppl"] == ""
+    # ... under the environment they ran with: the config's env (the caller's value wins)
+    # and the engine's variables
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    assert row["commands"].startswith(
+        f"export OMP_NUM_THREADS={threads} GRNN_CPU_FUSED=1 && "), row["commands"][:80]
 
     # params: exactly the trainable parameters of the averaged checkpoint's model
     import grnn_fairseq  # noqa: F401
