@@ -39,11 +39,22 @@ idempotent.
   group's worker threads are torn down during finalisation (pytorch/pytorch#190489), so a
   job scheduler sees a failed run.  A gloo default group is destroyed at exit, while the
   interpreter is still alive.
+* **fairseq 0.12** ties ``--bf16`` to ``--tpu`` (``options.parse_args_and_arch``), so
+  ``fairseq-train --bf16`` on a GPU or the CPU stops in the trainer with "'NoneType' object
+  has no attribute 'xla_device'" (facebookresearch/fairseq#4696), although its trainer and
+  FP16Optimizer train in bfloat16 on any device.  Where ``torch_xla`` is not installed and
+  ``--tpu`` was not given, ``--bf16`` keeps the CUDA device (or the CPU) and trains in
+  bfloat16.  ``--tpu`` without ``torch_xla``, and ``fairseq-train --fp16`` without a CUDA
+  device (fairseq's FP16Optimizer asks CUDA for its device: "Torch not compiled with CUDA
+  enabled"), stop with a message that names the fix.
 """
 import argparse
 import atexit
 import collections
 import functools
+import importlib.util
+import logging
+import os
 import sys
 import types
 import typing
@@ -52,6 +63,8 @@ import numpy as np
 import torch
 
 __all__ = ["SAFE_GLOBALS", "apply", "safe_globals"]
+
+logger = logging.getLogger(__name__)
 
 
 def _build_safe_globals():
@@ -261,6 +274,80 @@ def _destroy_gloo_group():
         dist.destroy_process_group()
 
 
+def _xla_available():
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def _tpu_on_command_line(argv):
+    return any(a == "--tpu" or a.startswith(("common.tpu=", "+common.tpu=")) for a in argv)
+
+
+def _no_tpu(cfg):
+    """``tpu`` = False in every section of ``cfg`` that has it: the namespace was copied into
+    common, distributed_training (multi-GPU start-up), optimizer (Adam) and a legacy
+    model's Namespace (the DDP wrapper)."""
+    for key in list(cfg.keys()):
+        section = cfg[key]
+        if hasattr(section, "keys") and "tpu" in section.keys():
+            section.tpu = False
+        elif isinstance(section, argparse.Namespace) and hasattr(section, "tpu"):
+            section.tpu = False
+
+
+def check_precision(cfg, training, argv=None, xla=None, cuda=None):
+    """Before a fairseq command runs (``distributed_utils.call_main``): ``--bf16`` without
+    ``torch_xla`` and without ``--tpu`` given trains on the CUDA device or the CPU
+    (``cfg.common.tpu`` set back to False); ``--tpu`` without ``torch_xla``, and training
+    with ``--fp16`` without a CUDA device, are ConfigErrors naming the fix."""
+    from .errors import ConfigError
+
+    common = cfg.common
+    argv = sys.argv[1:] if argv is None else argv
+    xla = _xla_available() if xla is None else xla
+    if common.tpu and not xla:
+        if common.bf16 and not _tpu_on_command_line(argv):
+            _no_tpu(cfg)  # fairseq set it for --bf16 (fairseq#4696)
+            logger.info("--bf16: bfloat16 on %s (fairseq 0.12 ties --bf16 to --tpu; torch_xla "
+                        "is not installed)", "the CPU" if common.cpu else "the CUDA device")
+        else:
+            raise ConfigError("--tpu needs torch_xla, which is not installed; on a GPU or the "
+                              "CPU leave --tpu out (--bf16 alone trains in bfloat16 there)")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if training and common.fp16 and not common.tpu and (common.cpu or not cuda):
+        raise ConfigError("--fp16 trains on a CUDA GPU only (fairseq's FP16Optimizer keeps its "
+                          "fp32 copy on the CUDA device); on the CPU use --bf16, or leave both "
+                          "out to train in fp32")
+
+
+def _is_training(main):
+    """Whether ``main`` is fairseq-train's (or fairseq-hydra-train's): by its file, since
+    ``python -m fairseq_cli.train`` names its module ``__main__``."""
+    code = getattr(main, "__code__", None)
+    path = os.path.normpath(code.co_filename) if code is not None else ""
+    return path.endswith((os.path.join("fairseq_cli", "train.py"),
+                          os.path.join("fairseq_cli", "hydra_train.py")))
+
+
+def _check_precision_before_main():
+    """Run :func:`check_precision` on the configuration of every fairseq command: they all
+    start their work through ``distributed_utils.call_main``, which they look up on the
+    module at call time (after ``--user-dir`` imported this plugin)."""
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils.call_main
+    if getattr(original, "_grnn_precision", False):
+        return
+
+    @functools.wraps(original)
+    def call_main(cfg, main, **kwargs):
+        if hasattr(cfg, "common"):
+            check_precision(cfg, _is_training(main))
+        return original(cfg, main, **kwargs)
+
+    call_main._grnn_precision = True
+    distributed_utils.call_main = call_main
+
+
 _APPLIED = False
 
 
@@ -282,6 +369,7 @@ def apply():
     _ddp_on_cpu()
     _diverse_beam_search_by_row()
     _ngram_block_reads_generated_tokens()
+    _check_precision_before_main()
     _APPLIED = True
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 pytest.importorskip("fairseq")
 import grnn_fairseq  # noqa: E402
 from grnn_fairseq import compat  # noqa: E402
+from grnn_fairseq.errors import ConfigError  # noqa: E402
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(grnn_fairseq.__file__))
 
@@ -412,3 +414,132 @@ def test_gloo_process_group_is_destroyed_at_exit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "group during the run: True" in proc.stdout
     assert "group at exit: False" in proc.stdout, proc.stdout
+
+
+# ----------------------------------------------------------------- --bf16 / --fp16 / --tpu
+def _parsed(*args):
+    """fairseq-train's configuration for ``args`` (parsed as fairseq-train parses them)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = ["data", "--arch", "rnnsearch", "--task", "translation", "--optimizer", "adam",
+            "--lr", "0.001", *args]
+    parsed = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
+    return convert_namespace_to_omegaconf(parsed), argv
+
+
+def _tpu_flags(cfg):
+    flags = {}
+    for key in cfg.keys():
+        section = cfg[key]
+        if hasattr(section, "keys") and "tpu" in section.keys():
+            flags[key] = section.tpu
+        elif isinstance(section, argparse.Namespace) and hasattr(section, "tpu"):
+            flags[key] = section.tpu
+    return flags
+
+
+def test_bf16_without_xla_keeps_the_device_everywhere_in_the_config():
+    cfg, argv = _parsed("--bf16", "--cpu")
+    before = _tpu_flags(cfg)  # fairseq ties --bf16 to --tpu, in every copied section
+    assert before["common"] is True and len(before) >= 4 and all(before.values()), before
+    compat.check_precision(cfg, training=True, argv=argv, xla=True)  # a TPU machine: as is
+    assert all(_tpu_flags(cfg).values())
+    compat.check_precision(cfg, training=True, argv=argv, xla=False)
+    after = _tpu_flags(cfg)
+    assert after.keys() == before.keys() and not any(after.values()), after
+    assert cfg.common.bf16 is True
+
+
+def test_tpu_without_xla_and_fp16_without_cuda_name_the_fix():
+    cfg, argv = _parsed("--bf16", "--tpu")
+    with pytest.raises(ConfigError, match="--tpu needs torch_xla"):
+        compat.check_precision(cfg, training=True, argv=argv, xla=False)
+    cfg, argv = _parsed("--fp16", "--cpu")
+    with pytest.raises(ConfigError, match="--fp16 trains on a CUDA GPU only.*--bf16"):
+        compat.check_precision(cfg, training=True, argv=argv, xla=False, cuda=True)
+    compat.check_precision(cfg, training=False, argv=argv, xla=False)  # generate --fp16: fine
+    cfg, argv = _parsed("--fp16")
+    with pytest.raises(ConfigError, match="--fp16 trains on a CUDA GPU only"):
+        compat.check_precision(cfg, training=True, argv=argv, xla=False, cuda=False)
+    compat.check_precision(cfg, training=True, argv=argv, xla=False, cuda=True)  # a GPU: fine
+
+
+PROBE = """
+import json, sys
+from fairseq import trainer
+from fairseq_cli import train
+
+original = trainer.Trainer.train_step
+seen = {}
+
+def train_step(self, samples, *args, **kwargs):
+    p = next(self.model.parameters())
+    seen.update(dtype=str(p.dtype), device=str(p.device), tpu=bool(self.tpu),
+                optimizer=type(self.optimizer).__name__)
+    return original(self, samples, *args, **kwargs)
+
+trainer.Trainer.train_step = train_step
+sys.argv = ["fairseq-train"] + sys.argv[2:]
+try:
+    train.cli_main()
+finally:
+    json.dump(seen, open(OUT, "w"))
+"""
+
+
+def _train_tiny_group_model(mt_run, save, *precision, probe=None):
+    args = [str(mt_run / "data"), "--user-dir", PLUGIN_DIR, "--dataset-impl", "raw",
+            "--task", "translation", "--arch", "group_rnnsearch_k2",
+            "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "8",
+            "--decoder-embed-dim", "8", "--encoder-hidden-size", "8",
+            "--decoder-hidden-size", "8", "--attention-dim", "8", "--optimizer", "adam",
+            "--lr", "0.01", "--max-tokens", "500", "--max-update", "4", "--cpu",
+            "--num-workers", "0", "--seed", "1", "--no-progress-bar", "--log-format", "simple",
+            "--log-interval", "1", "--save-dir", str(save), "--no-epoch-checkpoints", *precision]
+    if probe is None:
+        cmd = [sys.executable, "-m", "fairseq_cli.train", *args]
+    else:
+        cmd = [sys.executable, "-c", f"OUT = {str(probe)!r}\n" + PROBE, "-", *args]
+    proc = subprocess.run(cmd, cwd=save.parent, env=_env(), capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _train_loss(log):
+    return float(re.findall(r"\btrain(?: \| |:)epoch \d+ \| loss ([\d.]+)", log)[-1])
+
+
+def test_fairseq_train_bf16_trains_in_bfloat16_on_the_cpu(mt_run, tmp_path):
+    """fairseq 0.12's --bf16 stops in the trainer without torch_xla; with the plugin the
+    model trains in bfloat16 on the CPU (as on a GPU), its loss close to fp32's, and the
+    checkpoint serves fairseq-generate."""
+    probe = tmp_path / "probe.json"
+    rc, log = _train_tiny_group_model(mt_run, tmp_path / "bf16", "--bf16", probe=probe)
+    assert rc == 0, log[-3000:]
+    assert json.loads(probe.read_text()) == {"dtype": "torch.bfloat16", "device": "cpu",
+                                             "tpu": False, "optimizer": "FP16Optimizer"}
+    assert "bfloat16 on the CPU" in log
+    rc, log32 = _train_tiny_group_model(mt_run, tmp_path / "fp32")
+    assert rc == 0, log32[-3000:]
+    bf16, fp32 = _train_loss(log), _train_loss(log32)
+    assert abs(bf16 - fp32) < 0.05 * fp32, (bf16, fp32)
+    # fairseq saves the model's weights as fp32: the bf16 run's are bf16 values, fp32's not
+    for run, bf16_values in (("bf16", True), ("fp32", False)):
+        weights = torch.load(tmp_path / run / "checkpoint_last.pt")["model"]
+        exact = all(torch.equal(w, w.bfloat16().float()) for w in weights.values()
+                    if w.is_floating_point())
+        assert exact is bf16_values, run
+    out = _run([sys.executable, "-m", "fairseq_cli.generate", str(mt_run / "data"),
+                "--user-dir", PLUGIN_DIR, "--dataset-impl", "raw", "--task", "translation",
+                "--path", str(tmp_path / "bf16" / "checkpoint_last.pt"), "--gen-subset", "test",
+                "--beam", "2", "--max-len-b", "5", "--batch-size", "4", "--cpu",
+                "--required-batch-size-multiple", "1"], cwd=tmp_path)
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
+
+
+def test_fairseq_train_fp16_on_the_cpu_stops_with_the_fix(mt_run, tmp_path):
+    rc, log = _train_tiny_group_model(mt_run, tmp_path / "fp16", "--fp16")
+    assert rc == 1
+    assert "error: --fp16 trains on a CUDA GPU only" in log and "Traceback" not in log, log[-2000:]
+    rc, log = _train_tiny_group_model(mt_run, tmp_path / "tpu", "--tpu")
+    assert rc == 1 and "error: --tpu needs torch_xla" in log and "Traceback" not in log, log[-2000:]
