@@ -2,9 +2,9 @@
 
 ``fairseq-train --fp16`` (fairseq's FP16Optimizer with dynamic loss scaling), ``--amp``
 (torch autocast) and ``--bf16`` must train our models without NaN or Inf and reach about
-the loss of the same run in fp32 (the reference). fairseq supports these options only on
-CUDA (on CPU they stop with "Torch not compiled with CUDA enabled"), so CI skips this file;
-`scripts/gpu-checks.sh training` runs it on a GPU machine.
+the loss of the same run in fp32 (the reference). ``--fp16`` and ``--amp`` are CUDA-only in
+fairseq, so CI skips this file; `scripts/gpu-checks.sh training` runs it on a GPU machine.
+``--bf16`` on the CPU (the plugin decouples it from ``--tpu``) is tested in test_compat.py.
 
 Data: made-up parallel sentences (the target is the source reversed, word by word renamed),
 learnable in a few hundred updates; the models use the fused Triton engine (``auto`` on
