@@ -296,9 +296,9 @@ def _no_tpu(cfg):
 
 def check_precision(cfg, training, argv=None, xla=None, cuda=None):
     """Before a fairseq command runs (``distributed_utils.call_main``): ``--bf16`` without
-    ``torch_xla`` and without ``--tpu`` given trains on the CUDA device or the CPU
-    (``cfg.common.tpu`` set back to False); ``--tpu`` without ``torch_xla``, and training
-    with ``--fp16`` without a CUDA device, are ConfigErrors naming the fix."""
+    ``torch_xla`` and without ``--tpu`` given trains on the CUDA device or the CPU (``tpu``
+    set back to False in every section, :func:`_no_tpu`); ``--tpu`` without ``torch_xla``,
+    and training with ``--fp16`` without a CUDA device, are ConfigErrors naming the fix."""
     from .errors import ConfigError
 
     common = cfg.common
