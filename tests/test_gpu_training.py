@@ -86,11 +86,14 @@ def fp32_run(data):
     return train(data, "fp32")
 
 
-@pytest.mark.parametrize("precision", ["--fp16", "--amp", "--bf16"])
+# bf16 first: the likeliest choice on an H100, and the one the plugin had to fix
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16", "--amp"])
 def test_half_precision_training_is_finite_and_matches_fp32(data, fp32_run, precision):
     _, ref_log = fp32_run
     _, log = train(data, precision.strip("-"), precision)
     assert "Minimum loss scale reached" not in log
+    if precision == "--bf16":  # on the GPU, not fairseq's TPU path (grnn_fairseq.compat)
+        assert "bfloat16 on the CUDA device" in log, log[-3000:]
     inner, valid = losses(log, "train_inner"), losses(log, "valid")
     assert len(inner) >= UPDATES // 25 - 1 and len(valid) >= UPDATES // 100
     assert all(math.isfinite(x) for x in inner + valid), inner + valid
