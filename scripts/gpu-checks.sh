@@ -45,21 +45,26 @@ case "${1:-}" in
   kernels|training|layer|variants|wmt|iwslt|all|first) ;;
   *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;  # this header
 esac
+if [[ ! "${GPU_CHECKS_SECONDS:-450}" =~ ^[0-9]+$ ]]; then
+  echo "gpu-checks: GPU_CHECKS_SECONDS=${GPU_CHECKS_SECONDS} is not a whole number of seconds (default 450)" >&2
+  exit 2
+fi
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu-checks: torch sees no CUDA GPU; these checks need one (CPU checks: bash scripts/test.sh)" >&2
   exit 2
 fi
 device="$("$py" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch", torch.__version__)')"
+# -o addopts= : the machine may lack pytest-timeout, which pytest.ini's addopts needs
+pytest=("$py" -m pytest -o addopts= -p no:cacheprovider -q -rs)
 
 stage_kernels() {
-  # -o addopts= : the machine may lack pytest-timeout, which pytest.ini's addopts needs
-  "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_triton_engine.py 2>&1 \
+  "${pytest[@]}" tests/test_triton_engine.py 2>&1 \
     | tee "$out/triton_tests.txt"
   return "${PIPESTATUS[0]}"
 }
 
 stage_training() {
-  "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_gpu_training.py 2>&1 \
+  "${pytest[@]}" tests/test_gpu_training.py 2>&1 \
     | tee "$out/gpu_training_tests.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -82,7 +87,7 @@ stage_layer() {
 
 stage_variants() {
   { echo "device: $device"
-    "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_triton_engine.py \
+    "${pytest[@]}" tests/test_triton_engine.py \
       -k "variant or resident"
     "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 --rearrangement none,time \
       --backend triton,triton+load,triton+resident,triton+load+resident --modes train,infer
@@ -102,9 +107,9 @@ stage_fairseq() {  # name, models
   return "${PIPESTATUS[0]}"
 }
 
-# stage first: parts run one after another until the deadline; each is stopped (SIGINT,
-# so pytest still prints its summary) when its cap or the deadline comes, whichever first
-first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
+# stage first: parts run one after another until the deadline (first_end, set by
+# stage_first); each is stopped (SIGINT, so pytest still prints its summary) when its cap or
+# the deadline comes, whichever first
 part() {  # cap_seconds log_name command...
   local cap="$1" name="$2"; shift 2
   local t=$((first_end - SECONDS))
@@ -121,9 +126,8 @@ part() {  # cap_seconds log_name command...
 }
 
 stage_first() {
-  local rc=0 cell
-  part 180 triton_tests "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs \
-    tests/test_triton_engine.py || rc=1
+  local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
+  part 180 triton_tests "${pytest[@]}" tests/test_triton_engine.py || rc=1
   part 120 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
     --rearrangement none,time --backend triton,triton+load,triton+resident,triton+load+resident \
     --modes train,infer || rc=1
@@ -133,8 +137,7 @@ stage_first() {
     part 45 "bench_layer_cuda_$cell" "$py" scripts/bench_layer.py --device cuda --cell "$cell" \
       --backend triton --groups 4,16 --rearrangement time --modes train,infer,decode || rc=1
   done
-  part 600 gpu_training_tests "$py" -m pytest -o addopts= -p no:cacheprovider -q -rs \
-    tests/test_gpu_training.py || rc=1
+  part 600 gpu_training_tests "${pytest[@]}" tests/test_gpu_training.py || rc=1
   return "$rc"
 }
 

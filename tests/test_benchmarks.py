@@ -231,6 +231,9 @@ def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():
     for stage in ("kernels", "training", "layer", "variants", "wmt", "iwslt", "all", "first"):
         assert f"gpu-checks.sh {stage} " in usage.stdout, stage
     assert "set -uo" not in usage.stdout  # the header only
+    bad = subprocess.run(["bash", "scripts/gpu-checks.sh", "first"], cwd=ROOT, capture_output=True,
+                         env=dict(env, GPU_CHECKS_SECONDS="5m"), text=True, timeout=60)
+    assert bad.returncode == 2 and "GPU_CHECKS_SECONDS=5m is not a whole number" in bad.stderr
     try:
         import torch
         if torch.cuda.is_available():
