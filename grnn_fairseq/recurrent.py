@@ -29,12 +29,13 @@ from .restricted import RestrictedWeights, check_sharing_rate
 from .weights import GroupedWeights, check_groups
 
 
-def make_weights(input_size, hidden_size, cell, groups=1, sharing_rate=0.0):
-    """Dense / grouped weights for r=0, the restricted pool for r>0."""
+def make_weights(input_size, hidden_size, cell, groups=1, sharing_rate=0.0, init_range=None):
+    """Dense / grouped weights for r=0, the restricted pool for r>0; ``init_range``: see
+    :func:`weights.init_uniform_`."""
     gates = GATES[check_cell(cell)]
     if check_sharing_rate(sharing_rate) == 0.0:
-        return GroupedWeights(input_size, hidden_size, gates, groups)
-    return RestrictedWeights(input_size, hidden_size, gates, groups, sharing_rate)
+        return GroupedWeights(input_size, hidden_size, gates, groups, init_range)
+    return RestrictedWeights(input_size, hidden_size, gates, groups, sharing_rate, init_range)
 
 
 def count_weights(input_size, hidden_size, cell, groups=1, sharing_rate=0.0):
@@ -60,13 +61,13 @@ class RecurrentLayer(nn.Module):
     """One layer, one or two directions.  Each direction has its own weight structure."""
 
     def __init__(self, input_size, hidden_size, cell="lstm", groups=1, sharing_rate=0.0,
-                 time_shuffle=True, bidirectional=False, backend=None):
+                 time_shuffle=True, bidirectional=False, backend=None, init_range=None):
         super().__init__()
         self.cell, self.groups, self.hidden_size = check_cell(cell), groups, hidden_size
         self.backend = backend  # engine backend (None: $GRNN_BACKEND or auto)
         self.time_shuffle = bool(time_shuffle) and groups > 1
         self.directions = nn.ModuleList(
-            make_weights(input_size, hidden_size, cell, groups, sharing_rate)
+            make_weights(input_size, hidden_size, cell, groups, sharing_rate, init_range)
             for _ in range(2 if bidirectional else 1)
         )
 
@@ -118,11 +119,14 @@ class RecurrentStack(nn.Module):
             keep on in generation).
         backend: recurrence engine, ``auto`` | ``reference`` | ``torch`` | ``cpp`` | ``triton``
             (None: $GRNN_BACKEND, else ``auto``; see :mod:`grnn_fairseq.engine`).
+        init_range: R > 0 draws every recurrent weight and bias from U(-R, R), the same for
+            every K; None (default): PyTorch's U(-1/sqrt(m), 1/sqrt(m)) with m = H/K, the
+            width of one group (:func:`grnn_fairseq.weights.init_uniform_`).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, cell="lstm", groups=1,
                  rearrangement="both", sharing_rate=0.0, bidirectional=False, dropout=0.0,
-                 backend=None):
+                 backend=None, init_range=None):
         super().__init__()
         if backend is not None and backend not in engine.BACKENDS:
             raise ConfigError(f"backend={backend!r} is not a recurrence backend; use one of "
@@ -149,7 +153,7 @@ class RecurrentStack(nn.Module):
         self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             RecurrentLayer(input_size if i == 0 else out_size, hidden_size, cell, groups, rates[i],
-                           uses_time(rearrangement), bidirectional, backend)
+                           uses_time(rearrangement), bidirectional, backend, init_range)
             for i in range(num_layers)
         )
         # What the weights mean but their shapes do not show, saved with them: 1 where this

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .weights import check_groups, init_uniform_
+from .weights import check_groups, check_init_range, init_uniform_
 
 
 def check_sharing_rate(rate):
@@ -36,9 +36,11 @@ def shared_rows(rate, hidden_per_group):
 class RestrictedWeights(nn.Module):
     """Pooled weights of a restricted cell; returns the canonical grouped layout."""
 
-    def __init__(self, input_size, hidden_size, gates, groups=1, sharing_rate=0.5):
+    def __init__(self, input_size, hidden_size, gates, groups=1, sharing_rate=0.5,
+                 init_range=None):
         super().__init__()
         check_groups(groups, input_size=input_size, hidden_size=hidden_size)
+        init_range = check_init_range(init_range)
         k, m, ik = groups, hidden_size // groups, input_size // groups
         s = shared_rows(sharing_rate, m)
         p = m - s
@@ -56,7 +58,7 @@ class RestrictedWeights(nn.Module):
             self.private_bias_hh = nn.Parameter(torch.empty(k, gates * p))
             params += [self.private_weight_ih, self.private_weight_hh,
                        self.private_bias_ih, self.private_bias_hh]
-        init_uniform_(params, m)
+        init_uniform_(params, m, init_range)
         # Row g*m + j of a gate matrix reads pool row j (j < S) or S + g*P + (j - S).
         index = [j if j < s else s + g * p + (j - s) for g in range(gates) for j in range(m)]
         self.register_buffer("row_index", torch.tensor(index, dtype=torch.long), persistent=False)

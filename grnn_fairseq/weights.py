@@ -32,9 +32,24 @@ def check_groups(groups, **widths):
     return groups
 
 
-def init_uniform_(tensors, hidden_per_group):
-    """PyTorch's RNN initialisation, U(-1/sqrt(m), 1/sqrt(m)) with m the width of one group."""
-    bound = 1.0 / math.sqrt(hidden_per_group)
+def check_init_range(init_range):
+    """None (the default init) or a positive, finite bound R of U(-R, R)."""
+    if init_range is None:
+        return None
+    if (isinstance(init_range, bool) or not isinstance(init_range, (int, float))
+            or not 0.0 < init_range < math.inf):
+        raise ConfigError(
+            f"init_range={init_range!r} must be a positive number R (weights and biases drawn "
+            "from U(-R, R)), or None for PyTorch's U(-1/sqrt(m), 1/sqrt(m)) per group")
+    return float(init_range)
+
+
+def init_uniform_(tensors, hidden_per_group, init_range=None):
+    """Draw every tensor from U(-R, R).  R = ``init_range``, or by default PyTorch's RNN
+    initialisation, R = 1/sqrt(m) with m the width of one group: a group of m units is
+    initialised as a cell of width m, so the bound grows with K (sqrt(K) times the
+    ungrouped layer's).  A fixed R (fairseq's LSTM uses 0.1) initialises every K alike."""
+    bound = 1.0 / math.sqrt(hidden_per_group) if init_range is None else init_range
     for t in tensors:
         nn.init.uniform_(t, -bound, bound)
 
@@ -42,16 +57,17 @@ def init_uniform_(tensors, hidden_per_group):
 class GroupedWeights(nn.Module):
     """Dense per-group weights: K blocks of a standard cell (K=1: a standard cell)."""
 
-    def __init__(self, input_size, hidden_size, gates, groups=1):
+    def __init__(self, input_size, hidden_size, gates, groups=1, init_range=None):
         super().__init__()
         check_groups(groups, input_size=input_size, hidden_size=hidden_size)
+        init_range = check_init_range(init_range)
         k, m, ik = groups, hidden_size // groups, input_size // groups
         self.groups, self.gates = k, gates
         self.weight_ih = nn.Parameter(torch.empty(k, gates * m, ik))
         self.weight_hh = nn.Parameter(torch.empty(k, gates * m, m))
         self.bias_ih = nn.Parameter(torch.empty(k, gates * m))
         self.bias_hh = nn.Parameter(torch.empty(k, gates * m))
-        init_uniform_(self.parameters(), m)
+        init_uniform_(self.parameters(), m, init_range)
 
     def forward(self):
         """-> (weight_ih [K,G*m,I/K], weight_hh [K,G*m,m], bias_ih [K,G*m], bias_hh [K,G*m])"""

@@ -784,11 +784,37 @@ def test_rnnsearch_with_language_modeling_task_fails_naming_arch(tmp_path):
     ("rnnsearch", ["--decoder-layers", "0"], "--decoder-layers=0: must be a positive"),
     ("restricted_lm", ["--decoder-out-embed-dim", "-4"], "--decoder-out-embed-dim=-4: must be"),
     ("restricted_lm", ["--decoder-embed-dim", "0"], "--decoder-embed-dim=0: must be"),
+    ("rnnsearch", ["--recurrent-init-range", "0"], "--recurrent-init-range=0.0: must be a positive"),
+    ("group_lstm_lm", ["--recurrent-init-range", "-0.1"], "--recurrent-init-range=-0.1: must be"),
+    ("restricted_rnnsearch", ["--recurrent-init-range", "nan"], "--recurrent-init-range=nan"),
 ])
 def test_bad_options_name_the_option(arch, overrides, option):
     vocab = dict(vocab=40) if arch in LM_ARCHS else dict(src_vocab=40, tgt_vocab=40)
     with pytest.raises(ValueError, match=option):
         build_architecture(arch, overrides=overrides, device="meta", **vocab)
+
+
+@pytest.mark.parametrize("arch,vocab", [("group_rnnsearch_k4", dict(src_vocab=40, tgt_vocab=40)),
+                                        ("restricted_rnnsearch", dict(src_vocab=40, tgt_vocab=40)),
+                                        ("group_lstm_lm_k2", dict(vocab=40))])
+def test_recurrent_init_range_sets_the_recurrent_layers_only(arch, vocab):
+    """--recurrent-init-range R draws every recurrent tensor (encoder and decoder, groups
+    or restricted pool) from U(-R, R); embeddings, attention and readout keep their init."""
+    def build(*overrides):
+        torch.manual_seed(0)
+        return dict(build_architecture(arch, overrides=list(overrides), device="cpu",
+                                       **vocab).named_parameters())
+
+    default, small = build(), build("--recurrent-init-range", "0.001")
+    recurrent = [n for n in default if ".rnn." in n]
+    assert recurrent and len(recurrent) < len(default)
+    for name in default:
+        top = small[name].detach().abs().max().item()
+        if name in recurrent:
+            assert top <= 0.001, (name, top)
+        else:
+            assert top == default[name].detach().abs().max().item(), name
+            assert top > 0.001 or not top, name
 
 
 def _yaml_model_section(arch, **options):

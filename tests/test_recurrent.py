@@ -306,10 +306,57 @@ def test_per_forward_work_is_outside_the_time_loop(monkeypatch):
     (dict(cell="lstmx"), r"cell='lstmx' is not a known cell type; use one of \('lstm', 'gru', 'rnn'\)"),
     (dict(rearrangement="all"), r"rearrangement='all' is not a rearrangement mode"),
     (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+    (dict(init_range=0.0), r"init_range=0.0 must be a positive number R"),
+    (dict(init_range=-0.1), r"init_range=-0.1 must be a positive number R"),
+    (dict(init_range=float("nan")), r"init_range=nan must be a positive number R"),
+    (dict(init_range=float("inf")), r"init_range=inf must be a positive number R"),
+    (dict(init_range=True), r"init_range=True must be a positive number R"),
+    (dict(init_range=0.1, sharing_rate=0.5), None),  # the restricted pool is checked too
 ])
 def test_bad_configuration_is_rejected_at_build_time(kwargs, pattern):
+    if pattern is None:
+        RecurrentStack(8, 8, num_layers=2, **kwargs)
+        with pytest.raises(ValueError, match="init_range=0 must be a positive number R"):
+            RecurrentStack(8, 8, num_layers=2, **dict(kwargs, init_range=0))
+        return
     with pytest.raises(ValueError, match=pattern):
         RecurrentStack(8, 8, num_layers=2, **kwargs)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_default_init_of_k1_is_torch_nn_bit_for_bit(cell, bidirectional):
+    """K=1's default initialisation is torch.nn's (U(-1/sqrt(H), 1/sqrt(H)), drawn in the
+    same order): seeded alike, the two hold the same numbers."""
+    torch.manual_seed(3)
+    ref = TORCH[cell](6, 8, num_layers=2, bidirectional=bidirectional)
+    torch.manual_seed(3)
+    stack = RecurrentStack(6, 8, num_layers=2, cell=cell, bidirectional=bidirectional)
+    copied = TORCH[cell](6, 8, num_layers=2, bidirectional=bidirectional)
+    copy_into_torch(stack, copied)
+    for name, value in ref.named_parameters():
+        assert torch.equal(value, getattr(copied, name)), name
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_init_range_bounds_every_recurrent_tensor(cell, rate):
+    """Default: U(-1/sqrt(m), 1/sqrt(m)) with m = H/K, so the bound grows with K; with
+    ``init_range`` R every K draws from U(-R, R).  Each tensor must reach close to its
+    bound (1,000+ draws) and never pass it."""
+    h = 64
+    for k in (1, 4, 16):
+        for init_range, bound in ((None, (h // k) ** -0.5), (0.1, 0.1), (0.5, 0.5)):
+            torch.manual_seed(k)
+            stack = RecurrentStack(64, h, num_layers=2, cell=cell, groups=k, sharing_rate=rate,
+                                   init_range=init_range)
+            params = dict(stack.named_parameters())
+            assert params, "no parameters"
+            for name, p in params.items():
+                top = p.detach().abs().max().item()
+                assert top <= bound, (k, init_range, name, top, bound)
+                if p.numel() >= 1000:
+                    assert top > 0.99 * bound, (k, init_range, name, top, bound)
 
 
 def test_group_count_must_divide_the_input_width_too():

@@ -45,6 +45,10 @@ def add_recurrent_args(parser, prefixes):
                         help="representation rearrangement between layers and/or time steps")
     parser.add_argument("--sharing-rate", type=float, metavar="R",
                         help="restricted sharing rate r in [0, 1] of every recurrent layer")
+    parser.add_argument("--recurrent-init-range", type=float, metavar="R",
+                        help="draw the recurrent weights and biases from U(-R, R), the same "
+                             "for every group count (default: U(-1/sqrt(m), 1/sqrt(m)), "
+                             "m = hidden size / groups, PyTorch's init of one group's cell)")
     for prefix in prefixes:
         parser.add_argument(f"--{prefix}-groups", type=int, metavar="K",
                             help=f"number of groups of the {prefix} recurrent layers")
@@ -87,7 +91,7 @@ def check_recurrent_options(args, part, embed_dim, hidden_size, groups, input_na
     ``--{part}-embed-dim`` alone (RNNSearch's decoder reads its embedding and the
     attention context)."""
     from ..restricted import check_sharing_rate
-    from ..weights import check_groups
+    from ..weights import check_groups, check_init_range
 
     try:
         check_groups(groups, **{input_name or f"--{part}-embed-dim": embed_dim,
@@ -98,6 +102,13 @@ def check_recurrent_options(args, part, embed_dim, hidden_size, groups, input_na
         check_sharing_rate(args.sharing_rate)
     except ValueError as err:
         fail("sharing-rate", args.sharing_rate, str(err))
+    init_range = getattr(args, "recurrent_init_range", None)
+    try:
+        check_init_range(init_range)
+    except ValueError:
+        fail("recurrent-init-range", init_range, "must be a positive number R (recurrent "
+             "weights and biases from U(-R, R)); leave it unset for the default, "
+             "U(-1/sqrt(m), 1/sqrt(m)) per group")
 
 
 def set_defaults(args, **defaults):

@@ -96,6 +96,7 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
             args.decoder_embed_dim, args.decoder_hidden_size, args.decoder_layers, cell=args.cell,
             groups=args.decoder_groups, rearrangement=args.rearrangement,
             sharing_rate=args.sharing_rate,
+            init_range=getattr(args, "recurrent_init_range", None),
             dropout=dropout_module(args, "dropout-hidden", self))
         self.out_proj = (linear(args.decoder_hidden_size, args.decoder_out_embed_dim, bias=False)
                          if args.decoder_out_embed_dim != args.decoder_hidden_size else None)

@@ -125,6 +125,7 @@ class RNNSearchEncoder(FairseqEncoder):
             args.encoder_embed_dim, args.encoder_hidden_size, args.encoder_layers, cell=args.cell,
             groups=args.encoder_groups, rearrangement=args.rearrangement,
             sharing_rate=args.sharing_rate, bidirectional=True,
+            init_range=getattr(args, "recurrent_init_range", None),
             dropout=dropout_module(args, "dropout-hidden", self))
         value_dim = 2 * args.encoder_hidden_size
         self.attention_keys = linear(value_dim, args.attention_dim, bias=False)  # U
@@ -204,6 +205,7 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
             args.decoder_embed_dim + value_dim, args.decoder_hidden_size, args.decoder_layers,
             cell=args.cell, groups=args.decoder_groups, rearrangement=args.rearrangement,
             sharing_rate=args.sharing_rate, bidirectional=False,
+            init_range=getattr(args, "recurrent_init_range", None),
             dropout=dropout_module(args, "dropout-hidden", self))
         self.readout = linear(args.decoder_hidden_size + args.decoder_embed_dim + value_dim,
                               args.decoder_out_embed_dim)
