@@ -19,7 +19,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
-  python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident
+  python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
   python scripts/bench_layer.py --quick                          # smoke test
 """
 import argparse
@@ -56,9 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto",
                    help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
                         "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0; "
-                        "triton+load, triton+resident, triton+load+resident: triton with "
-                        "those variants of its persistent scans, GRNN_TRITON_POLL=load, "
-                        "GRNN_TRITON_RESIDENT=1)")
+                        "triton+load, triton+resident, triton+perm and their combinations, "
+                        "e.g. triton+load+resident: triton with those variants of its "
+                        "persistent scans, GRNN_TRITON_POLL=load, GRNN_TRITON_RESIDENT=1, "
+                        "GRNN_TRITON_PERM=1)")
     p.add_argument("--modes", default="train,infer,decode", help="comma-separated modes")
     p.add_argument("--padding", type=float, default=0.0,
                    help="fraction of the batch padded to half length (exercises masks)")
@@ -201,13 +202,14 @@ def make_cases(args, mode, device, dtype):
     return cases
 
 
-TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1")}
+TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
+                   "perm": ("perm", "1")}
 
 
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
-    :func:`two_pass`; ``triton+load``, ``triton+resident`` and ``triton+load+resident`` are
-    ``triton`` run with those variants (:func:`triton_variant`); every other name is the
+    :func:`two_pass`; ``triton+load``, ``triton+resident``, ``triton+perm`` and their
+    combinations (``triton+load+resident``) are ``triton`` run with those variants (:func:`triton_variant`); every other name is the
     engine itself, unwrapped."""
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
@@ -215,14 +217,15 @@ def engine_of(backend):
     if variants:
         if name != "triton" or not set(variants) <= set(TRITON_VARIANTS):
             sys.exit(f"bench_layer.py: error: --backend {backend}: variants exist for triton "
-                     f"only: triton+{'|'.join(TRITON_VARIANTS)} (one or both)")
+                     f"only: triton+{'|'.join(TRITON_VARIANTS)} (one or more, joined by +)")
         return name, lambda run: triton_variant(run, variants)
     return backend, lambda run: run
 
 
 def triton_variant(run, variants):
     """``triton+load`` etc.: the Triton kernels with VARIANT set for the duration of a call
-    (what GRNN_TRITON_POLL / GRNN_TRITON_RESIDENT set for a whole process)."""
+    (what GRNN_TRITON_POLL / GRNN_TRITON_RESIDENT / GRNN_TRITON_PERM set for a whole
+    process)."""
     from grnn_fairseq.kernels import triton_rnn
 
     def run_variant():

@@ -12,7 +12,8 @@
 #                                   # decode steps vs LSTMCell; backends triton and torch;
 #                                   # then GRU and RNN vs nn.GRU / GRUCell, nn.RNN / RNNCell
 #   scripts/gpu-checks.sh variants  # the persistent scans' A/B variants side by side
-#                                   # (barrier polling by loads, resident W_hh; VARIANT in
+#                                   # (barrier polling by loads, resident W_hh, W_hh's
+#                                   # columns permuted for the time shuffle; VARIANT in
 #                                   # kernels/triton_rnn.py): their tests compiled, then
 #                                   # bench_layer.py train/infer, LSTM K=1,4,16 (~4 minutes)
 #   scripts/gpu-checks.sh wmt       # scripts/bench_fairseq.sh, WMT14 sizes: group K=4, K=1,
@@ -88,9 +89,10 @@ stage_layer() {
 stage_variants() {
   { echo "device: $device"
     "${pytest[@]}" tests/test_triton_engine.py \
-      -k "variant or resident"
+      -k "variant or resident or permuted"
     "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 --rearrangement none,time \
-      --backend triton,triton+load,triton+resident,triton+load+resident --modes train,infer
+      --backend triton,triton+load,triton+resident,triton+load+resident,triton+perm \
+      --modes train,infer
   } 2>&1 | tee "$out/bench_layer_cuda_variants.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -128,8 +130,9 @@ part() {  # cap_seconds log_name command...
 stage_first() {
   local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
   part 180 triton_tests "${pytest[@]}" tests/test_triton_engine.py || rc=1
-  part 120 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
-    --rearrangement none,time --backend triton,triton+load,triton+resident,triton+load+resident \
+  part 150 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
+    --rearrangement none,time \
+    --backend triton,triton+load,triton+resident,triton+load+resident,triton+perm \
     --modes train,infer || rc=1
   part 45 bench_layer_cuda_decode "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 \
     --rearrangement none,time --backend triton --modes decode || rc=1

@@ -6,7 +6,8 @@ The persistent scans run one program per SM, so occupancy does not matter, but a
 that spills registers to local memory puts a memory round trip into every time step.
 This shows what a kernel change costs in registers before a GPU session times it: the
 default variant and the A/B variants of VARIANT in grnn_fairseq/kernels/triton_rnn.py
-(polling the barrier by loads; the forward's resident W_hh), at the block sizes the kernels
+(polling the barrier by loads; the forward's resident W_hh; W_hh's columns permuted for
+the time shuffle), at the block sizes the kernels
 use for the issue's benchmark (bf16, B=64, H=1024: tiles of 32 x 16; training, no padding).
 
   python scripts/kernel_resources.py                    # sm_90 (H100), bf16, K=4 and 16
@@ -21,7 +22,8 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)   # the interpreter would replace the kernels
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-VARIANTS = {"default": {}, "load": dict(POLL="load"), "resident": dict(RESIDENT=True)}
+VARIANTS = {"default": {}, "load": dict(POLL="load"), "resident": dict(RESIDENT=True),
+            "perm": dict(SHUFFLE=2)}
 
 
 def parse_args(argv=None):
@@ -82,10 +84,11 @@ def main(argv=None):
                     print(f"{name:<9} {k:>3} {m:>5} {variant:<9} (does not fit: "
                           "m not a power of two or slices over _RESIDENT_BYTES)")
                     continue
-                consts = dict(consts, CELL="lstm", HAS_MASK=False, REVERSE=False, **change)
+                # each variant changes the default alone (a fresh dict, never the last one's)
+                these = dict(consts, CELL="lstm", HAS_MASK=False, REVERSE=False, **change)
                 if variant == "resident":
-                    consts["BLOCK_R"] = m
-                compiled = triton_rnn.compile_kernel(fn, ptrs, consts, args.arch)
+                    these["BLOCK_R"] = m
+                compiled = triton_rnn.compile_kernel(fn, ptrs, these, args.arch)
                 regs, spill, shared = resources(compiled, cuobjdump)
                 print(f"{name:<9} {k:>3} {m:>5} {variant:<9} {regs:>9} {spill:>8} {shared:>9}")
 

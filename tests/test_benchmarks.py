@@ -107,7 +107,8 @@ def test_bench_layer_two_pass_backend(monkeypatch):
 
 
 def test_bench_layer_triton_variant_backends(monkeypatch):
-    """``triton+load`` / ``triton+resident`` run the triton engine with VARIANT set for the
+    """``triton+load`` / ``triton+resident`` / ``triton+perm`` and their combinations run the
+    triton engine with VARIANT set for the
     call only (restored afterwards); a variant of another engine, or an unknown one, stops
     with a message naming the choices."""
     pytest.importorskip("triton")
@@ -117,15 +118,18 @@ def test_bench_layer_triton_variant_backends(monkeypatch):
     spec.loader.exec_module(bench)
     from grnn_fairseq.kernels import triton_rnn
 
-    monkeypatch.setattr(triton_rnn, "VARIANT", {"poll": "atomic", "resident": "0"})
+    default = {"poll": "atomic", "resident": "0", "perm": "0"}
+    monkeypatch.setattr(triton_rnn, "VARIANT", dict(default))
     seen = []
-    for backend, want in (("triton+load", {"poll": "load", "resident": "0"}),
-                          ("triton+resident", {"poll": "atomic", "resident": "1"}),
-                          ("triton+load+resident", {"poll": "load", "resident": "1"})):
+    for backend, change in (("triton+load", {"poll": "load"}),
+                            ("triton+resident", {"resident": "1"}),
+                            ("triton+perm", {"perm": "1"}),
+                            ("triton+load+resident", {"poll": "load", "resident": "1"}),
+                            ("triton+perm+load", {"poll": "load", "perm": "1"})):
         engine, wrap = bench.engine_of(backend)
         assert engine == "triton"
         wrap(lambda: seen.append(dict(triton_rnn.VARIANT)))()
-        assert seen[-1] == want and triton_rnn.VARIANT == {"poll": "atomic", "resident": "0"}
+        assert seen[-1] == dict(default, **change) and triton_rnn.VARIANT == default
     for bad in ("cpp+load", "triton+fast"):
         with pytest.raises(SystemExit, match="variants exist for triton only"):
             bench.engine_of(bad)
@@ -149,10 +153,13 @@ def test_kernel_resources_reports_every_variant():
         if m:
             rows[m.group(1), int(m.group(2)), m.group(4)] = [int(v) for v in m.groups()[4:]]
     assert set(rows) == {(kernel, k, v) for kernel in ("forward", "backward") for k in (4, 16)
-                         for v in ("default", "load", "resident")
+                         for v in ("default", "load", "resident", "perm")
                          if not (kernel == "backward" and v == "resident")}, proc.stdout
     assert all(0 < regs <= 255 for regs, _, _ in rows.values())
     assert rows["forward", 4, "resident"][2] > rows["forward", 4, "default"][2]
+    # each variant is the default with its one change: the permuted columns change only
+    # index arithmetic, so nothing of the resident variant's shared memory may leak into it
+    assert rows["forward", 4, "perm"][2] == rows["forward", 4, "default"][2]
     bad = subprocess.run([sys.executable, "scripts/kernel_resources.py", "--groups", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must divide --width 1024" in bad.stderr
@@ -199,7 +206,8 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
     ran = calls.read_text().splitlines()
     assert len(ran) == 6, ran
     assert ran[0].startswith("-m pytest") and ran[0].endswith("tests/test_triton_engine.py")
-    assert "--backend triton,triton+load,triton+resident,triton+load+resident" in ran[1]
+    assert "--backend triton,triton+load,triton+resident,triton+load+resident,triton+perm" \
+        in ran[1]
     assert "--modes decode" in ran[2]
     assert "--cell gru" in ran[3] and "--cell rnn" in ran[4]
     assert ran[5].startswith("-m pytest") and ran[5].endswith("tests/test_gpu_training.py")

@@ -312,10 +312,13 @@ def test_tuning_knobs_reject_bad_values(monkeypatch):
         with pytest.raises(ValueError, match="GRNN_TRITON_PROGRAMS"):
             triton_rnn._parse_programs(bad)
     with pytest.raises(ValueError, match="GRNN_TRITON_POLL='spin': expected one of atomic"):
-        triton_rnn._parse_variant("spin", "0")
+        triton_rnn._parse_variant("spin", "0", "0")
     with pytest.raises(ValueError, match="GRNN_TRITON_RESIDENT='yes': expected 0 or 1"):
-        triton_rnn._parse_variant("load", "yes")
-    assert triton_rnn._parse_variant("load", "1") == ("load", True)
+        triton_rnn._parse_variant("load", "yes", "0")
+    with pytest.raises(ValueError, match="GRNN_TRITON_PERM='on': expected 0 or 1"):
+        triton_rnn._parse_variant("load", "0", "on")
+    assert triton_rnn._parse_variant("load", "1", "0") == ("load", True, False)
+    assert triton_rnn._parse_variant("atomic", "0", "1") == ("atomic", False, True)
 
 
 def test_a_failed_barrier_is_reported(monkeypatch):
@@ -397,6 +400,43 @@ def test_scan_variants_match_reference(monkeypatch, poll, resident, shape):
             cdiv = triton_rnn._cdiv
             assert grid == (cdiv(b, kw["BLOCK_B"]) * k * cdiv(m, kw["BLOCK_J"]),)
             assert kw["BLOCK_R"] == m
+
+
+# (K, m, T, B, resident): m a multiple of K (runs of m/K = 4, 2, 3, 1 units), then m not a
+# multiple of K and K = 1 (both keep SHUFFLE 1); last, the resident forward, which the
+# interpreter runs over one step only
+PERM_SHAPES = [(4, 16, 5, 6, "0"), (4, 8, 4, 5, "0"), (3, 9, 4, 5, "0"), (4, 4, 4, 3, "0"),
+               (4, 6, 4, 3, "0"), (1, 8, 4, 3, "0"), (4, 16, 1, 8, "1")]
+
+
+@pytest.mark.parametrize("shape", PERM_SHAPES, ids=lambda s: "K{}-m{}-T{}-B{}-res{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_permuted_columns_match_reference(monkeypatch, cell, shape):
+    """VARIANT perm (GRNN_TRITON_PERM=1): with the time-step shuffle, the scans read W_hh
+    with its columns reordered and map operand positions to units to match (SHUFFLE 2).
+    Forward and backward against the reference, padding, both directions; the launches
+    used SHUFFLE 2 exactly where K > 1 divides m, the plain shuffle (1) elsewhere, and
+    none (0) without the shuffle, which the variant leaves alone."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    k, m, t_len, b, resident = shape
+    monkeypatch.setitem(triton_rnn.VARIANT, "perm", "1")
+    monkeypatch.setitem(triton_rnn.VARIANT, "resident", resident)
+    spies = {name: _LaunchSpy(getattr(triton_rnn, name)) for name in ("_scan_fwd", "_scan_bwd")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(triton_rnn, name, spy)
+    p, mask, upstream = _problem(k, m, t_len, b, i_size=2 * k, padding=t_len > 2, seed=5,
+                                 cell=cell)
+    want = 2 if k > 1 and m % k == 0 else 1
+    for shuffle, reverse in ((True, False), (True, True), (False, False)):
+        ref = _run("reference", p, mask, upstream, shuffle, reverse, t_len, b)
+        got = _run("triton", p, mask, upstream, shuffle, reverse, t_len, b)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
+        for spy in spies.values():
+            assert spy.launches and all(kw["SHUFFLE"] == (want if shuffle else 0)
+                                        for _, kw in spy.launches), spy.launches
+            spy.launches.clear()
 
 
 def test_resident_weights_only_where_they_fit(monkeypatch):

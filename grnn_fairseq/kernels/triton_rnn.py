@@ -13,7 +13,8 @@ far too long (programs not co-resident, e.g. SMs taken by another process) gives
 raises a flag; the host turns it into an error instead of returning wrong numbers.  The
 persistent drivers (:func:`_scan_fwd`, :func:`_scan_bwd`) are shared by the cells; a
 constexpr ``CELL`` picks the tile functions.  ``VARIANT`` selects A/B variants of the scans
-for timing on a GPU (how the barrier polls; the LSTM forward's resident W_hh slices).
+for timing on a GPU (how the barrier polls; the LSTM forward's resident W_hh slices; W_hh's
+columns permuted so that the shuffled reads are contiguous runs).
 
 * forward tile (:func:`_fwd_tile`; the cells in ``_lstm_fwd_cell``, ``_gru_fwd_cell``,
   ``_rnn_fwd_cell``), tile = (batch tile, group k, tile of m units): the recurrent product
@@ -162,12 +163,20 @@ def _tile(pid_b, pid_u, B, M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.c
 
 
 @triton.jit
-def _src_unit(q, K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr):
-    """The unit that the time-step shuffle puts at operand position q (rearrange())."""
-    if SHUFFLE:
-        return (q % K) * M + q // K
+def _src_unit(k, q, K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr):
+    """The unit read at operand position q of group k (a column of the W_hh[k] the kernel
+    gets).  SHUFFLE 0: none, unit k*M + q; 1: the time-step shuffle (rearrange()), unit
+    src(Q) = (Q % K) * M + Q // K of Q = k*M + q; 2: the shuffle with W_hh's columns
+    permuted on the host (:func:`_shuffle_order`), so that group k reads M/K contiguous
+    units of every group: unit (q // C) * M + k * C + q % C with C = M/K."""
+    if SHUFFLE == 2:
+        C: tl.constexpr = M // K
+        return (q // C) * M + k * C + q % C
+    elif SHUFFLE:
+        Q = k * M + q
+        return (Q % K) * M + Q // K
     else:
-        return q
+        return k * M + q
 
 
 @triton.jit
@@ -178,7 +187,7 @@ def _operand(h_base, row_b, mask_b, k, r0, offs_j, mask_j, ty,
     weight tile (W_hh[k, gate*M + j, r] as [r, j])."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < M
-    src = _src_unit(k * M + offs_r, K, M, SHUFFLE)
+    src = _src_unit(k, offs_r, K, M, SHUFFLE)
     hp = tl.load(h_base + row_b[:, None] + src[None, :],
                  mask=mask_b[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
     return hp.to(ty), offs_j[None, :] * M + offs_r[:, None], mask_r[:, None] & mask_j[None, :]
@@ -576,7 +585,7 @@ def _bwd_tile(
     offs_b64 = offs_b.to(tl.int64)
     acc = _operand_grad(dg_ptr, w_ptr, k, t_next, n_red, offs_b64, mask_b, offs_j, mask_j,
                         B, T, G, M, BLOCK_B, BLOCK_J, BLOCK_N, PRECISION)
-    u = _src_unit(k * M + offs_j, K, M, SHUFFLE)   # the unit read at operand position q
+    u = _src_unit(k, offs_j, K, M, SHUFFLE)   # the unit read at operand position q
     bm = mask_b[:, None] & mask_j[None, :]
     unit = offs_b64[:, None] * H + u[None, :]
     s_h = acc + tl.load(ph_ptr + unit, mask=bm, other=0.0, cache_modifier=".cg")  # dL/dh_t
@@ -675,7 +684,7 @@ def _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B, ty,
     layout [K, B, M] (in ``ty``), and the offsets and mask of the matching W_hh[k] tile."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < M
-    src = _src_unit(k * M + offs_r, K, M, SHUFFLE)
+    src = _src_unit(k, offs_r, K, M, SHUFFLE)
     hp = tl.load(h_ptr + (src // M).to(tl.int64)[None, :] * B * M + offs_b64[:, None] * M
                  + (src % M)[None, :], mask=mask_b[:, None] & mask_r[None, :],
                  other=0.0).to(ty)
@@ -826,9 +835,12 @@ _FORCED_PROGRAMS = os.environ.get("GRNN_TRITON_PROGRAMS")
 # triton,triton+load,triton+resident); the defaults are the variants measured so far.
 # GRNN_TRITON_POLL=atomic|load: how programs wait at a time-step barrier (_grid_sync);
 # GRNN_TRITON_RESIDENT=0|1: the LSTM forward loads each tile's W_hh slices once per scan
-# instead of once per step, where one program per tile fits the GPU (_resident).
+# instead of once per step, where one program per tile fits the GPU (_resident);
+# GRNN_TRITON_PERM=0|1: with the time-step shuffle, the scans get W_hh with its columns
+# permuted so that the units a tile reads or owns are contiguous runs (_shuffle_order).
 VARIANT = {"poll": os.environ.get("GRNN_TRITON_POLL", "atomic"),
-           "resident": os.environ.get("GRNN_TRITON_RESIDENT", "0")}
+           "resident": os.environ.get("GRNN_TRITON_RESIDENT", "0"),
+           "perm": os.environ.get("GRNN_TRITON_PERM", "0")}
 POLLS = ("atomic", "load")
 # the most bytes of resident W_hh slices per program (4 gates x M x BLOCK_J)
 _RESIDENT_BYTES = 32 * 1024
@@ -875,13 +887,52 @@ def _blocks(b, m, k, n_sm):
 
 
 @functools.lru_cache(maxsize=None)
-def _parse_variant(poll, resident):
-    """-> (poll, resident) of VARIANT, checked."""
+def _parse_variant(poll, resident, perm):
+    """-> (poll, resident, perm) of VARIANT, checked."""
     if poll not in POLLS:
         raise ConfigError(f"GRNN_TRITON_POLL={poll!r}: expected one of {', '.join(POLLS)}")
-    if resident not in ("0", "1"):
-        raise ConfigError(f"GRNN_TRITON_RESIDENT={resident!r}: expected 0 or 1")
-    return poll, resident == "1"
+    for name, value in (("RESIDENT", resident), ("PERM", perm)):
+        if value not in ("0", "1"):
+            raise ConfigError(f"GRNN_TRITON_{name}={value!r}: expected 0 or 1")
+    return poll, resident == "1", perm == "1"
+
+
+def _variant():
+    return _parse_variant(VARIANT["poll"], VARIANT["resident"], VARIANT["perm"])
+
+
+def _shuffle_order(time_shuffle, k, m, perm):
+    """The scans' SHUFFLE (:func:`_src_unit`): 0 without the time-step shuffle; with it, 2
+    where VARIANT['perm'] is on and K > 1 divides m, else 1.
+
+    With 1, the operand positions q of a tile read units (q % K) * m + q // K, runs of
+    one unit per group (at K=16 and 16 positions: 16 units in 16 places), and the backward
+    tile owns those same scattered units, whose activations, states and gradients it then
+    loads and stores one by one.  With 2, the kernels get W_hh with its columns reordered
+    (:func:`_kernel_weights`; the sum over operand positions does not depend on their
+    order) so that group k's positions are, for each source group in turn, its M/K
+    contiguous units: runs of min(M/K, block) units.  The decoding step keeps 1 (one
+    product per step, no room for a copy of W_hh)."""
+    if not time_shuffle:
+        return 0
+    return 2 if perm and k > 1 and m % k == 0 else 1
+
+
+@functools.lru_cache(maxsize=64)
+def _column_order(k, m, device):
+    """Column p of W_hh as the scans read it with SHUFFLE 2 = column (p % C) * K + p // C of
+    W_hh (C = m/K): its operand position q, whose unit :func:`_src_unit` maps alike."""
+    p = torch.arange(m)
+    c = m // k
+    return ((p % c) * k + p // c).to(device)
+
+
+def _kernel_weights(w, order):
+    """W_hh [K, G*m, m] as the scans read it: with SHUFFLE 2, its columns reordered."""
+    if order != 2:
+        return w
+    k, _, m = w.shape
+    return w.index_select(2, _column_order(k, m, w.device))
 
 
 def _resident(cell, m, bj, itemsize, n_tiles, n_prog, t_len):
@@ -1001,15 +1052,16 @@ def _forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, s
             if save and ACTS[cell] else out)
     mask8 = mask.to(torch.int8).contiguous() if mask is not None else out
     bb, bj, br, nw, n_prog, n_tiles = _grid(b, m, k, gx.device)
-    poll, resident = _parse_variant(VARIANT["poll"], VARIANT["resident"])
+    poll, resident, perm = _variant()
     resident = resident and _resident(cell, m, bj, w.element_size(), n_tiles, n_prog, t_len)
+    order = _shuffle_order(time_shuffle, k, m, perm)
     if resident:
         br, n_prog = m, n_tiles
     sync, err = _sync_buffers(gx.device)
     _scan_fwd[(n_prog,)](
-        gx, gx.stride(0), gx.stride(1), gx.stride(2),
-        w, bias, hs, cs if lstm else hs, out, acts, mask8, sync, err, b, t_len, n_prog,
-        CELL=cell, K=k, M=m, SHUFFLE=bool(time_shuffle), HAS_MASK=mask is not None, SAVE=save,
+        gx, gx.stride(0), gx.stride(1), gx.stride(2), _kernel_weights(w, order),
+        bias, hs, cs if lstm else hs, out, acts, mask8, sync, err, b, t_len, n_prog,
+        CELL=cell, K=k, M=m, SHUFFLE=order, HAS_MASK=mask is not None, SAVE=save,
         REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_J=bj, BLOCK_R=br,
         PRECISION=_precision(w.dtype), POLL=poll, RESIDENT=resident, num_warps=nw,
     )
@@ -1045,13 +1097,14 @@ def _backward(ctx, d_out, d_state):
     bb, bj, _, nw, n_prog, _ = _grid(b, m, k, hs.device)
     bn = _pow2(gm, 16, 64)
     sync, err = _sync_buffers(hs.device)
+    poll, _, perm = _variant()
+    order = _shuffle_order(time_shuffle, k, m, perm)
     _scan_bwd[(n_prog,)](
-        dg, dgx, w, acts, cs if lstm else hs, d_out, *strides, ph, gc, mask8, dh0, sync, err,
-        b, t_len, n_prog,
-        CELL=cell, K=k, M=m, SHUFFLE=bool(time_shuffle), HAS_MASK=mask is not None,
+        dg, dgx, _kernel_weights(w, order), acts, cs if lstm else hs, d_out, *strides, ph, gc,
+        mask8, dh0, sync, err, b, t_len, n_prog,
+        CELL=cell, K=k, M=m, SHUFFLE=order, HAS_MASK=mask is not None,
         HAS_DOUT=has_dout, REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_J=bj, BLOCK_N=bn,
-        PRECISION=_precision(w.dtype), POLL=_parse_variant(VARIANT["poll"], VARIANT["resident"])[0],
-        num_warps=nw)
+        PRECISION=_precision(w.dtype), POLL=poll, num_warps=nw)
     _check_health(hs.device)
     # dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: h_in_t = the state slot before t, shuffled
     h_in = hs[2:] if reverse else hs[:t_len]                      # [T, B, H] unit order
@@ -1193,7 +1246,8 @@ def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
 
 def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
     """Compile every kernel of every cell for a CUDA target, every feature on, and the
-    LSTM's scans in their other variants (VARIANT: polling by loads, resident weights).
+    LSTM's scans in their other variants (VARIANT: polling by loads, resident weights, and
+    the permuted W_hh columns: SHUFFLE 2).
     Catches type, shape and lowering errors that the interpreter does not.  Returns the
     number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces the
     kernels)."""
@@ -1203,8 +1257,8 @@ def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
         jobs = [(fn, ptrs, dict(consts, CELL=cell)) for cell in CELLS
                 for fn, ptrs, consts in (fwd, bwd, step)]
         jobs += [(fwd[0], fwd[1], dict(fwd[2], CELL="lstm", POLL="load", RESIDENT=True,
-                                       BLOCK_J=16, BLOCK_R=m)),
-                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load"))]
+                                       SHUFFLE=2, BLOCK_J=16, BLOCK_R=m)),
+                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load", SHUFFLE=2))]
         for fn, ptrs, consts in jobs:
             compile_kernel(fn, ptrs, consts, arch)
             n += 1
