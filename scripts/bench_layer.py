@@ -255,6 +255,10 @@ def two_pass(run):
 
 
 def bench_mode(args, mode, device, dtype):
+    """-> (rows, complete rounds).  An interrupt (Ctrl-C, or the SIGINT of gpu-checks.sh's
+    time caps) after at least one complete round ends the timing early: the rows then
+    hold the rounds completed so far, every case the same number.  Before that (warm-up,
+    where the GPU kernels compile) it propagates."""
     cases = make_cases(args, mode, device, dtype)
     timer = Timer(device, cpu=args.timer == "cpu")
     for _, fn in cases:
@@ -263,16 +267,23 @@ def bench_mode(args, mode, device, dtype):
     if device.type == "cuda":
         torch.cuda.synchronize()
     times = [[] for _ in cases]
-    for _ in range(args.reps):
-        for i, (_, fn) in enumerate(cases):
-            times[i].append(timer(fn))
+    done = 0
+    try:
+        for _ in range(args.reps):
+            this_round = [timer(fn) for _, fn in cases]
+            for ts, t in zip(times, this_round):
+                ts.append(t)
+            done += 1
+    except KeyboardInterrupt:
+        if done == 0:
+            raise
     base, base_min = statistics.median(times[0]), min(times[0])
     rows = []
     for (label, _), ts in zip(cases, times):
         med = statistics.median(ts)
         rows.append(dict(label, mode=mode, ms=med, min=min(ts), speedup=base / med,
                          speedup_min=base_min / min(ts)))
-    return rows
+    return rows, done
 
 
 def print_table(rows):
@@ -303,14 +314,26 @@ def main(argv=None):
           f"decode batch {args.decode_batch} x {args.decode_steps} steps; padding {args.padding}; reps {args.reps} (median), "
           f"warmup {args.warmup}; timer {args.timer}; "
           f"GRNN_BACKEND={os.environ.get('GRNN_BACKEND', '(unset)')}")
-    rows = []
     for mode in args.modes:
         if mode not in ("train", "infer", "decode"):
             sys.exit(f"--modes: unknown mode {mode!r} (train|infer|decode)")
-        rows += bench_mode(args, mode, device, dtype)
-    print_table(rows)
-    print("x median / x min = torch.nn's median / min time (first row of each mode) over the "
-          "row's; above 1: faster than torch.nn")
+    rows = []
+    for mode in args.modes:    # a table per mode as soon as it is measured
+        try:
+            mode_rows, done = bench_mode(args, mode, device, dtype)
+        except KeyboardInterrupt:
+            print(f"stopped by an interrupt during the warm-up of mode {mode} (where the "
+                  "kernels compile): nothing of it was timed", flush=True)
+            sys.exit(130)
+        rows += mode_rows
+        print_table(mode_rows)
+        print("x median / x min = torch.nn's median / min time (first row of each mode) over "
+              "the row's; above 1: faster than torch.nn", flush=True)
+        if done < args.reps:
+            print(f"stopped by an interrupt after {done} of {args.reps} repetitions of mode "
+                  f"{mode}: the table has the medians of those; later modes were not run",
+                  flush=True)
+            sys.exit(130)
     return rows
 
 

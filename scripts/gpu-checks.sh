@@ -110,7 +110,8 @@ stage_fairseq() {  # name, models
 }
 
 # stage first: parts run one after another until the deadline (first_end, set by
-# stage_first); each is stopped (SIGINT, so pytest still prints its summary) when its cap or
+# stage_first); each is stopped (SIGINT, so pytest still prints its summary, and bench_layer.py
+# the modes it finished and the complete rounds of the one it was timing) when its cap or
 # the deadline comes, whichever first
 part() {  # cap_seconds log_name command...
   local cap="$1" name="$2"; shift 2

@@ -21,6 +21,14 @@ def _run(cmd, timeout=600):
     return proc.stdout
 
 
+def _bench_layer_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "scripts" / "bench_layer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_bench_layer_quick_prints_every_case():
     out = _run([sys.executable, "scripts/bench_layer.py", "--quick"])
     rows = [line.split() for line in out.splitlines()
@@ -92,10 +100,7 @@ def test_bench_layer_two_pass_backend(monkeypatch):
                 if line.startswith("infer") and line.split()[1] == "group"}
     assert backends == {"cpp-2pass", "cpp"}, out
 
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "scripts" / "bench_layer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_layer_module()
     seen = []
     run = bench.two_pass(lambda: seen.append(os.environ.get("GRNN_CPU_FUSED")))
     monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
@@ -106,16 +111,64 @@ def test_bench_layer_two_pass_backend(monkeypatch):
     assert seen == ["0", "0"] and os.environ["GRNN_CPU_FUSED"] == "1"
 
 
+def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):
+    """gpu-checks.sh stops a part with SIGINT at its time cap.  Each mode's table is printed
+    when the mode ends.  An interrupt during the timing keeps the complete rounds, every
+    case alike (the interrupted round is dropped), prints them and exits with 130 without
+    starting the next mode; one during the warm-up says that nothing of the mode was
+    timed."""
+    bench = _bench_layer_module()
+    started = []
+    fail_in_warmup = []
+
+    def fake_fn():
+        if fail_in_warmup:
+            raise KeyboardInterrupt
+
+    def fake_cases(args, mode, device, dtype):
+        started.append(mode)
+        return [(dict(model=name, K=k, rearr="none", backend="fake"), fake_fn)
+                for name, k in (("nn.LSTM", "-"), ("group", 4))]
+
+    # the timed calls, 2 cases a round: infer's 3 rounds, then decode's 2 rounds and an
+    # interrupt in its third, after case 0 took 5 ms: decode's case 0 must keep [1, 3]
+    # (median 2), not [1, 3, 5] (median 3)
+    clock = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0, 5.0, None])
+
+    def fake_timer(self, fn):
+        t = next(clock)
+        if t is None:
+            raise KeyboardInterrupt
+        return t
+
+    monkeypatch.setattr(bench, "make_cases", fake_cases)
+    monkeypatch.setattr(bench.Timer, "__call__", fake_timer)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--modes", "infer,decode,train", "--reps", "3"])
+    assert stop.value.code == 130
+    out = capsys.readouterr().out
+    assert started == ["infer", "decode"]                 # train never started
+    medians = {(line.split()[0], line.split()[1]): float(line.split()[-4])
+               for line in out.splitlines() if line.split()[:1] in (["infer"], ["decode"])}
+    assert medians == {("infer", "nn.LSTM"): 3.0, ("infer", "group"): 4.0,
+                       ("decode", "nn.LSTM"): 2.0, ("decode", "group"): 3.0}, out
+    assert out.count("x median / x min") == 2
+    assert "after 2 of 3 repetitions of mode decode" in out, out
+
+    fail_in_warmup.append(True)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--modes", "infer", "--reps", "3"])
+    assert stop.value.code == 130
+    assert "during the warm-up of mode infer" in capsys.readouterr().out
+
+
 def test_bench_layer_triton_variant_backends(monkeypatch):
     """``triton+load`` / ``triton+resident`` / ``triton+perm`` and their combinations run the
     triton engine with VARIANT set for the
     call only (restored afterwards); a variant of another engine, or an unknown one, stops
     with a message naming the choices."""
     pytest.importorskip("triton")
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "scripts" / "bench_layer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_layer_module()
     from grnn_fairseq.kernels import triton_rnn
 
     default = {"poll": "atomic", "resident": "0", "perm": "0"}
