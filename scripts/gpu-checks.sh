@@ -26,9 +26,11 @@
 #   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
 #                                   # needed parts of the above, most needed first, each
 #                                   # bounded, all within GPU_CHECKS_SECONDS (default 450 s):
-#                                   # kernels' tests compiled; the variants timed (LSTM
-#                                   # K=4,16); decode steps; GRU and RNN timed; fairseq
-#                                   # --fp16/--amp/--bf16 training tests with the time left
+#                                   # the kernel tests only a GPU runs (barriers of many
+#                                   # programs, bf16, variants); the variants timed (LSTM
+#                                   # K=4,16); decode steps; GRU and RNN timed; then with
+#                                   # the time left the fairseq --fp16/--amp/--bf16 training
+#                                   # tests, and the other kernel tests compiled
 #
 # On the project's lent machine (see DEVELOPERS.md), from the repository root:
 #   source .whl/device-setup.sh .whl && bash scripts/gpu-checks.sh kernels
@@ -128,10 +130,15 @@ part() {  # cap_seconds log_name command...
   return "${PIPESTATUS[0]}"
 }
 
+# the kernel tests that only a GPU can run, or that run there with many programs (barriers),
+# in half precision, or with the variants: run first; the others, checked in the
+# interpreter on every CI run, only with the time left at the end
+gpu_tests="persistent_grid or half_precision or under_autocast or variants or permuted or recompilation"
+
 stage_first() {
   local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
-  part 180 triton_tests "${pytest[@]}" tests/test_triton_engine.py || rc=1
-  part 150 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
+  part 150 triton_tests_gpu "${pytest[@]}" -k "$gpu_tests" tests/test_triton_engine.py || rc=1
+  part 120 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
     --rearrangement none,time \
     --backend triton,triton+load,triton+resident,triton+load+resident,triton+perm \
     --modes train,infer || rc=1
@@ -142,6 +149,8 @@ stage_first() {
       --backend triton --groups 4,16 --rearrangement time --modes train,infer,decode || rc=1
   done
   part 600 gpu_training_tests "${pytest[@]}" tests/test_gpu_training.py || rc=1
+  part 600 triton_tests_rest "${pytest[@]}" -k "not ($gpu_tests)" tests/test_triton_engine.py \
+    || rc=1
   return "$rc"
 }
 

@@ -246,10 +246,11 @@ fi
 
 
 def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
-    """scripts/gpu-checks.sh first (one call of a 15-minute lease): the compiled kernel tests,
-    then the variants, decode, GRU and RNN timings, then the fairseq half-precision tests,
-    each logged to $OUT with its time cap; with too little time left a part is not started
-    and is listed, and the stage fails."""
+    """scripts/gpu-checks.sh first (one call of a 15-minute lease): the kernel tests that need
+    a GPU, then the variants, decode, GRU and RNN timings, then the fairseq half-precision
+    tests and the other kernel tests, each logged to $OUT with its time cap; with too little
+    time left a part is not started and is listed, and the stage fails.  The two parts of
+    the kernel tests select, between them, every test of the file, each once."""
     fake, calls = _fake_gpu_python(tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_CHECKS_SECONDS="400")
@@ -257,22 +258,38 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = calls.read_text().splitlines()
-    assert len(ran) == 6, ran
-    assert ran[0].startswith("-m pytest") and ran[0].endswith("tests/test_triton_engine.py")
+    assert len(ran) == 7, ran
+    kernel_tests = "tests/test_triton_engine.py"
+    assert ran[0].startswith("-m pytest") and ran[0].endswith(kernel_tests)
     assert "--backend triton,triton+load,triton+resident,triton+load+resident,triton+perm" \
         in ran[1]
     assert "--modes decode" in ran[2]
     assert "--cell gru" in ran[3] and "--cell rnn" in ran[4]
     assert ran[5].startswith("-m pytest") and ran[5].endswith("tests/test_gpu_training.py")
+    assert ran[6].startswith("-m pytest") and ran[6].endswith(kernel_tests)
     logs = sorted(p.name for p in out.iterdir())
-    assert logs == sorted(["triton_tests.txt", "bench_layer_cuda_variants.txt",
+    assert logs == sorted(["triton_tests_gpu.txt", "bench_layer_cuda_variants.txt",
                            "bench_layer_cuda_decode.txt", "bench_layer_cuda_gru.txt",
-                           "bench_layer_cuda_rnn.txt", "gpu_training_tests.txt"])
-    first = (out / "triton_tests.txt").read_text()
-    assert first.startswith("device: Fake GPU") and "stopped after 180s" in first
-    # the deadline caps the last part (cap 600 s; 400 s in all, less what the others took)
+                           "bench_layer_cuda_rnn.txt", "gpu_training_tests.txt",
+                           "triton_tests_rest.txt"])
+    first = (out / "triton_tests_gpu.txt").read_text()
+    assert first.startswith("device: Fake GPU") and "stopped after 150s" in first
+    # the deadline caps the last parts (cap 600 s; 400 s in all, less what the others took)
     last = re.search(r"stopped after (\d+)s", (out / "gpu_training_tests.txt").read_text())
     assert last and 300 < int(last.group(1)) <= 400, last
+
+    def selected(call=None):   # the test ids that a call's -k selects (all without a call)
+        expr = ["-k", re.search(r" -k (.*) " + re.escape(kernel_tests), call).group(1)] \
+            if call else []
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q",
+                               "--collect-only", *expr, kernel_tests], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        return [line for line in proc.stdout.splitlines() if "::" in line]
+
+    gpu, rest, everything = selected(ran[0]), selected(ran[6]), selected()
+    assert gpu and rest and not set(gpu) & set(rest)
+    assert sorted(gpu + rest) == sorted(everything) and len(everything) > 100
+    assert any("persistent_grid" in t for t in gpu) and any("permuted" in t for t in gpu)
 
     calls.unlink()
     shutil.rmtree(out)
@@ -281,7 +298,7 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not calls.exists()
     skipped = (out / "first_skipped.txt").read_text().splitlines()
-    assert len(skipped) == 6 and "triton_tests: not run" in skipped[0], skipped
+    assert len(skipped) == 7 and "triton_tests_gpu: not run" in skipped[0], skipped
 
 
 def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():
