@@ -209,8 +209,8 @@ TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
     :func:`two_pass`; ``triton+load``, ``triton+resident``, ``triton+perm`` and their
-    combinations (``triton+load+resident``) are ``triton`` run with those variants (:func:`triton_variant`); every other name is the
-    engine itself, unwrapped."""
+    combinations (``triton+load+resident``) are ``triton`` run with those variants
+    (:func:`triton_variant`); every other name is the engine itself, unwrapped."""
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
     name, *variants = backend.split("+")

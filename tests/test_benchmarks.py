@@ -164,9 +164,8 @@ def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):
 
 def test_bench_layer_triton_variant_backends(monkeypatch):
     """``triton+load`` / ``triton+resident`` / ``triton+perm`` and their combinations run the
-    triton engine with VARIANT set for the
-    call only (restored afterwards); a variant of another engine, or an unknown one, stops
-    with a message naming the choices."""
+    triton engine with VARIANT set for the call only (restored afterwards); a variant of
+    another engine, or an unknown one, stops with a message naming the choices."""
     pytest.importorskip("triton")
     bench = _bench_layer_module()
     from grnn_fairseq.kernels import triton_rnn

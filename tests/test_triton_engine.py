@@ -441,6 +441,10 @@ def test_permuted_columns_match_reference(monkeypatch, cell, shape):
         for spy in spies.values():
             assert spy.launches and all(kw["SHUFFLE"] == (want if shuffle else 0)
                                         for _, kw in spy.launches), spy.launches
+        # the resident shape must really have run the resident forward
+        assert all(kw["RESIDENT"] == (resident == "1")
+                   for _, kw in spies["_scan_fwd"].launches), spies["_scan_fwd"].launches
+        for spy in spies.values():
             spy.launches.clear()
 
 

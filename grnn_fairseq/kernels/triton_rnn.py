@@ -898,6 +898,7 @@ def _parse_variant(poll, resident, perm):
 
 
 def _variant():
+    """-> (poll, resident, perm): VARIANT as it is now (read at every launch)."""
     return _parse_variant(VARIANT["poll"], VARIANT["resident"], VARIANT["perm"])
 
 
