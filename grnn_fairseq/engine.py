@@ -114,29 +114,38 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
 
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
                backend=None):
-    """One decoding step of a whole layer in one launch (input projection, recurrence and
-    cell fused), where a kernel for it exists: every cell without autograd on the
-    ``triton`` backend.  x_t: [B, I]; state: tuple of [K, B, m]; weights as in
-    :func:`project_input` and :func:`scan`.  -> (out [B, K*m], new state), or None (then
-    use project_input + recurrent_step)."""
+    """One step of a whole layer in one launch (input projection, recurrence and cell
+    fused), where a kernel for it exists on the ``triton`` backend: every cell without
+    autograd (decoding); with autograd the LSTM where GRNN_TRITON_TRAIN_STEP=1
+    (:class:`~grnn_fairseq.kernels.triton_rnn._TritonStep`: its backward is one launch for
+    the cell and the products with the weights).  x_t: [B, I]; state: tuple of [K, B, m];
+    weights as in :func:`project_input` and :func:`scan`.  -> (out [B, K*m], new state),
+    or None (then use project_input + recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
-    if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()) or (
-            torch.is_grad_enabled() and _any_requires_grad(
-                x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)):
+    if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()):
+        return None
+    grad = torch.is_grad_enabled() and _any_requires_grad(
+        x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)
+    if grad and cell != "lstm":
         return None
     amp = autocast_dtype(x_t.device.type)
     dtype = amp if amp is not None else weight_hh.dtype
     if resolve_backend(backend, cell, x_t.device, dtype) != "triton":
         return None
-    from .kernels.triton_rnn import step_triton
+    from .kernels import triton_rnn
 
+    if grad:
+        if not triton_rnn.train_step_on():
+            return None
+        step = triton_rnn.step_triton_train
+    else:
+        step = triton_rnn.step_triton
     if amp is None:  # the common case, kept cheap: this runs once per layer and token
-        return step_triton(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh,
-                           time_shuffle)
+        return step(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle)
     with torch.autocast(x_t.device.type, enabled=False):
-        return step_triton(cell, x_t.to(amp), tuple(s.to(amp) for s in state),
-                           *(t.to(amp) for t in (weight_ih, bias_ih, weight_hh, bias_hh)),
-                           time_shuffle)
+        return step(cell, x_t.to(amp), tuple(s.to(amp) for s in state),
+                    *(t.to(amp) for t in (weight_ih, bias_ih, weight_hh, bias_hh)),
+                    time_shuffle)
 
 
 def _any_requires_grad(*tensors):

@@ -11,6 +11,11 @@ Modes:
   infer   forward without autograd
   decode  --decode-steps single steps at batch --decode-batch without autograd
           (RecurrentStack.step vs torch.nn.LSTMCell), the input projection included
+  steps   T single steps of one layer at batch B with autograd, then the backward: a
+          decoder trained step by step, as RNNSearch's (input feeding and attention
+          prevent a scan); RecurrentStack.step vs torch.nn.LSTMCell, which is what
+          fairseq's own LSTM decoder runs (cuDNN's fused cell on the GPU).  Compare
+          triton with triton+trainstep (the LSTM's fused training step) on a GPU
 
 Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024.
 
@@ -20,6 +25,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
+  python scripts/bench_layer.py --device cuda --modes steps --backend triton,triton+trainstep
   python scripts/bench_layer.py --quick                          # smoke test
 """
 import argparse
@@ -41,6 +47,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 
 
+MODES = ("train", "infer", "decode", "steps")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -59,8 +68,10 @@ def parse_args(argv=None):
                         "triton+load, triton+resident, triton+perm and their combinations, "
                         "e.g. triton+load+resident: triton with those variants of its "
                         "persistent scans, GRNN_TRITON_POLL=load, GRNN_TRITON_RESIDENT=1, "
-                        "GRNN_TRITON_PERM=1)")
-    p.add_argument("--modes", default="train,infer,decode", help="comma-separated modes")
+                        "GRNN_TRITON_PERM=1; triton+trainstep: the LSTM's fused training "
+                        "step, GRNN_TRITON_TRAIN_STEP=1, for mode steps)")
+    p.add_argument("--modes", default="train,infer,decode",
+                   help="comma-separated modes (train|infer|decode|steps)")
     p.add_argument("--padding", type=float, default=0.0,
                    help="fraction of the batch padded to half length (exercises masks)")
     p.add_argument("--decode-batch", type=int, default=320)
@@ -138,7 +149,6 @@ def make_cases(args, mode, device, dtype):
 
     cases = []
     nn_layer, nn_cell, name = NN[args.cell]
-    group = f"group {name}"
     if mode == "decode":
         bd = args.decode_batch
         x = rand(bd, H)
@@ -151,22 +161,39 @@ def make_cases(args, mode, device, dtype):
                 for _ in range(args.decode_steps):
                     s = cell(x, s)
         cases.append((dict(model=f"nn.{name}Cell", K="-", rearr="-", backend="-"), run_cell))
-        for k in args.groups:
-            for rearr in args.rearrangement:
-                for backend in args.backend:
-                    engine, wrap = engine_of(backend)
-                    stack = RecurrentStack(H, H, 1, args.cell, groups=k, rearrangement=rearr,
-                                           backend=engine).to(device, dtype)
-                    states = [s[0] for s in stack.zero_state(bd, x)]
 
-                    def run_step(stack=stack, states=states):
-                        with torch.no_grad():
-                            s = states
-                            for _ in range(args.decode_steps):
-                                _, s = stack.step(x, s)
-                    cases.append((dict(model=group, K=k, rearr=rearr, backend=backend),
-                                  wrap(run_step)))
-        return cases
+        def run_step(stack, states):
+            def run():
+                with torch.no_grad():
+                    s = states
+                    for _ in range(args.decode_steps):
+                        _, s = stack.step(x, s)
+            return run
+        return cases + group_cases(args, device, dtype, bd, x, run_step)
+
+    if mode == "steps":
+        xs, grad_steps = rand(T, B, H), rand(T, B, H)
+        cell = nn_cell(H, H).to(device=device, dtype=dtype)
+        h0 = (rand(B, H), rand(B, H)) if args.cell == "lstm" else rand(B, H)
+
+        def run_cell_steps():
+            s, outs = h0, []
+            for x_t in xs.detach().requires_grad_():
+                s = cell(x_t, s)
+                outs.append(s[0] if isinstance(s, tuple) else s)
+            torch.stack(outs).backward(grad_steps)
+        cases.append((dict(model=f"nn.{name}Cell", K="-", rearr="-", backend="-"),
+                      run_cell_steps))
+
+        def run_steps(stack, states):
+            def run():
+                s, outs = states, []
+                for x_t in xs.detach().requires_grad_():
+                    out, s = stack.step(x_t, s)
+                    outs.append(out)
+                torch.stack(outs).backward(grad_steps)
+            return run
+        return cases + group_cases(args, device, dtype, B, xs, run_steps)
 
     x = rand(T, B, H)
     pad = None
@@ -191,25 +218,36 @@ def make_cases(args, mode, device, dtype):
 
     ref = nn_layer(H, H).to(device=device, dtype=dtype)
     cases.append((dict(model=f"nn.{name}", K="-", rearr="-", backend="-"), runner(ref, True)))
+    return cases + group_cases(args, device, dtype, B, x,
+                               lambda stack, _: runner(stack, False))
+
+
+def group_cases(args, device, dtype, batch, like, make_run):
+    """The group layer's cases, one per K x rearrangement x backend: (label,
+    make_run(one-layer RecurrentStack, its zero initial states for ``batch`` rows),
+    wrapped for the backend's variant)."""
+    cases = []
     for k in args.groups:
         for rearr in args.rearrangement:
             for backend in args.backend:
                 engine, wrap = engine_of(backend)
-                stack = RecurrentStack(H, H, 1, args.cell, groups=k, rearrangement=rearr,
-                                       backend=engine).to(device, dtype)
-                cases.append((dict(model=group, K=k, rearr=rearr, backend=backend),
-                              wrap(runner(stack, False))))
+                stack = RecurrentStack(args.H, args.H, 1, args.cell, groups=k,
+                                       rearrangement=rearr, backend=engine).to(device, dtype)
+                states = [s[0] for s in stack.zero_state(batch, like)]
+                cases.append((dict(model=f"group {NN[args.cell][2]}", K=k, rearr=rearr,
+                                   backend=backend), wrap(make_run(stack, states))))
     return cases
 
 
 TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
-                   "perm": ("perm", "1")}
+                   "perm": ("perm", "1"), "trainstep": ("train_step", "1")}
 
 
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
-    :func:`two_pass`; ``triton+load``, ``triton+resident``, ``triton+perm`` and their
-    combinations (``triton+load+resident``) are ``triton`` run with those variants
+    :func:`two_pass`; ``triton+load``, ``triton+resident``, ``triton+perm``,
+    ``triton+trainstep`` and their combinations (``triton+load+resident``) are ``triton``
+    run with those variants
     (:func:`triton_variant`); every other name is the engine itself, unwrapped."""
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
@@ -224,8 +262,8 @@ def engine_of(backend):
 
 def triton_variant(run, variants):
     """``triton+load`` etc.: the Triton kernels with VARIANT set for the duration of a call
-    (what GRNN_TRITON_POLL / GRNN_TRITON_RESIDENT / GRNN_TRITON_PERM set for a whole
-    process)."""
+    (what GRNN_TRITON_POLL / GRNN_TRITON_RESIDENT / GRNN_TRITON_PERM /
+    GRNN_TRITON_TRAIN_STEP set for a whole process)."""
     from grnn_fairseq.kernels import triton_rnn
 
     def run_variant():
@@ -315,8 +353,8 @@ def main(argv=None):
           f"warmup {args.warmup}; timer {args.timer}; "
           f"GRNN_BACKEND={os.environ.get('GRNN_BACKEND', '(unset)')}")
     for mode in args.modes:
-        if mode not in ("train", "infer", "decode"):
-            sys.exit(f"--modes: unknown mode {mode!r} (train|infer|decode)")
+        if mode not in MODES:
+            sys.exit(f"--modes: unknown mode {mode!r} ({'|'.join(MODES)})")
     rows = []
     for mode in args.modes:    # a table per mode as soon as it is measured
         try:

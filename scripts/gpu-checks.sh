@@ -10,7 +10,10 @@
 #                                   # fairseq training (more than 4 minutes: its own call)
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
 #                                   # decode steps vs LSTMCell; backends triton and torch;
-#                                   # then GRU and RNN vs nn.GRU / GRUCell, nn.RNN / RNNCell
+#                                   # steps with autograd (a decoder in training) vs
+#                                   # LSTMCell, triton with and without its fused training
+#                                   # step (GRNN_TRITON_TRAIN_STEP); then GRU and RNN vs
+#                                   # nn.GRU / GRUCell, nn.RNN / RNNCell
 #   scripts/gpu-checks.sh variants  # the persistent scans' A/B variants side by side
 #                                   # (barrier polling by loads, resident W_hh, W_hh's
 #                                   # columns permuted for the time shuffle; VARIANT in
@@ -21,14 +24,18 @@
 #                                   # lstm_wiseman_iwslt_de_en); --fp16, 100 untimed warm-up
 #                                   # updates, then 200 timed ones; on the Debian De-En
 #                                   # corpus when data-bin/debian/deen/data-bin is there
-#                                   # (carry it), else on synthetic data
+#                                   # (carry it), else on synthetic data; with
+#                                   # GRNN_TRITON_TRAIN_STEP=1 set, the decoders train with
+#                                   # the fused training step
 #   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
 #   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
 #                                   # needed parts of the above, most needed first, each
 #                                   # bounded, all within GPU_CHECKS_SECONDS (default 450 s):
 #                                   # the kernel tests only a GPU runs (barriers of many
-#                                   # programs, bf16, variants); the variants timed (LSTM
-#                                   # K=4,16); decode steps; GRU and RNN timed; then with
+#                                   # programs, bf16, variants, the training step); the
+#                                   # variants timed (LSTM K=4,16); decode steps; steps
+#                                   # with autograd (training step on / off); GRU and RNN
+#                                   # timed; then with
 #                                   # the time left the fairseq --fp16/--amp/--bf16 training
 #                                   # tests, and the other kernel tests compiled
 #
@@ -78,6 +85,11 @@ stage_layer() {
       --rearrangement none,time --modes train,infer,decode
   } 2>&1 | tee "$out/bench_layer_cuda.txt"
   local rc="${PIPESTATUS[0]}" cell
+  { echo "device: $device"
+    "$py" scripts/bench_layer.py --device cuda --backend triton,triton+trainstep \
+      --groups 1,4,16 --rearrangement none,time --modes steps
+  } 2>&1 | tee "$out/bench_layer_cuda_steps.txt"
+  [[ "${PIPESTATUS[0]}" == 0 ]] || rc=1
   for cell in gru rnn; do
     { echo "device: $device"
       "$py" scripts/bench_layer.py --device cuda --cell "$cell" --backend triton,reference \
@@ -133,7 +145,7 @@ part() {  # cap_seconds log_name command...
 # the kernel tests that only a GPU can run, or that run there with many programs (barriers),
 # in half precision, or with the variants: run first; the others, checked in the
 # interpreter on every CI run, only with the time left at the end
-gpu_tests="persistent_grid or half_precision or under_autocast or variants or permuted or recompilation"
+gpu_tests="persistent_grid or half_precision or under_autocast or variants or permuted or recompilation or training_step or trains_with"
 
 stage_first() {
   local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
@@ -144,6 +156,8 @@ stage_first() {
     --modes train,infer || rc=1
   part 45 bench_layer_cuda_decode "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 \
     --rearrangement none,time --backend triton --modes decode || rc=1
+  part 45 bench_layer_cuda_steps "$py" scripts/bench_layer.py --device cuda --groups 1,4 \
+    --rearrangement time --backend triton,triton+trainstep --modes steps || rc=1
   for cell in gru rnn; do
     part 45 "bench_layer_cuda_$cell" "$py" scripts/bench_layer.py --device cuda --cell "$cell" \
       --backend triton --groups 4,16 --rearrangement time --modes train,infer,decode || rc=1

@@ -44,6 +44,22 @@ def test_bench_layer_quick_prints_every_case():
         assert all(float(v) > 0 for v in r[-4:])
 
 
+def test_bench_layer_steps_with_autograd():
+    """Mode steps (a decoder trained step by step): nn.LSTMCell with autograd first, then
+    every group case; an unknown mode is refused with the list of modes."""
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--modes", "steps",
+                "--groups", "1,4", "--backend", "auto,reference"])
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["steps"]]
+    assert rows[0][1] == "nn.LSTMCell" and float(rows[0][-2]) == 1.0
+    assert {(r[3], r[4], r[5]) for r in rows[1:]} == {
+        (k, rr, b) for k in ("1", "4") for rr in ("none", "time") for b in ("auto", "reference")}
+    assert all(float(v) > 0 for r in rows for v in r[-4:])
+    proc = subprocess.run([sys.executable, "scripts/bench_layer.py", "--quick", "--modes",
+                           "step"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0 and "unknown mode 'step' (train|infer|decode|steps)" in proc.stderr
+
+
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_bench_layer_other_cells_compare_with_torch(cell):
     out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--cell", cell,
@@ -170,14 +186,15 @@ def test_bench_layer_triton_variant_backends(monkeypatch):
     bench = _bench_layer_module()
     from grnn_fairseq.kernels import triton_rnn
 
-    default = {"poll": "atomic", "resident": "0", "perm": "0"}
+    default = {"poll": "atomic", "resident": "0", "perm": "0", "train_step": "0"}
     monkeypatch.setattr(triton_rnn, "VARIANT", dict(default))
     seen = []
     for backend, change in (("triton+load", {"poll": "load"}),
                             ("triton+resident", {"resident": "1"}),
                             ("triton+perm", {"perm": "1"}),
                             ("triton+load+resident", {"poll": "load", "resident": "1"}),
-                            ("triton+perm+load", {"poll": "load", "perm": "1"})):
+                            ("triton+perm+load", {"poll": "load", "perm": "1"}),
+                            ("triton+trainstep", {"train_step": "1"})):
         engine, wrap = bench.engine_of(backend)
         assert engine == "triton"
         wrap(lambda: seen.append(dict(triton_rnn.VARIANT)))()
@@ -234,7 +251,7 @@ sys.path.insert(0, "scripts")
 import bench_layer
 args = bench_layer.parse_args(sys.argv[1:])
 assert args.device == "cuda", args.device
-assert set(args.modes) <= {{"train", "infer", "decode"}}, args.modes
+assert set(args.modes) <= set(bench_layer.MODES), args.modes
 for backend in args.backend:
     bench_layer.engine_of(backend)
 ' "$@"
@@ -257,20 +274,21 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = calls.read_text().splitlines()
-    assert len(ran) == 7, ran
+    assert len(ran) == 8, ran
     kernel_tests = "tests/test_triton_engine.py"
     assert ran[0].startswith("-m pytest") and ran[0].endswith(kernel_tests)
     assert "--backend triton,triton+load,triton+resident,triton+load+resident,triton+perm" \
         in ran[1]
     assert "--modes decode" in ran[2]
-    assert "--cell gru" in ran[3] and "--cell rnn" in ran[4]
-    assert ran[5].startswith("-m pytest") and ran[5].endswith("tests/test_gpu_training.py")
-    assert ran[6].startswith("-m pytest") and ran[6].endswith(kernel_tests)
+    assert "--modes steps" in ran[3] and "--backend triton,triton+trainstep" in ran[3]
+    assert "--cell gru" in ran[4] and "--cell rnn" in ran[5]
+    assert ran[6].startswith("-m pytest") and ran[6].endswith("tests/test_gpu_training.py")
+    assert ran[7].startswith("-m pytest") and ran[7].endswith(kernel_tests)
     logs = sorted(p.name for p in out.iterdir())
     assert logs == sorted(["triton_tests_gpu.txt", "bench_layer_cuda_variants.txt",
-                           "bench_layer_cuda_decode.txt", "bench_layer_cuda_gru.txt",
-                           "bench_layer_cuda_rnn.txt", "gpu_training_tests.txt",
-                           "triton_tests_rest.txt"])
+                           "bench_layer_cuda_decode.txt", "bench_layer_cuda_steps.txt",
+                           "bench_layer_cuda_gru.txt", "bench_layer_cuda_rnn.txt",
+                           "gpu_training_tests.txt", "triton_tests_rest.txt"])
     first = (out / "triton_tests_gpu.txt").read_text()
     assert first.startswith("device: Fake GPU") and "stopped after 150s" in first
     # the deadline caps the last parts (cap 600 s; 400 s in all, less what the others took)
@@ -285,10 +303,12 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                               capture_output=True, text=True, timeout=300)
         return [line for line in proc.stdout.splitlines() if "::" in line]
 
-    gpu, rest, everything = selected(ran[0]), selected(ran[6]), selected()
+    gpu, rest, everything = selected(ran[0]), selected(ran[7]), selected()
     assert gpu and rest and not set(gpu) & set(rest)
     assert sorted(gpu + rest) == sorted(everything) and len(everything) > 100
-    assert any("persistent_grid" in t for t in gpu) and any("permuted" in t for t in gpu)
+    for name in ("persistent_grid", "permuted", "training_step_matches",
+                 "training_step_half", "rnnsearch_trains_with"):
+        assert any(name in t for t in gpu), name
 
     calls.unlink()
     shutil.rmtree(out)
@@ -297,7 +317,7 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not calls.exists()
     skipped = (out / "first_skipped.txt").read_text().splitlines()
-    assert len(skipped) == 7 and "triton_tests_gpu: not run" in skipped[0], skipped
+    assert len(skipped) == 8 and "triton_tests_gpu: not run" in skipped[0], skipped
 
 
 def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():

@@ -268,22 +268,188 @@ def test_decode_step_under_autocast(cell, dtype):
 
 def test_decode_step_is_one_launch(monkeypatch):
     """The triton backend really takes the fused step (not the torch step) for every cell
-    without autograd, and not with autograd."""
+    without autograd; with autograd the LSTM's training step where GRNN_TRITON_TRAIN_STEP
+    is on, and the separate autograd ops otherwise (and for the GRU and RNN)."""
     from grnn_fairseq.kernels import triton_rnn
 
-    calls = []
-    real = triton_rnn.step_triton
+    calls, train_calls = [], []
+    real, real_train = triton_rnn.step_triton, triton_rnn.step_triton_train
     monkeypatch.setattr(triton_rnn, "step_triton",
                         lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    monkeypatch.setattr(triton_rnn, "step_triton_train",
+                        lambda *a, **kw: train_calls.append(a[0]) or real_train(*a, **kw))
     x = torch.randn(3, 8, device=DEVICE)
-    for cell in ("lstm", "gru", "rnn"):
-        stack = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=2,
-                               backend="triton").to(DEVICE)
-        states = [s[0] for s in stack.zero_state(3, x)]
-        with torch.no_grad():
-            stack.step(x, states)
-        stack.step(x, states)  # autograd on: the differentiable step
-    assert calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"]
+    for on in ("0", "1"):
+        monkeypatch.setitem(triton_rnn.VARIANT, "train_step", on)
+        for cell in ("lstm", "gru", "rnn"):
+            stack = RecurrentStack(8, 8, num_layers=2, cell=cell, groups=2,
+                                   backend="triton").to(DEVICE)
+            states = [s[0] for s in stack.zero_state(3, x)]
+            with torch.no_grad():
+                stack.step(x, states)
+            stack.step(x, states)  # autograd on: the differentiable step
+    assert calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"] * 2
+    assert train_calls == ["lstm", "lstm"]
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "yes")
+    stack.step(x, states)   # an RNN: the variant is read only where it could apply
+    lstm = RecurrentStack(8, 8, cell="lstm", groups=2, backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match="GRNN_TRITON_TRAIN_STEP='yes': expected 0 or 1"):
+        lstm.step(x, [s[0] for s in lstm.zero_state(3, x)])
+
+
+def _steps_with_grad(stack, xs, start, upstream):
+    """Run ``stack.step`` over xs with autograd from the states ``start`` -> (outputs,
+    final states, gradients of x, every parameter and the initial states) of the loss
+    sum(outputs * upstream[0]) + sum(final states * upstream[1:])."""
+    states = [tuple(t.detach().clone().requires_grad_() for t in s) for s in start]
+    xs = xs.detach().requires_grad_()
+    cur, outs = states, []
+    for x in xs:
+        out, cur = stack.step(x, cur)
+        outs.append(out)
+    out = torch.stack(outs)
+    loss = (out * upstream[0]).sum()
+    for s in cur:
+        loss = loss + sum((t * u).sum() for t, u in zip(s, upstream[1:]))
+    inputs = [xs] + list(stack.parameters()) + [t for s in states for t in s]
+    return out, cur, torch.autograd.grad(loss, inputs)
+
+
+TRAIN_STEP_CASES = [(1, "none", 0.0), (4, "both", 0.0), (4, "time", 0.0), (4, "layer", 0.0),
+                    (2, "both", 0.5)]
+
+
+@pytest.mark.parametrize("k, rearr, rate", TRAIN_STEP_CASES,
+                         ids=["K{}-{}-r{}".format(*c) for c in TRAIN_STEP_CASES])
+def test_training_step_matches_reference(monkeypatch, k, rearr, rate):
+    """The LSTM's training step (GRNN_TRITON_TRAIN_STEP=1: the fused step with its own
+    backward) against the reference step's autograd: outputs, final states and the
+    gradients of the input, every weight and bias (the restricted pool's too) and the
+    initial states; 2 layers, 3 steps (the states feed back, and their gradients flow
+    through every step), several batch and unit tiles (B = 37, m = 40), every
+    rearrangement.  The training step must have run at every layer and step."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
+    calls = []
+    real = triton_rnn._TritonStep.apply
+    monkeypatch.setattr(triton_rnn._TritonStep, "apply",
+                        lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(k)
+    width, b = 40 * k, 37
+    ref = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+                         sharing_rate=rate, backend="reference").to(DEVICE)
+    fused = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+                           sharing_rate=rate, backend="triton").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    xs = torch.randn(3, b, width, device=DEVICE)
+    start = [tuple(torch.randn_like(t) for t in s[0]) for s in ref.zero_state(b, xs)]
+    upstream = [torch.randn(3, b, width, device=DEVICE)] + [
+        torch.randn(k, b, width // k, device=DEVICE) for _ in range(2)]
+    (o_ref, s_ref, g_ref), (o_fused, s_fused, g_fused) = (
+        _steps_with_grad(stack, xs, start, upstream) for stack in (ref, fused))
+    time_shuffle = k > 1 and rearr in ("time", "both")
+    assert calls == [time_shuffle] * 6
+    torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
+    for a, b_ in zip(s_ref, s_fused):
+        for x, y in zip(a, b_):
+            torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
+    names = ["x"] + [n for n, _ in ref.named_parameters()] + ["h0", "c0", "h0'", "c0'"]
+    assert len(g_ref) == len(names)
+    for name, a, b_ in zip(names, g_ref, g_fused):
+        torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_step_reads_gradients_through_their_strides():
+    """Autograd hands the step's backward gradients of any layout (the unshuffled gradient
+    of the next step is a permuted view): gradients of out, h_t and c_t that are strided
+    views give the reference step's gradients, with and without the shuffle."""
+    from grnn_fairseq.kernels import triton_rnn
+    from grnn_fairseq.recurrent import from_grouped
+
+    k, m, b = 4, 8, 5
+    p, _, _ = _problem(k, m, 1, b, i_size=12, padding=False)
+    d_out = torch.randn(k * m, b, device=DEVICE).t()                  # strides (1, B)
+    d_h = torch.randn(k, m, b, device=DEVICE).transpose(1, 2)         # (m*B, 1, B)
+    d_c = torch.randn(b, k, m, device=DEVICE).transpose(0, 1)         # (m, K*m, 1)
+    assert not any(t.is_contiguous() for t in (d_out, d_h, d_c))
+    inputs = [p[n] for n in ("x", "h0", "c0", "w_ih", "b_ih", "w_hh", "b_hh")]
+    for shuffle in (False, True):
+        gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"])
+        h, (_, c) = engine.recurrent_step(gx, (p["h0"], p["c0"]), p["w_hh"].transpose(1, 2),
+                                          p["b_hh"].unsqueeze(1), "lstm", shuffle,
+                                          backend="reference")
+        want = torch.autograd.grad([from_grouped(h), h, c], inputs, [d_out, d_h, d_c])
+        outs = triton_rnn._TritonStep.apply(*inputs, shuffle)
+        got = torch.autograd.grad(list(outs), inputs, [d_out, d_h, d_c])
+        for name, a, b_ in zip(("x", "h0", "c0", "w_ih", "b_ih", "w_hh", "b_hh"), want, got):
+            torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4,
+                                       msg=lambda msg: f"shuffle={shuffle}, {name}: {msg}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_training_step_half_precision_and_autocast(monkeypatch, dtype):
+    """The training step in half precision (weights and states in ``dtype``) and under
+    autocast (fp32 parameters, fairseq's --amp: the step runs in autocast's dtype and the
+    gradients reach the fp32 parameters in fp32), against the fp32 reference."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
+    torch.manual_seed(0)
+    ref = RecurrentStack(32, 32, num_layers=2, groups=4, backend="reference").to(DEVICE)
+    fused = RecurrentStack(32, 32, num_layers=2, groups=4, backend="triton").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    xs = torch.randn(4, 20, 32, device=DEVICE)
+    start = [tuple(torch.randn_like(t) * 0.5 for t in s[0]) for s in ref.zero_state(20, xs)]
+    upstream = [torch.randn(4, 20, 32, device=DEVICE)] + [
+        torch.randn(4, 20, 8, device=DEVICE) for _ in range(2)]
+    o_ref, _, g_ref = _steps_with_grad(ref, xs, start, upstream)
+    with torch.autocast(DEVICE, dtype=dtype):
+        o_amp, _, g_amp = _steps_with_grad(fused, xs, start, upstream)
+    assert o_amp.dtype == dtype
+    assert all(g.dtype == torch.float32 for g in g_amp)
+    half = fused.to(dtype)
+    o_half, _, g_half = _steps_with_grad(
+        half, xs.to(dtype), [tuple(t.to(dtype) for t in s) for s in start],
+        [u.to(dtype) for u in upstream])
+    assert all(g.dtype == dtype for g in g_half)
+    for out, grads in ((o_amp, g_amp), (o_half, g_half)):
+        torch.testing.assert_close(out.float(), o_ref, atol=3e-2, rtol=3e-2)
+        for a, b_ in zip(g_ref, grads):
+            scale = a.abs().max().clamp(min=1.0)
+            torch.testing.assert_close(b_.float() / scale, a / scale, atol=3e-2, rtol=3e-2)
+
+
+def test_rnnsearch_trains_with_the_training_step(monkeypatch):
+    """RNNSearch on the triton backend (encoder: the persistent scans; decoder, trained
+    step by step: the LSTM's training step at every layer and target position) gives the
+    reference backend's loss and gradients."""
+    from test_models import build_mt, prev_tokens, source_batch
+
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
+    calls = []
+    real = triton_rnn._TritonStep.apply
+    monkeypatch.setattr(triton_rnn._TritonStep, "apply",
+                        lambda *a: calls.append(1) or real(*a))
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 5)
+    results = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("GRNN_BACKEND", backend)
+        model = build_mt(groups=2).to(DEVICE)
+        logits, _ = model(src.to(DEVICE), lengths.to(DEVICE), prev.to(DEVICE))
+        loss = torch.log_softmax(logits, -1).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert len(calls) == 2 * 5   # decoder layers x target positions, triton only
+    (l_ref, g_ref), (l_tri, g_tri) = results
+    torch.testing.assert_close(l_tri, l_ref, atol=1e-4, rtol=1e-5)
+    assert g_ref.keys() == g_tri.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_tri[name], g_ref[name], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_unknown_cell_or_dtype_is_refused():
@@ -541,5 +707,6 @@ def test_kernels_compile_for_h100():
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 2 dtypes x (3 cells x (forward, backward, step) + the LSTM's other scan variants: a
-    # forward that polls by loads with resident weights, a backward that polls by loads)
-    assert "compiled 22" in proc.stdout
+    # forward that polls by loads with resident weights, a backward that polls by loads;
+    # + the backward of the LSTM's training step)
+    assert "compiled 24" in proc.stdout

@@ -692,13 +692,16 @@ def _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B, ty,
 
 
 @triton.jit
-def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias,
-                    state, offs_b64, mask_b, k, offs_j, mask_j, bm, B, ty,
-                    K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr,
-                    SHUFFLE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-                    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """The LSTM's decoding step for a tile: gates = x_t W_ih^T + b_ih + shuffle(h_{t-1})
-    W_hh^T + b_hh, c_t (stored) and -> h_t."""
+def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_base,
+                    wh_base, bih_ptr, bhh_ptr, bias, state, offs_b, offs_b64, mask_b, k,
+                    offs_j, mask_j, bm, B, ty, K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr,
+                    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The LSTM's step for a tile: gates = x_t W_ih^T + b_ih + shuffle(h_{t-1}) W_hh^T +
+    b_hh, c_t (stored), with SAVE the activations i, f, g, o (into act [K, B, 4M], for
+    :func:`_lstm_step_bwd`) and, with the shuffle, the operand shuffle(h_{t-1}) as read
+    (into op [K, B, M], where ``own_op``: by the tiles of the first unit columns;
+    dW_hh's operand) -> h_t."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
@@ -711,6 +714,12 @@ def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, wi_base, wh_base, bih_ptr, b
     for r0 in range(0, M, BLOCK_R):
         hp, w_off, w_mask = _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B,
                                           ty, K, M, SHUFFLE, BLOCK_R)
+        if SAVE:
+            if SHUFFLE:
+                if own_op:
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    tl.store(op_ptr + k.to(tl.int64) * B * M + offs_b64[:, None] * M
+                             + offs_r[None, :], hp, mask=mask_b[:, None] & (offs_r < M)[None, :])
         acc_i, acc_f, acc_g, acc_o = _add_gate_products(
             acc_i, acc_f, acc_g, acc_o, hp, wh_base + w_off, w_mask, M * M, PRECISION)
     i = _sigmoid(acc_i + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
@@ -719,6 +728,8 @@ def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, wi_base, wh_base, bih_ptr, b
     o = _sigmoid(acc_o + _bias_sum(bih_ptr, bhh_ptr, bias + 3 * M, mask_j)[None, :])
     c = f * tl.load(c_ptr + state, mask=bm, other=0.0).to(tl.float32) + i * g
     tl.store(c_new_ptr + state, c.to(c_new_ptr.dtype.element_ty), mask=bm)
+    if SAVE:
+        _store_acts(act_ptr, k, 0, offs_b, offs_j, bm, i, f, g, o, B, 1, M)
     return o * _tanh(c)
 
 
@@ -778,15 +789,18 @@ def _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_
 @triton.jit(do_not_specialize=["B"])
 def _decode_step(
     x_ptr, wih_ptr, bih_ptr, whh_ptr, bhh_ptr, h_ptr, c_ptr, h_new_ptr, c_new_ptr, out_ptr,
-    B,
+    act_ptr, op_ptr, B,
     CELL: tl.constexpr, K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr,
-    SHUFFLE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One decoding step of one layer for a tile (batch tile, group k, m-units tile), the
-    input projection, the recurrent product and the cell fused.  x: [B, K*MI];
+    """One step of one layer for a tile (batch tile, group k, m-units tile), the input
+    projection, the recurrent product and the cell fused.  x: [B, K*MI];
     W_ih: [K, G*M, MI]; W_hh: [K, G*M, M]; h, c (in and out; c for the LSTM only, unused
-    dummies for the GRU): [K, B, M]; out: [B, K*M] (the layer output, unit order)."""
+    dummies for the GRU): [K, B, M]; out: [B, K*M] (the layer output, unit order).
+    SAVE (the LSTM's training step, :class:`_TritonStep`): also the activations into
+    act [K, B, 4M] and, with SHUFFLE, the shuffled operand into op [K, B, M] (dummies
+    otherwise)."""
     G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
@@ -806,12 +820,60 @@ def _decode_step(
                            mask_b, k, offs_j, mask_j, B, ty, K, M, MI, SHUFFLE, BLOCK_B,
                            BLOCK_J, BLOCK_R, PRECISION)
     else:
-        h = _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, wi_base, wh_base, bih_ptr,
-                            bhh_ptr, bias, state, offs_b64, mask_b, k, offs_j, mask_j, bm, B,
-                            ty, K, M, MI, SHUFFLE, BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
+        own_op = tl.program_id(1) % ((M + BLOCK_J - 1) // BLOCK_J) == 0
+        h = _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_base,
+                            wh_base, bih_ptr, bhh_ptr, bias, state, offs_b, offs_b64, mask_b, k,
+                            offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B,
+                            BLOCK_J, BLOCK_R, PRECISION)
     tl.store(h_new_ptr + state, h.to(h_new_ptr.dtype.element_ty), mask=bm)
     tl.store(out_ptr + offs_b64[:, None] * (K * M) + (k * M + offs_j)[None, :],
              h.to(out_ptr.dtype.element_ty), mask=bm)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _lstm_step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b, sc_j,
+                   act_ptr, c_prev_ptr, dg_ptr, dc_prev_ptr, B,
+                   K: tl.constexpr, M: tl.constexpr, HAS_DOUT: tl.constexpr,
+                   HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_J: tl.constexpr):
+    """The cell's backward of the LSTM's training step for a tile: from the gradients of
+    the step's outputs (out [B, K*M], h_t and c_t [K, B, M], each with its own strides, so
+    that autograd's views, e.g. the unshuffled gradient of the next step, are read as they
+    are; a missing one is zero), the saved activations act [K, B, 4M] and c_{t-1}, the
+    gates' pre-activation gradients dG [K, B, 4M] and dc_{t-1} [K, B, M].
+    c_t = f c_{t-1} + i g is recomputed in fp32, as the forward had it (the stored c_t may
+    be half precision)."""
+    k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
+                                              BLOCK_B, BLOCK_J)
+    offs_b64 = offs_b.to(tl.int64)
+    k64 = k.to(tl.int64)
+    bm = mask_b[:, None] & mask_j[None, :]
+    state = k64 * B * M + offs_b64[:, None] * M + offs_j[None, :]
+    dh = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    if HAS_DOUT:
+        dh += tl.load(dout_ptr + offs_b64[:, None] * so_b + (k64 * M + offs_j)[None, :] * so_u,
+                      mask=bm, other=0.0).to(tl.float32)
+    if HAS_DH:
+        dh += tl.load(dh_ptr + k64 * sh_k + offs_b64[:, None] * sh_b + offs_j[None, :] * sh_j,
+                      mask=bm, other=0.0).to(tl.float32)
+    dc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    if HAS_DC:
+        dc += tl.load(dc_ptr + k64 * sc_k + offs_b64[:, None] * sc_b + offs_j[None, :] * sc_j,
+                      mask=bm, other=0.0).to(tl.float32)
+    gate = (k.to(tl.int64) * B + offs_b64)[:, None] * (4 * M) + offs_j[None, :]
+    i = tl.load(act_ptr + gate, mask=bm, other=0.0)
+    f = tl.load(act_ptr + gate + M, mask=bm, other=0.0)
+    g = tl.load(act_ptr + gate + 2 * M, mask=bm, other=0.0)
+    o = tl.load(act_ptr + gate + 3 * M, mask=bm, other=0.0)
+    c_prev = tl.load(c_prev_ptr + state, mask=bm, other=0.0).to(tl.float32)
+    tc = _tanh(f * c_prev + i * g)
+    dc += dh * o * (1.0 - tc * tc)                   # h_t = o tanh(c_t)
+    ty = dg_ptr.dtype.element_ty
+    tl.store(dg_ptr + gate, (dc * g * i * (1.0 - i)).to(ty), mask=bm)
+    tl.store(dg_ptr + gate + M, (dc * c_prev * f * (1.0 - f)).to(ty), mask=bm)
+    tl.store(dg_ptr + gate + 2 * M, (dc * i * (1.0 - g * g)).to(ty), mask=bm)
+    tl.store(dg_ptr + gate + 3 * M, (dh * tc * o * (1.0 - o)).to(ty), mask=bm)
+    tl.store(dc_prev_ptr + state, (dc * f).to(dc_prev_ptr.dtype.element_ty), mask=bm)
 
 
 # --------------------------------------------------------------------------- host side
@@ -837,10 +899,14 @@ _FORCED_PROGRAMS = os.environ.get("GRNN_TRITON_PROGRAMS")
 # GRNN_TRITON_RESIDENT=0|1: the LSTM forward loads each tile's W_hh slices once per scan
 # instead of once per step, where one program per tile fits the GPU (_resident);
 # GRNN_TRITON_PERM=0|1: with the time-step shuffle, the scans get W_hh with its columns
-# permuted so that the units a tile reads or owns are contiguous runs (_shuffle_order).
+# permuted so that the units a tile reads or owns are contiguous runs (_shuffle_order);
+# GRNN_TRITON_TRAIN_STEP=0|1: an LSTM layer's step with autograd (RNNSearch's decoder in
+# training) runs as the fused step and its own backward (_TritonStep) instead of separate
+# autograd ops (train_step_on).
 VARIANT = {"poll": os.environ.get("GRNN_TRITON_POLL", "atomic"),
            "resident": os.environ.get("GRNN_TRITON_RESIDENT", "0"),
-           "perm": os.environ.get("GRNN_TRITON_PERM", "0")}
+           "perm": os.environ.get("GRNN_TRITON_PERM", "0"),
+           "train_step": os.environ.get("GRNN_TRITON_TRAIN_STEP", "0")}
 POLLS = ("atomic", "load")
 # the most bytes of resident W_hh slices per program (4 gates x M x BLOCK_J)
 _RESIDENT_BYTES = 32 * 1024
@@ -895,6 +961,14 @@ def _parse_variant(poll, resident, perm):
         if value not in ("0", "1"):
             raise ConfigError(f"GRNN_TRITON_{name}={value!r}: expected 0 or 1")
     return poll, resident == "1", perm == "1"
+
+
+def train_step_on():
+    """Whether VARIANT['train_step'] is on (GRNN_TRITON_TRAIN_STEP, checked)."""
+    value = VARIANT["train_step"]
+    if value not in ("0", "1"):
+        raise ConfigError(f"GRNN_TRITON_TRAIN_STEP={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def _variant():
@@ -1186,8 +1260,6 @@ def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shu
     gates = GATES.get(cell)
     if gates is None or ty not in SUPPORTED_DTYPES:
         _check(cell, ty)
-    m = gm // gates
-    b = x.shape[0]
     x = x.to(ty).contiguous()
     h = state[0].contiguous()
     h_new = torch.empty_like(h)
@@ -1198,22 +1270,116 @@ def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shu
     else:                        # no c: h stands in for the kernel's unused c pointers
         c, c_new = h, h_new
         new = (h_new,)
-    out = x.new_empty(b, k * m)
-    bb, bj, br, nw = _decode_blocks(b, m, mi)
-    grid = (_cdiv(b, bb), k * _cdiv(m, bj))
-    _decode_step[grid](
-        x, weight_ih.contiguous(), bias_ih.contiguous(), weight_hh.contiguous(),
-        bias_hh.contiguous(), h, c, h_new, c_new, out, b,
-        CELL=cell, K=k, M=m, MI=mi, SHUFFLE=bool(time_shuffle), BLOCK_B=bb, BLOCK_J=bj,
-        BLOCK_R=br, PRECISION=_precision(ty), num_warps=nw)
+    out = x.new_empty(x.shape[0], k * (gm // gates))
+    _launch_step(cell, x, h, c, weight_ih.contiguous(), bias_ih.contiguous(),
+                 weight_hh.contiguous(), bias_hh.contiguous(), h_new, c_new, out, out, out,
+                 time_shuffle, False)
     return out, new
+
+
+def _launch_step(cell, x, h, c, w_ih, b_ih, w_hh, b_hh, h_new, c_new, out, acts, operand,
+                 time_shuffle, save):
+    """Launch :func:`_decode_step` on contiguous tensors (``acts``, ``operand``: dummies
+    unless save)."""
+    k, gm, mi = w_ih.shape
+    m = gm // GATES[cell]
+    b = x.shape[0]
+    bb, bj, br, nw = _decode_blocks(b, m, mi)
+    _decode_step[(_cdiv(b, bb), k * _cdiv(m, bj))](
+        x, w_ih, b_ih, w_hh, b_hh, h, c, h_new, c_new, out, acts, operand, b,
+        CELL=cell, K=k, M=m, MI=mi, SHUFFLE=bool(time_shuffle), SAVE=save, BLOCK_B=bb,
+        BLOCK_J=bj, BLOCK_R=br, PRECISION=_precision(w_hh.dtype), num_warps=nw)
+
+
+class _TritonStep(torch.autograd.Function):
+    """One step of one LSTM layer with autograd (RNNSearch's decoder, trained step by step).
+
+    Forward: the fused step (:func:`_decode_step`, one launch), which also saves the
+    activations and, with the time-step shuffle, the shuffled operand.  Backward: one
+    launch for the cell (:func:`_lstm_step_bwd`, reading the output gradients through
+    their strides), then the products of dG [K, B, 4m] in cuBLAS, written where their
+    consumers read them: dx through a strided view of its [B, K*mi] buffer; dh_{t-1} as
+    [B, K*m] in shuffled order, returned as the view that undoes the shuffle (the previous
+    step's backward reads it in place); dW_ih, dW_hh, and one dG sum for both biases.
+    Against the same step as separate autograd ops, this is about two thirds fewer launches
+    forward and half backward (results/gpu_h100/step_launches.txt)."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle):
+        k, gm, mi = weight_ih.shape
+        b = x.shape[0]
+        shuffle = time_shuffle and k > 1
+        x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+        w_ih, w_hh = weight_ih.contiguous(), weight_hh.contiguous()
+        h_new, c_new = torch.empty_like(h), torch.empty_like(c)
+        out = x.new_empty(b, k * (gm // 4))
+        acts = torch.empty(k, b, gm, dtype=torch.float32, device=x.device)
+        operand = torch.empty(h.shape, dtype=w_hh.dtype, device=x.device) if shuffle else h
+        _launch_step("lstm", x, h, c, w_ih, bias_ih.contiguous(), w_hh, bias_hh.contiguous(),
+                     h_new, c_new, out, acts, operand, shuffle, True)
+        ctx.save_for_backward(x, c, w_ih, w_hh, acts, operand)
+        ctx.shuffle = shuffle
+        return out, h_new, c_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_h, d_c):
+        x, c, w_ih, w_hh, acts, operand = ctx.saved_tensors
+        k, gm, mi = w_ih.shape
+        m, b = gm // 4, x.shape[0]
+        dg = torch.empty(k, b, gm, dtype=w_hh.dtype, device=x.device)
+        dc_prev = torch.empty_like(c)
+        bb, bj, _, nw = _decode_blocks(b, m, mi)
+        _lstm_step_bwd[(_cdiv(b, bb), k * _cdiv(m, bj))](
+            dg if d_out is None else d_out, *((0, 0) if d_out is None else d_out.stride()),
+            dg if d_h is None else d_h, *((0, 0, 0) if d_h is None else d_h.stride()),
+            dg if d_c is None else d_c, *((0, 0, 0) if d_c is None else d_c.stride()),
+            acts, c, dg, dc_prev, b,
+            K=k, M=m, HAS_DOUT=d_out is not None, HAS_DH=d_h is not None,
+            HAS_DC=d_c is not None, BLOCK_B=bb, BLOCK_J=bj, num_warps=nw)
+        need = ctx.needs_input_grad
+        d_x = d_hp = d_w_ih = d_w_hh = d_b = None
+        if need[0]:   # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
+            d_x = x.new_empty(b, k * mi)
+            torch.bmm(dg, w_ih, out=d_x.view(b, k, mi).transpose(0, 1))
+        if need[1]:   # the gradient of the operand, then of the units it read
+            if ctx.shuffle:
+                flat = dg.new_empty(b, k * m)              # [B, K*m], shuffled positions
+                torch.bmm(dg, w_hh, out=flat.view(b, k, m).transpose(0, 1))
+                d_hp = flat.view(b, m, k).permute(2, 0, 1)  # unit k*m + j <- position j*K + k
+            else:
+                d_hp = torch.bmm(dg, w_hh)
+        if need[3]:
+            d_w_ih = torch.bmm(dg.transpose(1, 2), x.view(b, k, mi).transpose(0, 1))
+        if need[5]:
+            d_w_hh = torch.bmm(dg.transpose(1, 2), operand)
+        if need[4] or need[6]:
+            d_b = dg.sum(1, dtype=torch.float32).to(dg.dtype)
+        return (d_x, d_hp, dc_prev if need[2] else None, d_w_ih, d_b if need[4] else None,
+                d_w_hh, d_b if need[6] else None, None)
+
+
+def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
+                      time_shuffle=False):
+    """:func:`step_triton` with autograd, for the LSTM (:class:`_TritonStep`); the
+    arguments and results alike."""
+    if cell != "lstm":
+        raise ValueError(f"the Triton training step covers the LSTM, not {cell!r}")
+    ty = weight_hh.dtype
+    if ty not in SUPPORTED_DTYPES:
+        _check(cell, ty)
+    out, h_new, c_new = _TritonStep.apply(x.to(ty), state[0].to(ty), state[1].to(ty),
+                                          weight_ih, bias_ih, weight_hh, bias_hh,
+                                          bool(time_shuffle))
+    return out, (h_new, c_new)
 
 
 def kernel_signatures(dt, k, m, block_j=32):
     """The (kernel, pointer types, constexprs) of the forward scan, the backward scan and
-    the decoding step in dtype ``dt`` ("bf16", "fp16", "fp32"), every feature on (shuffle,
-    mask, training, output gradient, reverse), the default variant; for ahead-of-time
-    compilation (:func:`compile_kernel`).  Add CELL (and change any constexpr) per use."""
+    the (decoding or training) step in dtype ``dt`` ("bf16", "fp16", "fp32"), every
+    feature on (shuffle, mask, training, output gradient, reverse), the default variant;
+    for ahead-of-time compilation (:func:`compile_kernel`).  Add CELL (and change any
+    constexpr) per use."""
     prec = "tf32" if dt == "fp32" else None
     blocks = dict(K=k, M=m, SHUFFLE=True, BLOCK_B=32, BLOCK_J=block_j, PRECISION=prec)
     fwd = (_scan_fwd,
@@ -1228,10 +1394,22 @@ def kernel_signatures(dt, k, m, block_j=32):
                 mask_ptr="*i8", dh0_ptr="*fp32", sync_ptr="*i32", err_ptr="*i32"),
            dict(blocks, HAS_MASK=True, HAS_DOUT=True, REVERSE=True, BLOCK_N=64, POLL="atomic"))
     step = (_decode_step,
-            {p: f"*{dt}" for p in ("x_ptr", "wih_ptr", "bih_ptr", "whh_ptr", "bhh_ptr", "h_ptr",
-                                   "c_ptr", "h_new_ptr", "c_new_ptr", "out_ptr")},
-            dict(blocks, MI=m, BLOCK_R=min(m, 64)))
+            dict({p: f"*{dt}" for p in ("x_ptr", "wih_ptr", "bih_ptr", "whh_ptr", "bhh_ptr",
+                                        "h_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "out_ptr",
+                                        "op_ptr")},
+                 act_ptr="*fp32"),
+            dict(blocks, MI=m, BLOCK_R=min(m, 64), SAVE=True))
     return fwd, bwd, step
+
+
+def step_backward_signature(dt, k, m, block_j=32):
+    """(kernel, pointer types, constexprs) of the LSTM training step's backward
+    (:func:`_lstm_step_bwd`), every output gradient present."""
+    return (_lstm_step_bwd,
+            dict({p: f"*{dt}" for p in ("dout_ptr", "dh_ptr", "dc_ptr", "c_prev_ptr", "dg_ptr",
+                                        "dc_prev_ptr")}, act_ptr="*fp32"),
+            dict(K=k, M=m, HAS_DOUT=True, HAS_DH=True, HAS_DC=True, BLOCK_B=32,
+                 BLOCK_J=block_j))
 
 
 def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
@@ -1246,9 +1424,9 @@ def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
 
 
 def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
-    """Compile every kernel of every cell for a CUDA target, every feature on, and the
-    LSTM's scans in their other variants (VARIANT: polling by loads, resident weights, and
-    the permuted W_hh columns: SHUFFLE 2).
+    """Compile every kernel of every cell for a CUDA target, every feature on, the LSTM's
+    scans in their other variants (VARIANT: polling by loads, resident weights, and the
+    permuted W_hh columns: SHUFFLE 2), and the backward of the LSTM's training step.
     Catches type, shape and lowering errors that the interpreter does not.  Returns the
     number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces the
     kernels)."""
@@ -1259,7 +1437,8 @@ def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
                 for fn, ptrs, consts in (fwd, bwd, step)]
         jobs += [(fwd[0], fwd[1], dict(fwd[2], CELL="lstm", POLL="load", RESIDENT=True,
                                        SHUFFLE=2, BLOCK_J=16, BLOCK_R=m)),
-                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load", SHUFFLE=2))]
+                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load", SHUFFLE=2)),
+                 step_backward_signature(dt, k, m)]
         for fn, ptrs, consts in jobs:
             compile_kernel(fn, ptrs, consts, arch)
             n += 1

@@ -253,10 +253,12 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
         tops, contexts, attns = [], [], []
         rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
+        query = from_grouped(states[-1][0])  # s_{i-1}: the top layer's state
         for y in emb.unbind(0):
-            context, weights = self.attention(from_grouped(states[-1][0]), keys, values, pad, rows)
-            top, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
-            tops.append(top)
+            context, weights = self.attention(query, keys, values, pad, rows)
+            # the top layer's output is its new state s_i, already in [B, H] (no copy)
+            query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
+            tops.append(query)
             contexts.append(context)
             attns.append(weights)
         if incremental_state is not None:

@@ -1,0 +1,133 @@
+"""Kernel launches and host-side operator calls per target position of RNNSearch's decoder
+in training (forward and backward), counted without a GPU.
+
+On the GPU, fairseq training of RNNSearch is bound by the host: the decoder runs step by
+step (input feeding and attention prevent a scan), and every operator of every step is a
+kernel launch of a few microseconds of host time, while the arithmetic of a step takes
+less (results/gpu_h100/README.md).  So what a change of the decoder's step saves there is
+counted here: the model runs on the CPU with the CUDA code path (GRNN_BACKEND=triton, the
+Triton kernels in Triton's interpreter), every operator that reaches the dispatcher is
+recorded, and each Triton kernel counts as one launch (the interpreter's own work is not
+recorded).  Launches = operators that run a kernel on a GPU: views, allocations and other
+metadata operators are listed apart.
+
+Counts per target position are the difference between 10 and 5 target positions, / 5.
+The sizes do not change the counts: WMT14-like depth (4 layers each side) at width 32.
+
+    python results/gpu_h100/step_launches.py > results/gpu_h100/step_launches.txt
+"""
+import collections
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["GRNN_BACKEND"] = "triton"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+from test_models import build_mt, prev_tokens, source_batch  # noqa: E402
+
+from grnn_fairseq.kernels import triton_rnn  # noqa: E402
+
+# operators that run no kernel on a GPU (views, allocations, metadata)
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze",
+             "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "expand",
+             "detach", "alias", "as_strided", "empty", "empty_like", "new_empty",
+             "new_empty_strided", "empty_strided", "unsafe_split", "_reshape_alias",
+             "lift_fresh", "promote_types", "is_same_size"}
+KERNELS = ("_decode_step", "_lstm_step_bwd", "_scan_fwd", "_scan_bwd")
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountedKernel:
+    """A Triton kernel whose launches count as one operator each, run outside the
+    recorder (the interpreter's numpy work is not a launch)."""
+
+    def __init__(self, name, kernel, recorder):
+        self.name, self.kernel, self.recorder = name, kernel, recorder
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.recorder[0] is not None:
+                self.recorder[0].ops["triton:" + self.name] += 1
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def count(groups, train_step, t_len):
+    """-> (forward Counter, backward Counter) of one training forward + backward."""
+    triton_rnn.VARIANT["train_step"] = "1" if train_step else "0"
+    torch.manual_seed(0)
+    model = build_mt(groups=groups, dropout=0.2, extra=[
+        "--encoder-layers", "4", "--decoder-layers", "4", "--encoder-embed-dim", "32",
+        "--decoder-embed-dim", "32", "--encoder-hidden-size", "32",
+        "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
+        "--attention-dim", "32"])
+    model.train()
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], t_len)
+    forward, backward = Recorder(), Recorder()
+    CURRENT[0] = forward
+    with forward:
+        logits, _ = model(src, lengths, prev)
+        loss = torch.log_softmax(logits, -1).sum()
+    CURRENT[0] = backward
+    with backward:
+        loss.backward()
+    CURRENT[0] = None
+    return forward.ops, backward.ops
+
+
+def per_position(groups, train_step):
+    (f5, b5), (f10, b10) = count(groups, train_step, 5), count(groups, train_step, 10)
+    out = []
+    for a, b in ((f10, f5), (b10, b5)):
+        diff = collections.Counter(a)
+        diff.subtract(b)
+        out.append({k: v / 5 for k, v in diff.items() if v})
+    return out
+
+
+def launches(ops):
+    return sum(v for k, v in ops.items() if k not in NO_KERNEL)
+
+
+CURRENT = [None]
+for name in KERNELS:
+    setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), CURRENT))
+
+print("per target position of RNNSearch's decoder in training (4 decoder layers, LSTM,")
+print("rearrangement 'both', dropout on): operators with a GPU kernel (launches) / all")
+print("operators that reach the dispatcher (host calls), forward and backward")
+print()
+print(f"{'decoder step':<44} {'K':>2} {'fwd launches':>12} {'bwd launches':>12} "
+      f"{'fwd calls':>9} {'bwd calls':>9}")
+detail = []
+for train_step in (False, True):
+    label = ("fused training step (GRNN_TRITON_TRAIN_STEP=1)" if train_step
+             else "separate autograd ops (default)")
+    for k in (1, 4):
+        fwd, bwd = per_position(k, train_step)
+        print(f"{label:<44} {k:>2} {launches(fwd):>12.1f} {launches(bwd):>12.1f} "
+              f"{sum(fwd.values()):>9.1f} {sum(bwd.values()):>9.1f}")
+        detail.append((label, k, fwd, bwd))
+print()
+print("launching operators per target position, by name:")
+for label, k, fwd, bwd in detail:
+    for part, ops in (("fwd", fwd), ("bwd", bwd)):
+        names = ", ".join(f"{n} {v:g}" for n, v in sorted(ops.items(), key=lambda x: -x[1])
+                          if n not in NO_KERNEL)
+        print(f"  {label}, K={k}, {part}: {names}")
