@@ -20,7 +20,8 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):
     one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
     the recurrent product, the time-step shuffle (read through the permuted index) and
-    the pointwise cell; decoding steps are one launch per layer (:func:`fused_step`).
+    the pointwise cell; decoding steps are one launch per layer (:func:`fused_step`), and
+    so are steps with autograd where GRNN_TRITON_TRAIN_STEP=1 (plus their backward).
     Default for CUDA tensors when Triton is importable.
 
 ``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is available; on the
@@ -115,8 +116,8 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
                backend=None):
     """One step of a whole layer in one launch (input projection, recurrence and cell
-    fused), where a kernel for it exists on the ``triton`` backend: every cell without
-    autograd (decoding); with autograd the LSTM where GRNN_TRITON_TRAIN_STEP=1
+    fused), on the ``triton`` backend: every cell without autograd (decoding); with
+    autograd where GRNN_TRITON_TRAIN_STEP=1
     (:class:`~grnn_fairseq.kernels.triton_rnn._TritonStep`: its backward is one launch for
     the cell and the products with the weights).  x_t: [B, I]; state: tuple of [K, B, m];
     weights as in :func:`project_input` and :func:`scan`.  -> (out [B, K*m], new state),
@@ -126,8 +127,6 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
         return None
     grad = torch.is_grad_enabled() and _any_requires_grad(
         x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)
-    if grad and cell != "lstm":
-        return None
     amp = autocast_dtype(x_t.device.type)
     dtype = amp if amp is not None else weight_hh.dtype
     if resolve_backend(backend, cell, x_t.device, dtype) != "triton":

@@ -268,8 +268,8 @@ def test_decode_step_under_autocast(cell, dtype):
 
 def test_decode_step_is_one_launch(monkeypatch):
     """The triton backend really takes the fused step (not the torch step) for every cell
-    without autograd; with autograd the LSTM's training step where GRNN_TRITON_TRAIN_STEP
-    is on, and the separate autograd ops otherwise (and for the GRU and RNN)."""
+    without autograd; with autograd the training step where GRNN_TRITON_TRAIN_STEP is on,
+    and the separate autograd ops otherwise."""
     from grnn_fairseq.kernels import triton_rnn
 
     calls, train_calls = [], []
@@ -289,12 +289,12 @@ def test_decode_step_is_one_launch(monkeypatch):
                 stack.step(x, states)
             stack.step(x, states)  # autograd on: the differentiable step
     assert calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"] * 2
-    assert train_calls == ["lstm", "lstm"]
+    assert train_calls == ["lstm", "lstm", "gru", "gru", "rnn", "rnn"]
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "yes")
-    stack.step(x, states)   # an RNN: the variant is read only where it could apply
-    lstm = RecurrentStack(8, 8, cell="lstm", groups=2, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        stack.step(x, states)   # the variant is read only where it could apply
     with pytest.raises(ValueError, match="GRNN_TRITON_TRAIN_STEP='yes': expected 0 or 1"):
-        lstm.step(x, [s[0] for s in lstm.zero_state(3, x)])
+        stack.step(x, states)
 
 
 def _steps_with_grad(stack, xs, start, upstream):
@@ -315,15 +315,18 @@ def _steps_with_grad(stack, xs, start, upstream):
     return out, cur, torch.autograd.grad(loss, inputs)
 
 
-TRAIN_STEP_CASES = [(1, "none", 0.0), (4, "both", 0.0), (4, "time", 0.0), (4, "layer", 0.0),
-                    (2, "both", 0.5)]
+TRAIN_STEP_CASES = ([("lstm", 1, "none", 0.0), ("lstm", 4, "both", 0.0),
+                     ("lstm", 4, "time", 0.0), ("lstm", 4, "layer", 0.0),
+                     ("lstm", 2, "both", 0.5)]
+                    + [(cell, k, rearr, 0.0) for cell in ("gru", "rnn")
+                       for k, rearr in ((1, "none"), (4, "both"), (4, "layer"))])
 
 
-@pytest.mark.parametrize("k, rearr, rate", TRAIN_STEP_CASES,
-                         ids=["K{}-{}-r{}".format(*c) for c in TRAIN_STEP_CASES])
-def test_training_step_matches_reference(monkeypatch, k, rearr, rate):
-    """The LSTM's training step (GRNN_TRITON_TRAIN_STEP=1: the fused step with its own
-    backward) against the reference step's autograd: outputs, final states and the
+@pytest.mark.parametrize("cell, k, rearr, rate", TRAIN_STEP_CASES,
+                         ids=["{}-K{}-{}-r{}".format(*c) for c in TRAIN_STEP_CASES])
+def test_training_step_matches_reference(monkeypatch, cell, k, rearr, rate):
+    """The training step (GRNN_TRITON_TRAIN_STEP=1: the fused step with its own backward)
+    of every cell against the reference step's autograd: outputs, final states and the
     gradients of the input, every weight and bias (the restricted pool's too) and the
     initial states; 2 layers, 3 steps (the states feed back, and their gradients flow
     through every step), several batch and unit tiles (B = 37, m = 40), every
@@ -334,13 +337,13 @@ def test_training_step_matches_reference(monkeypatch, k, rearr, rate):
     calls = []
     real = triton_rnn._TritonStep.apply
     monkeypatch.setattr(triton_rnn._TritonStep, "apply",
-                        lambda *a: calls.append(a[-1]) or real(*a))
+                        lambda *a: calls.append(a[:2]) or real(*a))
     torch.manual_seed(k)
     width, b = 40 * k, 37
-    ref = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
+    ref = RecurrentStack(width, width, num_layers=2, cell=cell, groups=k, rearrangement=rearr,
                          sharing_rate=rate, backend="reference").to(DEVICE)
-    fused = RecurrentStack(width, width, num_layers=2, groups=k, rearrangement=rearr,
-                           sharing_rate=rate, backend="triton").to(DEVICE)
+    fused = RecurrentStack(width, width, num_layers=2, cell=cell, groups=k,
+                           rearrangement=rearr, sharing_rate=rate, backend="triton").to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     xs = torch.randn(3, b, width, device=DEVICE)
     start = [tuple(torch.randn_like(t) for t in s[0]) for s in ref.zero_state(b, xs)]
@@ -349,46 +352,51 @@ def test_training_step_matches_reference(monkeypatch, k, rearr, rate):
     (o_ref, s_ref, g_ref), (o_fused, s_fused, g_fused) = (
         _steps_with_grad(stack, xs, start, upstream) for stack in (ref, fused))
     time_shuffle = k > 1 and rearr in ("time", "both")
-    assert calls == [time_shuffle] * 6
+    assert calls == [(cell, time_shuffle)] * 6
     torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
     for a, b_ in zip(s_ref, s_fused):
         for x, y in zip(a, b_):
             torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
-    names = ["x"] + [n for n, _ in ref.named_parameters()] + ["h0", "c0", "h0'", "c0'"]
+    states = ["h0", "c0", "h0'", "c0'"] if cell == "lstm" else ["h0", "h0'"]
+    names = ["x"] + [n for n, _ in ref.named_parameters()] + states
     assert len(g_ref) == len(names)
     for name, a, b_ in zip(names, g_ref, g_fused):
         torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_training_step_reads_gradients_through_their_strides():
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_step_reads_gradients_through_their_strides(cell):
     """Autograd hands the step's backward gradients of any layout (the unshuffled gradient
-    of the next step is a permuted view): gradients of out, h_t and c_t that are strided
+    of the next step is a permuted view): gradients of out, h_t (and c_t) that are strided
     views give the reference step's gradients, with and without the shuffle."""
     from grnn_fairseq.kernels import triton_rnn
     from grnn_fairseq.recurrent import from_grouped
 
     k, m, b = 4, 8, 5
-    p, _, _ = _problem(k, m, 1, b, i_size=12, padding=False)
+    p, _, _ = _problem(k, m, 1, b, i_size=12, padding=False, cell=cell)
     d_out = torch.randn(k * m, b, device=DEVICE).t()                  # strides (1, B)
     d_h = torch.randn(k, m, b, device=DEVICE).transpose(1, 2)         # (m*B, 1, B)
     d_c = torch.randn(b, k, m, device=DEVICE).transpose(0, 1)         # (m, K*m, 1)
     assert not any(t.is_contiguous() for t in (d_out, d_h, d_c))
-    inputs = [p[n] for n in ("x", "h0", "c0", "w_ih", "b_ih", "w_hh", "b_hh")]
+    names = ["x", "w_ih", "b_ih", "w_hh", "b_hh", "h0"] + (["c0"] if cell == "lstm" else [])
+    inputs = [p[n] for n in names]
+    upstream = [d_out, d_h, d_c][:len(names) - 4]
     for shuffle in (False, True):
         gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"])
-        h, (_, c) = engine.recurrent_step(gx, (p["h0"], p["c0"]), p["w_hh"].transpose(1, 2),
-                                          p["b_hh"].unsqueeze(1), "lstm", shuffle,
-                                          backend="reference")
-        want = torch.autograd.grad([from_grouped(h), h, c], inputs, [d_out, d_h, d_c])
-        outs = triton_rnn._TritonStep.apply(*inputs, shuffle)
-        got = torch.autograd.grad(list(outs), inputs, [d_out, d_h, d_c])
-        for name, a, b_ in zip(("x", "h0", "c0", "w_ih", "b_ih", "w_hh", "b_hh"), want, got):
+        h, state = engine.recurrent_step(gx, tuple(inputs[5:]), p["w_hh"].transpose(1, 2),
+                                         p["b_hh"].unsqueeze(1), cell, shuffle,
+                                         backend="reference")
+        want = torch.autograd.grad([from_grouped(h)] + list(state), inputs, upstream)
+        outs = triton_rnn._TritonStep.apply(cell, shuffle, *inputs)
+        got = torch.autograd.grad(list(outs), inputs, upstream)
+        for name, a, b_ in zip(names, want, got):
             torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4,
                                        msg=lambda msg: f"shuffle={shuffle}, {name}: {msg}")
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-def test_training_step_half_precision_and_autocast(monkeypatch, dtype):
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_step_half_precision_and_autocast(monkeypatch, cell, dtype):
     """The training step in half precision (weights and states in ``dtype``) and under
     autocast (fp32 parameters, fairseq's --amp: the step runs in autocast's dtype and the
     gradients reach the fp32 parameters in fp32), against the fp32 reference."""
@@ -396,8 +404,10 @@ def test_training_step_half_precision_and_autocast(monkeypatch, dtype):
 
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
     torch.manual_seed(0)
-    ref = RecurrentStack(32, 32, num_layers=2, groups=4, backend="reference").to(DEVICE)
-    fused = RecurrentStack(32, 32, num_layers=2, groups=4, backend="triton").to(DEVICE)
+    ref = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=4,
+                         backend="reference").to(DEVICE)
+    fused = RecurrentStack(32, 32, num_layers=2, cell=cell, groups=4,
+                           backend="triton").to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     xs = torch.randn(4, 20, 32, device=DEVICE)
     start = [tuple(torch.randn_like(t) * 0.5 for t in s[0]) for s in ref.zero_state(20, xs)]
@@ -420,9 +430,10 @@ def test_training_step_half_precision_and_autocast(monkeypatch, dtype):
             torch.testing.assert_close(b_.float() / scale, a / scale, atol=3e-2, rtol=3e-2)
 
 
-def test_rnnsearch_trains_with_the_training_step(monkeypatch):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnnsearch_trains_with_the_training_step(monkeypatch, cell):
     """RNNSearch on the triton backend (encoder: the persistent scans; decoder, trained
-    step by step: the LSTM's training step at every layer and target position) gives the
+    step by step: the training step at every layer and target position) gives the
     reference backend's loss and gradients."""
     from test_models import build_mt, prev_tokens, source_batch
 
@@ -438,7 +449,7 @@ def test_rnnsearch_trains_with_the_training_step(monkeypatch):
     results = []
     for backend in ("reference", "triton"):
         monkeypatch.setenv("GRNN_BACKEND", backend)
-        model = build_mt(groups=2).to(DEVICE)
+        model = build_mt(cell=cell, groups=2).to(DEVICE)
         logits, _ = model(src.to(DEVICE), lengths.to(DEVICE), prev.to(DEVICE))
         loss = torch.log_softmax(logits, -1).sum()
         loss.backward()
@@ -706,7 +717,7 @@ def test_kernels_compile_for_h100():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # 2 dtypes x (3 cells x (forward, backward, step) + the LSTM's other scan variants: a
-    # forward that polls by loads with resident weights, a backward that polls by loads;
-    # + the backward of the LSTM's training step)
-    assert "compiled 24" in proc.stdout
+    # 2 dtypes x (3 cells x (forward, backward, step, training step's backward) + the
+    # LSTM's other scan variants: a forward that polls by loads with resident weights, a
+    # backward that polls by loads)
+    assert "compiled 28" in proc.stdout

@@ -37,6 +37,10 @@ columns permuted so that the shuffled reads are contiguous runs).
   ``_rnn_step_cell``): one launch per layer and step computes x_t W_ih^T + b_ih and
   shuffle(h_{t-1}) W_hh^T + b_hh, the cell, and writes h_t in both the state layout
   [K, B, m] and the output layout [B, H].
+* training steps (:class:`_TritonStep`, where VARIANT['train_step'] is on): a step with
+  autograd (a decoder trained step by step) is the decoding step saving its activations
+  and shuffled operand, and its backward one launch for the cell (:func:`_step_bwd`)
+  plus the products with the weights in cuBLAS.
 
 The large products without a sequential dependency stay in cuBLAS: the input projection
 (``engine.project_input``) and dW_hh = sum_t dG_t^T h_in_t (one batched product after the
@@ -677,31 +681,37 @@ def _step_input(x_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, ty,
 
 
 @triton.jit
-def _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B, ty,
-                  K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr,
+def _step_operand(h_ptr, op_ptr, own_op, offs_b64, mask_b, k, r0, offs_j, mask_j, B, ty,
+                  K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr, SAVE: tl.constexpr,
                   BLOCK_R: tl.constexpr):
     """Operand positions [r0, r0 + BLOCK_R) of group k: shuffle(h_{t-1}) read from the state
-    layout [K, B, M] (in ``ty``), and the offsets and mask of the matching W_hh[k] tile."""
+    layout [K, B, M] (in ``ty``), and the offsets and mask of the matching W_hh[k] tile.
+    With SAVE and the shuffle, the tiles of the first unit columns (``own_op``) also store
+    it into op [K, B, M]: dW_hh's operand, for the training step's backward."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < M
     src = _src_unit(k, offs_r, K, M, SHUFFLE)
     hp = tl.load(h_ptr + (src // M).to(tl.int64)[None, :] * B * M + offs_b64[:, None] * M
                  + (src % M)[None, :], mask=mask_b[:, None] & mask_r[None, :],
                  other=0.0).to(ty)
+    if SAVE:
+        if SHUFFLE:
+            if own_op:
+                tl.store(op_ptr + k.to(tl.int64) * B * M + offs_b64[:, None] * M
+                         + offs_r[None, :], hp, mask=mask_b[:, None] & mask_r[None, :])
     return hp, offs_j[None, :] * M + offs_r[:, None], mask_r[:, None] & mask_j[None, :]
 
 
 @triton.jit
 def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_base,
                     wh_base, bih_ptr, bhh_ptr, bias, state, offs_b, offs_b64, mask_b, k,
-                    offs_j, mask_j, bm, B, ty, K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr,
-                    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                    offs_j, mask_j, bm, B, ty, K: tl.constexpr, M: tl.constexpr,
+                    MI: tl.constexpr, SHUFFLE: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """The LSTM's step for a tile: gates = x_t W_ih^T + b_ih + shuffle(h_{t-1}) W_hh^T +
-    b_hh, c_t (stored), with SAVE the activations i, f, g, o (into act [K, B, 4M], for
-    :func:`_lstm_step_bwd`) and, with the shuffle, the operand shuffle(h_{t-1}) as read
-    (into op [K, B, M], where ``own_op``: by the tiles of the first unit columns;
-    dW_hh's operand) -> h_t."""
+    b_hh, c_t (stored), with SAVE the activations i, f, g, o (into act [K, B, 4M]) ->
+    h_t."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
@@ -712,14 +722,8 @@ def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_
         acc_i, acc_f, acc_g, acc_o = _add_gate_products(
             acc_i, acc_f, acc_g, acc_o, xv, wi_base + w_off, w_mask, M * MI, PRECISION)
     for r0 in range(0, M, BLOCK_R):
-        hp, w_off, w_mask = _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B,
-                                          ty, K, M, SHUFFLE, BLOCK_R)
-        if SAVE:
-            if SHUFFLE:
-                if own_op:
-                    offs_r = r0 + tl.arange(0, BLOCK_R)
-                    tl.store(op_ptr + k.to(tl.int64) * B * M + offs_b64[:, None] * M
-                             + offs_r[None, :], hp, mask=mask_b[:, None] & (offs_r < M)[None, :])
+        hp, w_off, w_mask = _step_operand(h_ptr, op_ptr, own_op, offs_b64, mask_b, k, r0,
+                                          offs_j, mask_j, B, ty, K, M, SHUFFLE, SAVE, BLOCK_R)
         acc_i, acc_f, acc_g, acc_o = _add_gate_products(
             acc_i, acc_f, acc_g, acc_o, hp, wh_base + w_off, w_mask, M * M, PRECISION)
     i = _sigmoid(acc_i + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
@@ -734,13 +738,14 @@ def _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_
 
 
 @triton.jit
-def _gru_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, state, offs_b64,
-                   mask_b, k, offs_j, mask_j, bm, B, ty,
+def _gru_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_ptr, bhh_ptr,
+                   bias, state, offs_b, offs_b64, mask_b, k, offs_j, mask_j, bm, B, ty,
                    K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr, SHUFFLE: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """The GRU's decoding step for a tile: r and z from both products, n = tanh(x W_in^T +
-    b_in + r (shuffle(h_{t-1}) W_hn^T + b_hn)), -> h_t = n + z (h_{t-1} - n)."""
+                   SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+                   BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The GRU's step for a tile: r and z from both products, n = tanh(x W_in^T + b_in +
+    r (shuffle(h_{t-1}) W_hn^T + b_hn)), with SAVE r, z, n and W_hn h' + b_hn (into act
+    [K, B, 4M]) -> h_t = n + z (h_{t-1} - n)."""
     acc_r = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     acc_xn = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
@@ -751,27 +756,30 @@ def _gru_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, state
         acc_r, acc_z, acc_xn = _add_products3(acc_r, acc_z, acc_xn, xv, wi_base + w_off,
                                               w_mask, M * MI, PRECISION)
     for r0 in range(0, M, BLOCK_R):
-        hp, w_off, w_mask = _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B,
-                                          ty, K, M, SHUFFLE, BLOCK_R)
+        hp, w_off, w_mask = _step_operand(h_ptr, op_ptr, own_op, offs_b64, mask_b, k, r0,
+                                          offs_j, mask_j, B, ty, K, M, SHUFFLE, SAVE, BLOCK_R)
         acc_r, acc_z, acc_hn = _add_products3(acc_r, acc_z, acc_hn, hp, wh_base + w_off,
                                               w_mask, M * M, PRECISION)
     r = _sigmoid(acc_r + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
     z = _sigmoid(acc_z + _bias_sum(bih_ptr, bhh_ptr, bias + M, mask_j)[None, :])
     b_in = tl.load(bih_ptr + bias + 2 * M, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     b_hn = tl.load(bhh_ptr + bias + 2 * M, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    n = _tanh(acc_xn + b_in + r * (acc_hn + b_hn))
+    hn = acc_hn + b_hn
+    n = _tanh(acc_xn + b_in + r * hn)
+    if SAVE:
+        _store_acts(act_ptr, k, 0, offs_b, offs_j, bm, r, z, n, hn, B, 1, M)
     h_prev = tl.load(h_ptr + state, mask=bm, other=0.0).to(tl.float32)
     return n + z * (h_prev - n)
 
 
 @triton.jit
-def _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_b64, mask_b, k,
-                   offs_j, mask_j, B, ty,
+def _rnn_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_ptr, bhh_ptr,
+                   bias, state, offs_b64, mask_b, k, offs_j, mask_j, bm, B, ty,
                    K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr, SHUFFLE: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """The Elman RNN's decoding step for a tile: -> h_t = tanh(x W_ih^T + b_ih +
-    shuffle(h_{t-1}) W_hh^T + b_hh)."""
+                   SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+                   BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The Elman RNN's step for a tile: -> h_t = tanh(x W_ih^T + b_ih + shuffle(h_{t-1})
+    W_hh^T + b_hh), with SAVE also into act [K, B, M] in fp32."""
     acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, MI, BLOCK_R):
         xv, w_off, w_mask = _step_input(x_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, ty,
@@ -779,11 +787,14 @@ def _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_
         acc += tl.dot(xv, tl.load(wi_base + w_off, mask=w_mask, other=0.0),
                       input_precision=PRECISION)
     for r0 in range(0, M, BLOCK_R):
-        hp, w_off, w_mask = _step_operand(h_ptr, offs_b64, mask_b, k, r0, offs_j, mask_j, B,
-                                          ty, K, M, SHUFFLE, BLOCK_R)
+        hp, w_off, w_mask = _step_operand(h_ptr, op_ptr, own_op, offs_b64, mask_b, k, r0,
+                                          offs_j, mask_j, B, ty, K, M, SHUFFLE, SAVE, BLOCK_R)
         acc += tl.dot(hp, tl.load(wh_base + w_off, mask=w_mask, other=0.0),
                       input_precision=PRECISION)
-    return _tanh(acc + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
+    h = _tanh(acc + _bias_sum(bih_ptr, bhh_ptr, bias, mask_j)[None, :])
+    if SAVE:
+        tl.store(act_ptr + state, h, mask=bm)
+    return h
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -797,10 +808,10 @@ def _decode_step(
     """One step of one layer for a tile (batch tile, group k, m-units tile), the input
     projection, the recurrent product and the cell fused.  x: [B, K*MI];
     W_ih: [K, G*M, MI]; W_hh: [K, G*M, M]; h, c (in and out; c for the LSTM only, unused
-    dummies for the GRU): [K, B, M]; out: [B, K*M] (the layer output, unit order).
-    SAVE (the LSTM's training step, :class:`_TritonStep`): also the activations into
-    act [K, B, 4M] and, with SHUFFLE, the shuffled operand into op [K, B, M] (dummies
-    otherwise)."""
+    dummies for the GRU and RNN): [K, B, M]; out: [B, K*M] (the layer output, unit
+    order).  SAVE (the training step, :class:`_TritonStep`): also what the backward needs,
+    into act [K, B, A*M] (A = 4 LSTM, 4 GRU, 1 RNN, fp32) and, with SHUFFLE, the shuffled
+    operand into op [K, B, M] (dummies otherwise)."""
     G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
@@ -811,16 +822,17 @@ def _decode_step(
     bias = k * G + offs_j
     bm = mask_b[:, None] & mask_j[None, :]
     state = k.to(tl.int64) * B * M + offs_b64[:, None] * M + offs_j[None, :]
+    own_op = tl.program_id(1) % ((M + BLOCK_J - 1) // BLOCK_J) == 0  # first unit columns
     if CELL == "gru":
-        h = _gru_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, state,
-                           offs_b64, mask_b, k, offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE,
-                           BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
+        h = _gru_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_ptr,
+                           bhh_ptr, bias, state, offs_b, offs_b64, mask_b, k, offs_j, mask_j,
+                           bm, B, ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B, BLOCK_J, BLOCK_R,
+                           PRECISION)
     elif CELL == "rnn":
-        h = _rnn_step_cell(x_ptr, h_ptr, wi_base, wh_base, bih_ptr, bhh_ptr, bias, offs_b64,
-                           mask_b, k, offs_j, mask_j, B, ty, K, M, MI, SHUFFLE, BLOCK_B,
-                           BLOCK_J, BLOCK_R, PRECISION)
+        h = _rnn_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_ptr,
+                           bhh_ptr, bias, state, offs_b64, mask_b, k, offs_j, mask_j, bm, B,
+                           ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B, BLOCK_J, BLOCK_R, PRECISION)
     else:
-        own_op = tl.program_id(1) % ((M + BLOCK_J - 1) // BLOCK_J) == 0
         h = _lstm_step_cell(x_ptr, h_ptr, c_ptr, c_new_ptr, act_ptr, op_ptr, own_op, wi_base,
                             wh_base, bih_ptr, bhh_ptr, bias, state, offs_b, offs_b64, mask_b, k,
                             offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B,
@@ -831,18 +843,23 @@ def _decode_step(
 
 
 @triton.jit(do_not_specialize=["B"])
-def _lstm_step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b, sc_j,
-                   act_ptr, c_prev_ptr, dg_ptr, dc_prev_ptr, B,
-                   K: tl.constexpr, M: tl.constexpr, HAS_DOUT: tl.constexpr,
-                   HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_J: tl.constexpr):
-    """The cell's backward of the LSTM's training step for a tile: from the gradients of
-    the step's outputs (out [B, K*M], h_t and c_t [K, B, M], each with its own strides, so
-    that autograd's views, e.g. the unshuffled gradient of the next step, are read as they
-    are; a missing one is zero), the saved activations act [K, B, 4M] and c_{t-1}, the
-    gates' pre-activation gradients dG [K, B, 4M] and dc_{t-1} [K, B, M].
-    c_t = f c_{t-1} + i g is recomputed in fp32, as the forward had it (the stored c_t may
-    be half precision)."""
+def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b, sc_j,
+              act_ptr, st_ptr, dg_ptr, dgh_ptr, dst_ptr, dhp_ptr, B,
+              CELL: tl.constexpr, K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr,
+              HAS_DOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
+              DIRECT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The cell's backward of a training step (:class:`_TritonStep`) for a tile.
+
+    Reads the gradients of the step's outputs (out [B, K*M]; h_t and, for the LSTM, c_t,
+    [K, B, M]; each through its own strides, so that autograd's views, e.g. the unshuffled
+    gradient of the next step, are read as they are; a missing one is zero) and the saved
+    act (:func:`_decode_step`); writes the gates' pre-activation gradients dG [K, B, G*M]
+    (the GRU: dgx on the input side and dgh on the recurrent side, which differ in n) and
+    what passes to step t-1 per unit: the LSTM dc_{t-1} [K, B, M] (``dst``), from
+    st = c_{t-1}; the GRU, with DIRECT, z dh into dh_{t-1}'s [B, K*M] buffer at the unit's
+    operand position (``dhp``; the host then adds the product of dgh with W_hh), from
+    st = h_{t-1}.  The LSTM's c_t = f c_{t-1} + i g is recomputed in fp32, as the forward
+    had it (the stored c_t may be half precision)."""
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
     offs_b64 = offs_b.to(tl.int64)
@@ -856,24 +873,47 @@ def _lstm_step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k,
     if HAS_DH:
         dh += tl.load(dh_ptr + k64 * sh_k + offs_b64[:, None] * sh_b + offs_j[None, :] * sh_j,
                       mask=bm, other=0.0).to(tl.float32)
-    dc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
-    if HAS_DC:
-        dc += tl.load(dc_ptr + k64 * sc_k + offs_b64[:, None] * sc_b + offs_j[None, :] * sc_j,
-                      mask=bm, other=0.0).to(tl.float32)
-    gate = (k.to(tl.int64) * B + offs_b64)[:, None] * (4 * M) + offs_j[None, :]
-    i = tl.load(act_ptr + gate, mask=bm, other=0.0)
-    f = tl.load(act_ptr + gate + M, mask=bm, other=0.0)
-    g = tl.load(act_ptr + gate + 2 * M, mask=bm, other=0.0)
-    o = tl.load(act_ptr + gate + 3 * M, mask=bm, other=0.0)
-    c_prev = tl.load(c_prev_ptr + state, mask=bm, other=0.0).to(tl.float32)
-    tc = _tanh(f * c_prev + i * g)
-    dc += dh * o * (1.0 - tc * tc)                   # h_t = o tanh(c_t)
     ty = dg_ptr.dtype.element_ty
-    tl.store(dg_ptr + gate, (dc * g * i * (1.0 - i)).to(ty), mask=bm)
-    tl.store(dg_ptr + gate + M, (dc * c_prev * f * (1.0 - f)).to(ty), mask=bm)
-    tl.store(dg_ptr + gate + 2 * M, (dc * i * (1.0 - g * g)).to(ty), mask=bm)
-    tl.store(dg_ptr + gate + 3 * M, (dh * tc * o * (1.0 - o)).to(ty), mask=bm)
-    tl.store(dc_prev_ptr + state, (dc * f).to(dc_prev_ptr.dtype.element_ty), mask=bm)
+    if CELL == "rnn":
+        h = tl.load(act_ptr + state, mask=bm, other=0.0)
+        tl.store(dg_ptr + state, (dh * (1.0 - h * h)).to(ty), mask=bm)
+    else:
+        gate = (k64 * B + offs_b64)[:, None] * (4 * M) + offs_j[None, :]
+        a0 = tl.load(act_ptr + gate, mask=bm, other=0.0)
+        a1 = tl.load(act_ptr + gate + M, mask=bm, other=0.0)
+        a2 = tl.load(act_ptr + gate + 2 * M, mask=bm, other=0.0)
+        a3 = tl.load(act_ptr + gate + 3 * M, mask=bm, other=0.0)
+        st = tl.load(st_ptr + state, mask=bm, other=0.0).to(tl.float32)
+        if CELL == "gru":                # a = r, z, n, W_hn h' + b_hn; st = h_{t-1}
+            g3 = (k64 * B + offs_b64)[:, None] * (3 * M) + offs_j[None, :]
+            dpn = dh * (1.0 - a1) * (1.0 - a2 * a2)
+            dpr = dpn * a3 * a0 * (1.0 - a0)
+            dpz = dh * (st - a2) * a1 * (1.0 - a1)
+            tl.store(dg_ptr + g3, dpr.to(ty), mask=bm)
+            tl.store(dg_ptr + g3 + M, dpz.to(ty), mask=bm)
+            tl.store(dg_ptr + g3 + 2 * M, dpn.to(ty), mask=bm)
+            tl.store(dgh_ptr + g3, dpr.to(ty), mask=bm)
+            tl.store(dgh_ptr + g3 + M, dpz.to(ty), mask=bm)
+            tl.store(dgh_ptr + g3 + 2 * M, (dpn * a0).to(ty), mask=bm)
+            if DIRECT:
+                if SHUFFLE:
+                    pos = offs_j * K + k     # unit k*M + j is operand position j*K + k
+                else:
+                    pos = k * M + offs_j
+                tl.store(dhp_ptr + offs_b64[:, None] * (K * M) + pos[None, :],
+                         (dh * a1).to(dhp_ptr.dtype.element_ty), mask=bm)
+        else:                            # a = i, f, g, o; st = c_{t-1}
+            dc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+            if HAS_DC:
+                dc += tl.load(dc_ptr + k64 * sc_k + offs_b64[:, None] * sc_b
+                              + offs_j[None, :] * sc_j, mask=bm, other=0.0).to(tl.float32)
+            tc = _tanh(a1 * st + a0 * a2)
+            dc += dh * a3 * (1.0 - tc * tc)                   # h_t = o tanh(c_t)
+            tl.store(dg_ptr + gate, (dc * a2 * a0 * (1.0 - a0)).to(ty), mask=bm)
+            tl.store(dg_ptr + gate + M, (dc * st * a1 * (1.0 - a1)).to(ty), mask=bm)
+            tl.store(dg_ptr + gate + 2 * M, (dc * a0 * (1.0 - a2 * a2)).to(ty), mask=bm)
+            tl.store(dg_ptr + gate + 3 * M, (dh * tc * a3 * (1.0 - a3)).to(ty), mask=bm)
+            tl.store(dst_ptr + state, (dc * a1).to(dst_ptr.dtype.element_ty), mask=bm)
 
 
 # --------------------------------------------------------------------------- host side
@@ -900,7 +940,7 @@ _FORCED_PROGRAMS = os.environ.get("GRNN_TRITON_PROGRAMS")
 # instead of once per step, where one program per tile fits the GPU (_resident);
 # GRNN_TRITON_PERM=0|1: with the time-step shuffle, the scans get W_hh with its columns
 # permuted so that the units a tile reads or owns are contiguous runs (_shuffle_order);
-# GRNN_TRITON_TRAIN_STEP=0|1: an LSTM layer's step with autograd (RNNSearch's decoder in
+# GRNN_TRITON_TRAIN_STEP=0|1: a layer's step with autograd (RNNSearch's decoder in
 # training) runs as the fused step and its own backward (_TritonStep) instead of separate
 # autograd ops (train_step_on).
 VARIANT = {"poll": os.environ.get("GRNN_TRITON_POLL", "atomic"),
@@ -1291,87 +1331,103 @@ def _launch_step(cell, x, h, c, w_ih, b_ih, w_hh, b_hh, h_new, c_new, out, acts,
         BLOCK_J=bj, BLOCK_R=br, PRECISION=_precision(w_hh.dtype), num_warps=nw)
 
 
+ACTS_STEP = {"lstm": 4, "gru": 4, "rnn": 1}   # act slots per unit of the training step
+
+
 class _TritonStep(torch.autograd.Function):
-    """One step of one LSTM layer with autograd (RNNSearch's decoder, trained step by step).
+    """One step of one layer with autograd (RNNSearch's decoder, trained step by step), for
+    every cell.
 
     Forward: the fused step (:func:`_decode_step`, one launch), which also saves the
     activations and, with the time-step shuffle, the shuffled operand.  Backward: one
-    launch for the cell (:func:`_lstm_step_bwd`, reading the output gradients through
-    their strides), then the products of dG [K, B, 4m] in cuBLAS, written where their
-    consumers read them: dx through a strided view of its [B, K*mi] buffer; dh_{t-1} as
-    [B, K*m] in shuffled order, returned as the view that undoes the shuffle (the previous
-    step's backward reads it in place); dW_ih, dW_hh, and one dG sum for both biases.
-    Against the same step as separate autograd ops, this is about two thirds fewer launches
-    forward and half backward (results/gpu_h100/step_launches.txt)."""
+    launch for the cell (:func:`_step_bwd`, reading the output gradients through their
+    strides), then the products of dG in cuBLAS, written where their consumers read them:
+    dx through a strided view of its [B, K*mi] buffer; dh_{t-1} into a [B, K*m] buffer in
+    operand order (the GRU's z dh already in it), returned as the view that undoes the
+    shuffle, which the previous step's backward reads in place; dW_ih, dW_hh, and the bias
+    sums.  Against the same step as separate autograd ops, the LSTM decoder of RNNSearch
+    needs about a third of the launches forward and half backward
+    (results/gpu_h100/step_launches.txt)."""
 
     @staticmethod
-    def forward(ctx, x, h, c, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle):
+    def forward(ctx, cell, time_shuffle, x, weight_ih, bias_ih, weight_hh, bias_hh, *state):
         k, gm, mi = weight_ih.shape
-        b = x.shape[0]
+        m, b = gm // GATES[cell], x.shape[0]
         shuffle = time_shuffle and k > 1
-        x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+        lstm = cell == "lstm"
+        x, h = x.contiguous(), state[0].contiguous()
         w_ih, w_hh = weight_ih.contiguous(), weight_hh.contiguous()
-        h_new, c_new = torch.empty_like(h), torch.empty_like(c)
-        out = x.new_empty(b, k * (gm // 4))
-        acts = torch.empty(k, b, gm, dtype=torch.float32, device=x.device)
+        h_new = torch.empty_like(h)
+        c = state[1].contiguous() if lstm else h
+        c_new = torch.empty_like(c) if lstm else h_new
+        out = x.new_empty(b, k * m)
+        acts = torch.empty(k, b, ACTS_STEP[cell] * m, dtype=torch.float32, device=x.device)
         operand = torch.empty(h.shape, dtype=w_hh.dtype, device=x.device) if shuffle else h
-        _launch_step("lstm", x, h, c, w_ih, bias_ih.contiguous(), w_hh, bias_hh.contiguous(),
+        _launch_step(cell, x, h, c, w_ih, bias_ih.contiguous(), w_hh, bias_hh.contiguous(),
                      h_new, c_new, out, acts, operand, shuffle, True)
-        ctx.save_for_backward(x, c, w_ih, w_hh, acts, operand)
-        ctx.shuffle = shuffle
-        return out, h_new, c_new
+        # what the cell's backward reads of the previous state: the LSTM c, the GRU h
+        ctx.save_for_backward(x, c if lstm else h, w_ih, w_hh, acts, operand)
+        ctx.cell, ctx.shuffle = cell, shuffle
+        return (out, h_new, c_new) if lstm else (out, h_new)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_h, d_c):
-        x, c, w_ih, w_hh, acts, operand = ctx.saved_tensors
+    def backward(ctx, d_out, d_h, d_c=None):
+        x, st, w_ih, w_hh, acts, operand = ctx.saved_tensors
+        cell, shuffle = ctx.cell, ctx.shuffle
+        lstm, gru = cell == "lstm", cell == "gru"
         k, gm, mi = w_ih.shape
-        m, b = gm // 4, x.shape[0]
+        m, b = gm // GATES[cell], x.shape[0]
+        # inputs: cell, time_shuffle, x, W_ih, b_ih, W_hh, b_hh, h (, c)
+        need = ctx.needs_input_grad
         dg = torch.empty(k, b, gm, dtype=w_hh.dtype, device=x.device)
-        dc_prev = torch.empty_like(c)
+        dgh = torch.empty_like(dg) if gru else dg
+        d_st = torch.empty_like(st) if lstm else dg
+        flat = dg.new_empty(b, k * m) if need[7] else None   # dh_{t-1}, operand order
         bb, bj, _, nw = _decode_blocks(b, m, mi)
-        _lstm_step_bwd[(_cdiv(b, bb), k * _cdiv(m, bj))](
+        _step_bwd[(_cdiv(b, bb), k * _cdiv(m, bj))](
             dg if d_out is None else d_out, *((0, 0) if d_out is None else d_out.stride()),
             dg if d_h is None else d_h, *((0, 0, 0) if d_h is None else d_h.stride()),
             dg if d_c is None else d_c, *((0, 0, 0) if d_c is None else d_c.stride()),
-            acts, c, dg, dc_prev, b,
-            K=k, M=m, HAS_DOUT=d_out is not None, HAS_DH=d_h is not None,
-            HAS_DC=d_c is not None, BLOCK_B=bb, BLOCK_J=bj, num_warps=nw)
-        need = ctx.needs_input_grad
-        d_x = d_hp = d_w_ih = d_w_hh = d_b = None
-        if need[0]:   # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
+            acts, st, dg, dgh, d_st, dg if flat is None else flat, b,
+            CELL=cell, K=k, M=m, SHUFFLE=shuffle, HAS_DOUT=d_out is not None,
+            HAS_DH=d_h is not None, HAS_DC=d_c is not None, DIRECT=gru and flat is not None,
+            BLOCK_B=bb, BLOCK_J=bj, num_warps=nw)
+        d_x = d_h_prev = d_w_ih = d_w_hh = d_b_ih = d_b_hh = None
+        if need[2]:   # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
             d_x = x.new_empty(b, k * mi)
             torch.bmm(dg, w_ih, out=d_x.view(b, k, mi).transpose(0, 1))
-        if need[1]:   # the gradient of the operand, then of the units it read
-            if ctx.shuffle:
-                flat = dg.new_empty(b, k * m)              # [B, K*m], shuffled positions
-                torch.bmm(dg, w_hh, out=flat.view(b, k, m).transpose(0, 1))
-                d_hp = flat.view(b, m, k).permute(2, 0, 1)  # unit k*m + j <- position j*K + k
+        if flat is not None:   # the gradient of the operand, then of the units it read
+            positions = flat.view(b, k, m).transpose(0, 1)
+            if gru:
+                positions.baddbmm_(dgh, w_hh)
             else:
-                d_hp = torch.bmm(dg, w_hh)
+                torch.bmm(dgh, w_hh, out=positions)
+            # unit k*m + j <- operand position j*K + k
+            d_h_prev = flat.view(b, m, k).permute(2, 0, 1) if shuffle else positions
         if need[3]:
             d_w_ih = torch.bmm(dg.transpose(1, 2), x.view(b, k, mi).transpose(0, 1))
         if need[5]:
-            d_w_hh = torch.bmm(dg.transpose(1, 2), operand)
-        if need[4] or need[6]:
-            d_b = dg.sum(1, dtype=torch.float32).to(dg.dtype)
-        return (d_x, d_hp, dc_prev if need[2] else None, d_w_ih, d_b if need[4] else None,
-                d_w_hh, d_b if need[6] else None, None)
+            d_w_hh = torch.bmm(dgh.transpose(1, 2), operand)
+        if need[4] or (need[6] and not gru):
+            d_b_ih = dg.sum(1, dtype=torch.float32).to(dg.dtype)
+        if need[6]:
+            d_b_hh = dgh.sum(1, dtype=torch.float32).to(dg.dtype) if gru else d_b_ih
+        grads = (None, None, d_x, d_w_ih, d_b_ih if need[4] else None, d_w_hh, d_b_hh,
+                 d_h_prev)
+        return grads + ((d_st if need[8] else None,) if lstm else ())
 
 
 def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
                       time_shuffle=False):
-    """:func:`step_triton` with autograd, for the LSTM (:class:`_TritonStep`); the
-    arguments and results alike."""
-    if cell != "lstm":
-        raise ValueError(f"the Triton training step covers the LSTM, not {cell!r}")
+    """:func:`step_triton` with autograd (:class:`_TritonStep`); the arguments and results
+    alike."""
     ty = weight_hh.dtype
-    if ty not in SUPPORTED_DTYPES:
+    if cell not in GATES or ty not in SUPPORTED_DTYPES:
         _check(cell, ty)
-    out, h_new, c_new = _TritonStep.apply(x.to(ty), state[0].to(ty), state[1].to(ty),
-                                          weight_ih, bias_ih, weight_hh, bias_hh,
-                                          bool(time_shuffle))
-    return out, (h_new, c_new)
+    out, *new = _TritonStep.apply(cell, bool(time_shuffle), x.to(ty), weight_ih, bias_ih,
+                                  weight_hh, bias_hh, *(s.to(ty) for s in state))
+    return out, tuple(new)
 
 
 def kernel_signatures(dt, k, m, block_j=32):
@@ -1403,13 +1459,13 @@ def kernel_signatures(dt, k, m, block_j=32):
 
 
 def step_backward_signature(dt, k, m, block_j=32):
-    """(kernel, pointer types, constexprs) of the LSTM training step's backward
-    (:func:`_lstm_step_bwd`), every output gradient present."""
-    return (_lstm_step_bwd,
-            dict({p: f"*{dt}" for p in ("dout_ptr", "dh_ptr", "dc_ptr", "c_prev_ptr", "dg_ptr",
-                                        "dc_prev_ptr")}, act_ptr="*fp32"),
-            dict(K=k, M=m, HAS_DOUT=True, HAS_DH=True, HAS_DC=True, BLOCK_B=32,
-                 BLOCK_J=block_j))
+    """(kernel, pointer types, constexprs) of the training step's backward
+    (:func:`_step_bwd`), every output gradient present; add CELL."""
+    return (_step_bwd,
+            dict({p: f"*{dt}" for p in ("dout_ptr", "dh_ptr", "dc_ptr", "st_ptr", "dg_ptr",
+                                        "dgh_ptr", "dst_ptr", "dhp_ptr")}, act_ptr="*fp32"),
+            dict(K=k, M=m, SHUFFLE=True, HAS_DOUT=True, HAS_DH=True, HAS_DC=True,
+                 DIRECT=True, BLOCK_B=32, BLOCK_J=block_j))
 
 
 def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
@@ -1426,7 +1482,7 @@ def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
 def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
     """Compile every kernel of every cell for a CUDA target, every feature on, the LSTM's
     scans in their other variants (VARIANT: polling by loads, resident weights, and the
-    permuted W_hh columns: SHUFFLE 2), and the backward of the LSTM's training step.
+    permuted W_hh columns: SHUFFLE 2), and every cell's training-step backward.
     Catches type, shape and lowering errors that the interpreter does not.  Returns the
     number compiled.  Run it without TRITON_INTERPRET (the interpreter replaces the
     kernels)."""
@@ -1434,11 +1490,10 @@ def compile_check(arch=90, dtypes=("bf16", "fp32"), m=256, k=4):
     for dt in dtypes:
         fwd, bwd, step = kernel_signatures(dt, k, m)
         jobs = [(fn, ptrs, dict(consts, CELL=cell)) for cell in CELLS
-                for fn, ptrs, consts in (fwd, bwd, step)]
+                for fn, ptrs, consts in (fwd, bwd, step, step_backward_signature(dt, k, m))]
         jobs += [(fwd[0], fwd[1], dict(fwd[2], CELL="lstm", POLL="load", RESIDENT=True,
                                        SHUFFLE=2, BLOCK_J=16, BLOCK_R=m)),
-                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load", SHUFFLE=2)),
-                 step_backward_signature(dt, k, m)]
+                 (bwd[0], bwd[1], dict(bwd[2], CELL="lstm", POLL="load", SHUFFLE=2))]
         for fn, ptrs, consts in jobs:
             compile_kernel(fn, ptrs, consts, arch)
             n += 1

@@ -1,5 +1,5 @@
 """Kernel launches and host-side operator calls per target position of RNNSearch's decoder
-in training (forward and backward), counted without a GPU.
+in training (forward and backward), LSTM and GRU, counted without a GPU.
 
 On the GPU, fairseq training of RNNSearch is bound by the host: the decoder runs step by
 step (input feeding and attention prevent a scan), and every operator of every step is a
@@ -38,7 +38,7 @@ NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "
              "detach", "alias", "as_strided", "empty", "empty_like", "new_empty",
              "new_empty_strided", "empty_strided", "unsafe_split", "_reshape_alias",
              "lift_fresh", "promote_types", "is_same_size"}
-KERNELS = ("_decode_step", "_lstm_step_bwd", "_scan_fwd", "_scan_bwd")
+KERNELS = ("_decode_step", "_step_bwd", "_scan_fwd", "_scan_bwd")
 
 
 class Recorder(TorchDispatchMode):
@@ -67,11 +67,11 @@ class CountedKernel:
         return launch
 
 
-def count(groups, train_step, t_len):
+def count(cell, groups, train_step, t_len):
     """-> (forward Counter, backward Counter) of one training forward + backward."""
     triton_rnn.VARIANT["train_step"] = "1" if train_step else "0"
     torch.manual_seed(0)
-    model = build_mt(groups=groups, dropout=0.2, extra=[
+    model = build_mt(cell=cell, groups=groups, dropout=0.2, extra=[
         "--encoder-layers", "4", "--decoder-layers", "4", "--encoder-embed-dim", "32",
         "--decoder-embed-dim", "32", "--encoder-hidden-size", "32",
         "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
@@ -91,8 +91,8 @@ def count(groups, train_step, t_len):
     return forward.ops, backward.ops
 
 
-def per_position(groups, train_step):
-    (f5, b5), (f10, b10) = count(groups, train_step, 5), count(groups, train_step, 10)
+def per_position(cell, groups, train_step):
+    (f5, b5), (f10, b10) = (count(cell, groups, train_step, t) for t in (5, 10))
     out = []
     for a, b in ((f10, f5), (b10, b5)):
         diff = collections.Counter(a)
@@ -109,25 +109,26 @@ CURRENT = [None]
 for name in KERNELS:
     setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), CURRENT))
 
-print("per target position of RNNSearch's decoder in training (4 decoder layers, LSTM,")
+print("per target position of RNNSearch's decoder in training (4 decoder layers,")
 print("rearrangement 'both', dropout on): operators with a GPU kernel (launches) / all")
 print("operators that reach the dispatcher (host calls), forward and backward")
 print()
-print(f"{'decoder step':<44} {'K':>2} {'fwd launches':>12} {'bwd launches':>12} "
+print(f"{'cell':<5} {'decoder step':<48} {'K':>2} {'fwd launches':>12} {'bwd launches':>12} "
       f"{'fwd calls':>9} {'bwd calls':>9}")
 detail = []
-for train_step in (False, True):
-    label = ("fused training step (GRNN_TRITON_TRAIN_STEP=1)" if train_step
-             else "separate autograd ops (default)")
-    for k in (1, 4):
-        fwd, bwd = per_position(k, train_step)
-        print(f"{label:<44} {k:>2} {launches(fwd):>12.1f} {launches(bwd):>12.1f} "
-              f"{sum(fwd.values()):>9.1f} {sum(bwd.values()):>9.1f}")
-        detail.append((label, k, fwd, bwd))
+for cell in ("lstm", "gru"):
+    for train_step in (False, True):
+        label = ("fused training step (GRNN_TRITON_TRAIN_STEP=1)" if train_step
+                 else "separate autograd ops (default)")
+        for k in (1, 4):
+            fwd, bwd = per_position(cell, k, train_step)
+            print(f"{cell:<5} {label:<48} {k:>2} {launches(fwd):>12.1f} {launches(bwd):>12.1f} "
+                  f"{sum(fwd.values()):>9.1f} {sum(bwd.values()):>9.1f}", flush=True)
+            detail.append((cell, label, k, fwd, bwd))
 print()
 print("launching operators per target position, by name:")
-for label, k, fwd, bwd in detail:
+for cell, label, k, fwd, bwd in detail:
     for part, ops in (("fwd", fwd), ("bwd", bwd)):
         names = ", ".join(f"{n} {v:g}" for n, v in sorted(ops.items(), key=lambda x: -x[1])
                           if n not in NO_KERNEL)
-        print(f"  {label}, K={k}, {part}: {names}")
+        print(f"  {cell}, {label}, K={k}, {part}: {names}")
