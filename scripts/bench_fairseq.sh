@@ -24,7 +24,9 @@
 #   --updates N                  training updates per model (default 300; --quick 6)
 #   --max-tokens N               tokens per batch, training and generation (default 4096)
 #   --models "a b c"             architectures (default: the six above)
-#   --backends "auto triton"     grnn engine backends to compare (GRNN_BACKEND; default auto)
+#   --backends "auto triton"     grnn engine backends to compare (GRNN_BACKEND; default auto);
+#                                X+trainstep: backend X with GRNN_TRITON_TRAIN_STEP=1 (the
+#                                decoder trained with the fused training step on the GPU)
 #   --cpu                        run on CPU (default: GPU when torch sees one)
 #   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
 #   --gen-args "..."             extra fairseq-generate arguments
@@ -195,9 +197,13 @@ for arch in $models; do
   for backend in $arch_backends; do
     tag="$arch${backend/#-/}"; [[ "$backend" != "-" ]] && tag="$arch.$backend"
     save="$workdir/ckpt.$tag"
-    echo "-- $tag: training $updates updates"
     env_backend=()
-    [[ "$backend" != "-" ]] && env_backend=(GRNN_BACKEND="$backend")
+    case "$backend" in
+      -) ;;
+      *+trainstep) env_backend=(GRNN_BACKEND="${backend%+trainstep}" GRNN_TRITON_TRAIN_STEP=1) ;;
+      *) env_backend=(GRNN_BACKEND="$backend") ;;
+    esac
+    echo "-- $tag: training $updates updates${env_backend[*]:+ (${env_backend[*]})}"
     set +e
     rc=0
     if [[ $warmup -gt 0 ]]; then

@@ -27,6 +27,10 @@
 #                                   # (carry it), else on synthetic data; with
 #                                   # GRNN_TRITON_TRAIN_STEP=1 set, the decoders train with
 #                                   # the fused training step
+#   scripts/gpu-checks.sh trainstep # scripts/bench_fairseq.sh, WMT14 sizes, group K=4 and
+#                                   # K=1 with and without the fused training step
+#                                   # (GRNN_TRITON_TRAIN_STEP); --fp16, 50 untimed warm-up
+#                                   # updates, then 100 timed ones
 #   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
 #   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
 #                                   # needed parts of the above, most needed first, each
@@ -52,7 +56,7 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
-  kernels|training|layer|variants|wmt|iwslt|all|first) ;;
+  kernels|training|layer|variants|wmt|iwslt|trainstep|all|first) ;;
   *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;  # this header
 esac
 if [[ ! "${GPU_CHECKS_SECONDS:-450}" =~ ^[0-9]+$ ]]; then
@@ -111,15 +115,16 @@ stage_variants() {
   return "${PIPESTATUS[0]}"
 }
 
-stage_fairseq() {  # name, models
-  local data_flags=()
+stage_fairseq() {  # name, models, [more bench_fairseq.sh options]
+  local data_flags=() name="$1" models="$2"
+  shift 2
   if [[ -d data-bin/debian/deen/data-bin ]]; then
     data_flags=(--data data-bin/debian/deen/data-bin --src de --tgt en)
   fi
   { echo "device: $device"
-    PYTHON="$py" bash scripts/bench_fairseq.sh "${data_flags[@]}" --models "$2" \
-      --warmup-updates 100 --updates 200 --train-args "--fp16" --gen-args "--fp16"
-  } 2>&1 | tee "$out/bench_fairseq_$1.txt"
+    PYTHON="$py" bash scripts/bench_fairseq.sh "${data_flags[@]}" --models "$models" \
+      --warmup-updates 100 --updates 200 --train-args "--fp16" --gen-args "--fp16" "$@"
+  } 2>&1 | tee "$out/bench_fairseq_$name.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -177,6 +182,8 @@ case "${1:-}" in
   variants) stage_variants ;;
   wmt) stage_fairseq wmt "$wmt" ;;
   iwslt) stage_fairseq iwslt "$iwslt" ;;
+  trainstep) stage_fairseq trainstep "group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de" \
+               --backends "auto auto+trainstep" --warmup-updates 50 --updates 100 ;;
   first) stage_first ;;
   all) rc=0
        stage_kernels || rc=1; stage_training || rc=1; stage_layer || rc=1

@@ -99,6 +99,19 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
 
 
+def test_bench_fairseq_trainstep_backend(tmp_path):
+    """``--backends "auto auto+trainstep"``: each group model twice, the second run with
+    GRNN_TRITON_TRAIN_STEP=1 in its environment (said on its line), both in the table."""
+    out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", "rnnsearch",
+                "--backends", "auto auto+trainstep", "--updates", "2", "--gen-length", "3",
+                "--workdir", str(tmp_path)])
+    assert "-- rnnsearch.auto: training 2 updates (GRNN_BACKEND=auto)" in out
+    assert ("-- rnnsearch.auto+trainstep: training 2 updates (GRNN_BACKEND=auto "
+            "GRNN_TRITON_TRAIN_STEP=1)") in out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("rnnsearch.")]
+    assert rows == ["rnnsearch.auto", "rnnsearch.auto+trainstep"], out
+
+
 @pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length"])
 def test_bench_fairseq_rejects_a_bad_number(option):
     proc = subprocess.run(["bash", "scripts/bench_fairseq.sh", option, "ten"],
@@ -325,7 +338,8 @@ def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():
     usage = subprocess.run(["bash", "scripts/gpu-checks.sh", "nonsense"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
-    for stage in ("kernels", "training", "layer", "variants", "wmt", "iwslt", "all", "first"):
+    for stage in ("kernels", "training", "layer", "variants", "wmt", "iwslt", "trainstep",
+                  "all", "first"):
         assert f"gpu-checks.sh {stage} " in usage.stdout, stage
     assert "set -uo" not in usage.stdout  # the header only
     bad = subprocess.run(["bash", "scripts/gpu-checks.sh", "first"], cwd=ROOT, capture_output=True,
