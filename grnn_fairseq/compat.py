@@ -38,7 +38,9 @@ idempotent.
   ("terminate called without an active exception") after its training finished, when its
   group's worker threads are torn down during finalisation (pytorch/pytorch#190489), so a
   job scheduler sees a failed run.  A gloo default group is destroyed at exit, while the
-  interpreter is still alive.
+  interpreter is still alive; first the DDP wrappers that fairseq made let go of the group
+  (their reducers held it, so that destroying it did not free it with ``--ddp-backend
+  pytorch_ddp``) and a garbage collection frees what fairseq left in reference cycles.
 * **fairseq 0.12** ties ``--bf16`` to ``--tpu`` (``options.parse_args_and_arch``), so
   ``fairseq-train --bf16`` on a GPU or the CPU stops in the trainer with "'NoneType' object
   has no attribute 'xla_device'" (facebookresearch/fairseq#4696), although its trainer and
@@ -52,12 +54,14 @@ import argparse
 import atexit
 import collections
 import functools
+import gc
 import importlib.util
 import logging
 import os
 import sys
 import types
 import typing
+import weakref
 
 import numpy as np
 import torch
@@ -209,7 +213,9 @@ def _ddp_on_cpu():
     def data_parallel(module, device_ids=None, output_device=None, **kwargs):
         if next(module.parameters()).device.type == "cpu":
             device_ids = output_device = None
-        return ddp(module, device_ids=device_ids, output_device=output_device, **kwargs)
+        wrapped = ddp(module, device_ids=device_ids, output_device=output_device, **kwargs)
+        _DDP_MODULES.add(wrapped)   # released at exit (_destroy_gloo_group)
+        return wrapped
 
     dfm.DistributedDataParallel = data_parallel
 
@@ -265,13 +271,26 @@ def _ngram_block_reads_generated_tokens():
     cls._no_repeat_ngram = _no_repeat_ngram
 
 
+_DDP_MODULES = weakref.WeakSet()   # the DDP wrappers made through _ddp_on_cpu
+
+
 def _destroy_gloo_group():
-    """At exit: destroy the default process group if it is gloo's.  Other backends are left
-    as they are: destroying an NCCL group waits for its pending work, which could hang a
-    rank whose peers have died, where exiting without it does not."""
+    """At exit: destroy the default process group if it is gloo's, so that its worker
+    threads are joined while the interpreter is alive.  A DDP wrapper holds the group (as
+    ``process_group``, and through its reducer and logger): these are released first, and a garbage collection frees the
+    trainer and wrappers fairseq left in reference cycles, so that destroying the group
+    frees it here and not during finalisation.  Other backends are left as they are:
+    destroying an NCCL group waits for its pending work, which could hang a rank whose
+    peers have died, where exiting without it does not."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
+        return
+    for wrapped in list(_DDP_MODULES):
+        for name in ("logger", "reducer", "process_group"):
+            if getattr(wrapped, name, None) is not None:
+                setattr(wrapped, name, None)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _xla_available():

@@ -543,3 +543,29 @@ def test_fairseq_train_fp16_on_the_cpu_stops_with_the_fix(mt_run, tmp_path):
     assert "error: --fp16 trains on a CUDA GPU only" in log and "Traceback" not in log, log[-2000:]
     rc, log = _train_tiny_group_model(mt_run, tmp_path / "tpu", "--tpu")
     assert rc == 1 and "error: --tpu needs torch_xla" in log and "Traceback" not in log, log[-2000:]
+
+
+def test_gloo_group_and_ddp_released_at_exit(tmp_path):
+    """The exit handler (fairseq never destroys its process group; gloo ranks could abort at
+    exit): the DDP wrapper that fairseq makes through compat lets go of the group (reducer,
+    logger, process_group) and the gloo group is destroyed.  In a fresh process, world
+    size 1, after a real forward and backward through the wrapper."""
+    script = """
+import torch, torch.distributed as dist
+import grnn_fairseq
+from grnn_fairseq import compat
+from fairseq.models import distributed_fairseq_model as dfm
+store = dist.FileStore(%r, 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+wrapped = dfm.DistributedDataParallel(torch.nn.Linear(3, 2), device_ids=[0])
+wrapped(torch.randn(4, 3)).sum().backward()
+assert wrapped in compat._DDP_MODULES and wrapped.reducer is not None
+compat._destroy_gloo_group()
+assert not dist.is_initialized()
+assert wrapped.reducer is None and wrapped.logger is None and wrapped.process_group is None
+compat._destroy_gloo_group()   # again (atexit after a manual call): nothing to do
+print("released")
+""" % str(tmp_path / "store")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "released" in proc.stdout, proc.stderr[-3000:]
