@@ -127,18 +127,17 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
         return None
     grad = torch.is_grad_enabled() and _any_requires_grad(
         x_t, *state, weight_ih, bias_ih, weight_hh, bias_hh)
+    if grad:   # the variant first: with it off (the default) a training step costs no more
+        from .kernels import triton_rnn
+        if not triton_rnn.train_step_on():
+            return None
     amp = autocast_dtype(x_t.device.type)
     dtype = amp if amp is not None else weight_hh.dtype
     if resolve_backend(backend, cell, x_t.device, dtype) != "triton":
         return None
     from .kernels import triton_rnn
 
-    if grad:
-        if not triton_rnn.train_step_on():
-            return None
-        step = triton_rnn.step_triton_train
-    else:
-        step = triton_rnn.step_triton
+    step = triton_rnn.step_triton_train if grad else triton_rnn.step_triton
     if amp is None:  # the common case, kept cheap: this runs once per layer and token
         return step(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle)
     with torch.autocast(x_t.device.type, enabled=False):
