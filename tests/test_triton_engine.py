@@ -375,9 +375,10 @@ def test_training_step_reads_gradients_through_their_strides(cell):
     k, m, b = 4, 8, 5
     p, _, _ = _problem(k, m, 1, b, i_size=12, padding=False, cell=cell)
     d_out = torch.randn(k * m, b, device=DEVICE).t()                  # strides (1, B)
-    d_h = torch.randn(k, m, b, device=DEVICE).transpose(1, 2)         # (m*B, 1, B)
-    d_c = torch.randn(b, k, m, device=DEVICE).transpose(0, 1)         # (m, K*m, 1)
+    d_h = torch.randn(b, m, k, device=DEVICE).permute(2, 0, 1)        # (1, m*K, K): unshuffled
+    d_c = torch.randn(m, k, b, device=DEVICE).permute(1, 2, 0)        # (B, 1, K*B)
     assert not any(t.is_contiguous() for t in (d_out, d_h, d_c))
+    assert 1 not in (d_out.stride(1), d_h.stride(2), d_c.stride(2))  # no unit stride by unit
     names = ["x", "w_ih", "b_ih", "w_hh", "b_hh", "h0"] + (["c0"] if cell == "lstm" else [])
     inputs = [p[n] for n in names]
     upstream = [d_out, d_h, d_c][:len(names) - 4]
