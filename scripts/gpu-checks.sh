@@ -173,6 +173,11 @@ stage_first() {
   return "$rc"
 }
 
+stage_trainstep() {
+  stage_fairseq trainstep "group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de" \
+    --backends "auto auto+trainstep" --warmup-updates 50 --updates 100
+}
+
 wmt="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de"
 iwslt="group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
 case "${1:-}" in
@@ -182,12 +187,12 @@ case "${1:-}" in
   variants) stage_variants ;;
   wmt) stage_fairseq wmt "$wmt" ;;
   iwslt) stage_fairseq iwslt "$iwslt" ;;
-  trainstep) stage_fairseq trainstep "group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de" \
-               --backends "auto auto+trainstep" --warmup-updates 50 --updates 100 ;;
+  trainstep) stage_trainstep ;;
   first) stage_first ;;
   all) rc=0
        stage_kernels || rc=1; stage_training || rc=1; stage_layer || rc=1
        stage_variants || rc=1
        stage_fairseq wmt "$wmt" || rc=1; stage_fairseq iwslt "$iwslt" || rc=1
+       stage_trainstep || rc=1
        exit $rc ;;
 esac

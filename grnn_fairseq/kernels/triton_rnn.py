@@ -483,6 +483,25 @@ def _load_dout(dout_ptr, t, stride_do_t, stride_do_b, stride_do_u, offs_b64, u, 
 
 
 @triton.jit
+def _lstm_gate_grads(dc, dh, i, f, g, o, c_prev, tc):
+    """The LSTM's gate pre-activation gradients (di', df', dg', do') from dc, the gradient
+    of c_t (h_t's share dh o (1 - tanh(c_t)^2) included), and dh, the gradient of h_t;
+    tc = tanh(c_t).  Shared by the scan's backward and the training step's."""
+    return (dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
+            dh * tc * o * (1.0 - o))
+
+
+@triton.jit
+def _gru_gate_grads(dh, r, z, n, hn, h_prev):
+    """The GRU's pre-activation gradients (dr', dz', dn') from dh, the gradient of
+    h_t = n + z (h_{t-1} - n): dn' = dh (1-z)(1-n^2), dz' = dh (h_{t-1} - n) z(1-z),
+    dr' = dn' (W_hn h' + b_hn) r(1-r); the recurrent side's n row is r dn'.  Shared by the
+    scan's backward and the training step's."""
+    d_n = dh * (1.0 - z) * (1.0 - n * n)
+    return d_n * hn * r * (1.0 - r), dh * (h_prev - n) * z * (1.0 - z), d_n
+
+
+@triton.jit
 def _lstm_bwd_cell(dg_ptr, act_ptr, c_ptr, gc_ptr, dh, keep, passed, row, ju, unit, bm,
                    c_in, c_out, B, K: tl.constexpr, M: tl.constexpr, HAS_MASK: tl.constexpr):
     """The LSTM's backward at step t for a tile's units (``row``: their (group, t, batch)
@@ -509,10 +528,7 @@ def _lstm_bwd_cell(dg_ptr, act_ptr, c_ptr, gc_ptr, dh, keep, passed, row, ju, un
         gc_new = dc * f + gc * (1.0 - keep)
     else:
         gc_new = dc * f
-    d_i = dc * g * i * (1.0 - i)
-    d_f = dc * c_prev * f * (1.0 - f)
-    d_g = dc * i * (1.0 - g * g)
-    d_o = dh * tc * o * (1.0 - o)
+    d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, i, f, g, o, c_prev, tc)
     dg_t = dg_ptr + row * G + ju[None, :]
     out_ty = dg_ptr.dtype.element_ty
     tl.store(dg_t, d_i.to(out_ty), mask=bm)
@@ -541,9 +557,7 @@ def _gru_bwd_cell(dg_ptr, dgx_ptr, act_ptr, h_ptr, dh, passed, row, ju, unit, bm
     hn = tl.load(a_base + 3 * M, mask=bm, other=0.0, cache_modifier=".cg")
     h_prev = tl.load(h_ptr + s_in.to(tl.int64) * B * H + unit, mask=bm, other=0.0,
                      cache_modifier=".cg")
-    d_n = dh * (1.0 - z) * (1.0 - n * n)
-    d_z = dh * (h_prev - n) * z * (1.0 - z)
-    d_r = d_n * hn * r * (1.0 - r)
+    d_r, d_z, d_n = _gru_gate_grads(dh, r, z, n, hn, h_prev)
     off = row * G + ju[None, :]
     out_ty = dg_ptr.dtype.element_ty
     tl.store(dg_ptr + off, d_r.to(out_ty), mask=bm)
@@ -886,9 +900,7 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
         st = tl.load(st_ptr + state, mask=bm, other=0.0).to(tl.float32)
         if CELL == "gru":                # a = r, z, n, W_hn h' + b_hn; st = h_{t-1}
             g3 = (k64 * B + offs_b64)[:, None] * (3 * M) + offs_j[None, :]
-            dpn = dh * (1.0 - a1) * (1.0 - a2 * a2)
-            dpr = dpn * a3 * a0 * (1.0 - a0)
-            dpz = dh * (st - a2) * a1 * (1.0 - a1)
+            dpr, dpz, dpn = _gru_gate_grads(dh, a0, a1, a2, a3, st)
             tl.store(dg_ptr + g3, dpr.to(ty), mask=bm)
             tl.store(dg_ptr + g3 + M, dpz.to(ty), mask=bm)
             tl.store(dg_ptr + g3 + 2 * M, dpn.to(ty), mask=bm)
@@ -909,10 +921,9 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
                               + offs_j[None, :] * sc_j, mask=bm, other=0.0).to(tl.float32)
             tc = _tanh(a1 * st + a0 * a2)
             dc += dh * a3 * (1.0 - tc * tc)                   # h_t = o tanh(c_t)
-            tl.store(dg_ptr + gate, (dc * a2 * a0 * (1.0 - a0)).to(ty), mask=bm)
-            tl.store(dg_ptr + gate + M, (dc * st * a1 * (1.0 - a1)).to(ty), mask=bm)
-            tl.store(dg_ptr + gate + 2 * M, (dc * a0 * (1.0 - a2 * a2)).to(ty), mask=bm)
-            tl.store(dg_ptr + gate + 3 * M, (dh * tc * a3 * (1.0 - a3)).to(ty), mask=bm)
+            d_i, d_f, d_g, d_o = _lstm_gate_grads(dc, dh, a0, a1, a2, a3, st, tc)
+            _store_acts(dg_ptr, k, 0, offs_b, offs_j, bm, d_i.to(ty), d_f.to(ty), d_g.to(ty),
+                        d_o.to(ty), B, 1, M)
             tl.store(dst_ptr + state, (dc * a1).to(dst_ptr.dtype.element_ty), mask=bm)
 
 
@@ -997,18 +1008,19 @@ def _parse_variant(poll, resident, perm):
     """-> (poll, resident, perm) of VARIANT, checked."""
     if poll not in POLLS:
         raise ConfigError(f"GRNN_TRITON_POLL={poll!r}: expected one of {', '.join(POLLS)}")
-    for name, value in (("RESIDENT", resident), ("PERM", perm)):
-        if value not in ("0", "1"):
-            raise ConfigError(f"GRNN_TRITON_{name}={value!r}: expected 0 or 1")
-    return poll, resident == "1", perm == "1"
+    return poll, _switch("RESIDENT", resident), _switch("PERM", perm)
+
+
+def _switch(name, value):
+    """A 0|1 variant switch GRNN_TRITON_<name>, checked -> bool."""
+    if value not in ("0", "1"):
+        raise ConfigError(f"GRNN_TRITON_{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def train_step_on():
     """Whether VARIANT['train_step'] is on (GRNN_TRITON_TRAIN_STEP, checked)."""
-    value = VARIANT["train_step"]
-    if value not in ("0", "1"):
-        raise ConfigError(f"GRNN_TRITON_TRAIN_STEP={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch("TRAIN_STEP", VARIANT["train_step"])
 
 
 def _variant():
@@ -1331,9 +1343,6 @@ def _launch_step(cell, x, h, c, w_ih, b_ih, w_hh, b_hh, h_new, c_new, out, acts,
         BLOCK_J=bj, BLOCK_R=br, PRECISION=_precision(w_hh.dtype), num_warps=nw)
 
 
-ACTS_STEP = {"lstm": 4, "gru": 4, "rnn": 1}   # act slots per unit of the training step
-
-
 class _TritonStep(torch.autograd.Function):
     """One step of one layer with autograd (RNNSearch's decoder, trained step by step), for
     every cell.
@@ -1361,7 +1370,8 @@ class _TritonStep(torch.autograd.Function):
         c = state[1].contiguous() if lstm else h
         c_new = torch.empty_like(c) if lstm else h_new
         out = x.new_empty(b, k * m)
-        acts = torch.empty(k, b, ACTS_STEP[cell] * m, dtype=torch.float32, device=x.device)
+        # the scan's activations; the RNN's step saves h_t, which the scan has in its slots
+        acts = torch.empty(k, b, (ACTS[cell] or 1) * m, dtype=torch.float32, device=x.device)
         operand = torch.empty(h.shape, dtype=w_hh.dtype, device=x.device) if shuffle else h
         _launch_step(cell, x, h, c, w_ih, bias_ih.contiguous(), w_hh, bias_hh.contiguous(),
                      h_new, c_new, out, acts, operand, shuffle, True)
