@@ -26,7 +26,9 @@
 #   --models "a b c"             architectures (default: the six above)
 #   --backends "auto triton"     grnn engine backends to compare (GRNN_BACKEND; default auto);
 #                                X+trainstep: backend X with GRNN_TRITON_TRAIN_STEP=1 (the
-#                                decoder trained with the fused training step on the GPU)
+#                                decoder trained with the fused training step on the GPU);
+#                                X+graphs: with GRNN_DECODE_GRAPHS=1 (generation replays
+#                                the decoder's steps from CUDA graphs); X+trainstep+graphs
 #   --cpu                        run on CPU (default: GPU when torch sees one)
 #   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
 #   --gen-args "..."             extra fairseq-generate arguments
@@ -77,7 +79,7 @@ while [[ $# -gt 0 ]]; do
     --gen-length) gen_length="$2"; shift 2 ;;
     --workdir) workdir="$2"; keep=1; shift 2 ;;
     --warmup-updates) warmup="$2"; shift 2 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;  # this header
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,6 +89,13 @@ for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup" 
   value="${opt#*=}"
   if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
     echo "--${opt%%=*} $value: expected a whole number" >&2; exit 2
+  fi
+done
+
+for backend in $backends; do  # X, X+trainstep, X+graphs, X+trainstep+graphs
+  if [[ ! "$backend" =~ ^[a-z]+(\+(trainstep|graphs))*$ ]]; then
+    echo "--backends: $backend: expected an engine backend, optionally followed by" \
+      "+trainstep and/or +graphs (e.g. auto+trainstep+graphs)" >&2; exit 2
   fi
 done
 
@@ -198,11 +207,16 @@ for arch in $models; do
     tag="$arch${backend/#-/}"; [[ "$backend" != "-" ]] && tag="$arch.$backend"
     save="$workdir/ckpt.$tag"
     env_backend=()
-    case "$backend" in
-      -) ;;
-      *+trainstep) env_backend=(GRNN_BACKEND="${backend%+trainstep}" GRNN_TRITON_TRAIN_STEP=1) ;;
-      *) env_backend=(GRNN_BACKEND="$backend") ;;
-    esac
+    if [[ "$backend" != "-" ]]; then
+      IFS=+ read -r -a parts <<< "$backend"
+      env_backend=(GRNN_BACKEND="${parts[0]}")
+      for variant in "${parts[@]:1}"; do
+        case "$variant" in
+          trainstep) env_backend+=(GRNN_TRITON_TRAIN_STEP=1) ;;
+          graphs) env_backend+=(GRNN_DECODE_GRAPHS=1) ;;
+        esac
+      done
+    fi
     echo "-- $tag: training $updates updates${env_backend[*]:+ (${env_backend[*]})}"
     set +e
     rc=0

@@ -10,7 +10,8 @@ Modes:
   train   forward + backward of one layer over [T, B, H] (input gradient included)
   infer   forward without autograd
   decode  --decode-steps single steps at batch --decode-batch without autograd
-          (RecurrentStack.step vs torch.nn.LSTMCell), the input projection included
+          (RecurrentStack.step vs torch.nn.LSTMCell), the input projection included;
+          --graph (CUDA): each case also replayed from a CUDA graph
   steps   T single steps of one layer at batch B with autograd, then the backward: a
           decoder trained step by step, as RNNSearch's (input feeding and attention
           prevent a scan); RecurrentStack.step vs torch.nn.LSTMCell, which is what
@@ -26,6 +27,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
   python scripts/bench_layer.py --device cuda --modes steps --backend triton,triton+trainstep
+  python scripts/bench_layer.py --device cuda --modes decode --graph --backend triton
   python scripts/bench_layer.py --quick                          # smoke test
 """
 import argparse
@@ -76,6 +78,11 @@ def parse_args(argv=None):
                    help="fraction of the batch padded to half length (exercises masks)")
     p.add_argument("--decode-batch", type=int, default=320)
     p.add_argument("--decode-steps", type=int, default=10, help="steps per timed decode call")
+    p.add_argument("--graph", action="store_true",
+                   help="mode decode, on CUDA: every case (torch.nn's cell too) also as one "
+                        "CUDA graph of its --decode-steps steps, recorded once and replayed "
+                        "(what GRNN_DECODE_GRAPHS=1 does for a whole decoder step); the "
+                        "ratios stay against torch.nn's cell run eagerly")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -92,6 +99,8 @@ def parse_args(argv=None):
         args.reps = args.reps or 1
         args.warmup = 1 if args.warmup is None else args.warmup
     cuda = args.device == "cuda"
+    if args.graph and not cuda:
+        p.error("--graph records CUDA graphs: use it with --device cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.B = args.B or (64 if cuda else 32)
     args.reps = args.reps or (20 if cuda else 5)
@@ -169,7 +178,13 @@ def make_cases(args, mode, device, dtype):
                     for _ in range(args.decode_steps):
                         _, s = stack.step(x, s)
             return run
-        return cases + group_cases(args, device, dtype, bd, x, run_step)
+        cases += group_cases(args, device, dtype, bd, x, run_step)
+        if args.graph:
+            cases = [c for label, run in cases for c in (
+                (label, run),
+                (dict(label, backend="graph" if label["backend"] == "-"
+                      else label["backend"] + "+graph"), graphed(run)))]
+        return cases
 
     if mode == "steps":
         xs, grad_steps = rand(T, B, H), rand(T, B, H)
@@ -276,6 +291,20 @@ def triton_variant(run, variants):
     return run_variant
 
 
+def graphed(run):
+    """``--graph``: ``run`` recorded as a CUDA graph at its first call (after one eager
+    warm-up run, by the recorder of GRNN_DECODE_GRAPHS=1), replayed at every call."""
+    from grnn_fairseq.decode_graphs import CudaRecorder
+
+    replay = []
+
+    def run_graph():
+        if not replay:
+            replay.append(CudaRecorder().record(lambda: (run(),), ())[1])
+        replay[0]()
+    return run_graph
+
+
 def two_pass(run):
     """``cpp-2pass``: the cpp backend with its fused fp32 step switched off
     (GRNN_CPU_FUSED=0: one BLAS product per step, then the pointwise pass)."""
@@ -349,7 +378,8 @@ def main(argv=None):
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
     print(f"device:  {device_name(device)}; torch {torch.__version__}; cell {args.cell}; "
           f"dtype {args.dtype}; T={args.T} B={args.B} H={args.H}; "
-          f"decode batch {args.decode_batch} x {args.decode_steps} steps; padding {args.padding}; reps {args.reps} (median), "
+          f"decode batch {args.decode_batch} x {args.decode_steps} steps"
+          f"{' (also as CUDA graphs)' if args.graph else ''}; padding {args.padding}; reps {args.reps} (median), "
           f"warmup {args.warmup}; timer {args.timer}; "
           f"GRNN_BACKEND={os.environ.get('GRNN_BACKEND', '(unset)')}")
     for mode in args.modes:

@@ -5,11 +5,13 @@
 #
 #   scripts/gpu-checks.sh kernels   # tests/test_triton_engine.py compiled for real (no
 #                                   # interpreter): persistent scans, barriers, decode step
-#                                   # (about 2 minutes on an H100, compilation included)
+#                                   # (about 2 minutes on an H100, compilation included);
+#                                   # tests/test_decode_graphs.py with real CUDA graphs
 #   scripts/gpu-checks.sh training  # tests/test_gpu_training.py: --fp16/--amp/--bf16
 #                                   # fairseq training (more than 4 minutes: its own call)
 #   scripts/gpu-checks.sh layer     # scripts/bench_layer.py: bf16 T=50 B=64 H=1024 vs cuDNN,
-#                                   # decode steps vs LSTMCell; backends triton and torch;
+#                                   # decode steps vs LSTMCell (also as CUDA graphs, both);
+#                                   # backends triton and torch;
 #                                   # steps with autograd (a decoder in training) vs
 #                                   # LSTMCell, triton with and without its fused training
 #                                   # step (GRNN_TRITON_TRAIN_STEP); then GRU and RNN vs
@@ -28,16 +30,18 @@
 #                                   # GRNN_TRITON_TRAIN_STEP=1 set, the decoders train with
 #                                   # the fused training step
 #   scripts/gpu-checks.sh trainstep # scripts/bench_fairseq.sh, WMT14 sizes, group K=4 and
-#                                   # K=1 with and without the fused training step
-#                                   # (GRNN_TRITON_TRAIN_STEP); --fp16, 50 untimed warm-up
-#                                   # updates, then 100 timed ones
+#                                   # K=1, each twice: as they are, and trained with the
+#                                   # fused training step (GRNN_TRITON_TRAIN_STEP) and
+#                                   # decoded from CUDA graphs (GRNN_DECODE_GRAPHS); --fp16,
+#                                   # 50 untimed warm-up updates, then 100 timed ones
 #   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
 #   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
 #                                   # needed parts of the above, most needed first, each
 #                                   # bounded, all within GPU_CHECKS_SECONDS (default 450 s):
 #                                   # the kernel tests only a GPU runs (barriers of many
-#                                   # programs, bf16, variants, the training step); the
-#                                   # variants timed (LSTM K=4,16); decode steps; steps
+#                                   # programs, bf16, variants, the training step); decoding
+#                                   # from CUDA graphs tested; the variants timed (LSTM
+#                                   # K=4,16); decode steps, eager and as graphs; steps
 #                                   # with autograd (training step on / off); GRU and RNN
 #                                   # timed; then with
 #                                   # the time left the fairseq --fp16/--amp/--bf16 training
@@ -72,7 +76,7 @@ device="$("$py" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch"
 pytest=("$py" -m pytest -o addopts= -p no:cacheprovider -q -rs)
 
 stage_kernels() {
-  "${pytest[@]}" tests/test_triton_engine.py 2>&1 \
+  "${pytest[@]}" tests/test_triton_engine.py tests/test_decode_graphs.py 2>&1 \
     | tee "$out/triton_tests.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -86,7 +90,7 @@ stage_training() {
 stage_layer() {
   { echo "device: $device"
     "$py" scripts/bench_layer.py --device cuda --backend triton,torch --groups 1,2,4,8,16 \
-      --rearrangement none,time --modes train,infer,decode
+      --rearrangement none,time --modes train,infer,decode --graph
   } 2>&1 | tee "$out/bench_layer_cuda.txt"
   local rc="${PIPESTATUS[0]}" cell
   { echo "device: $device"
@@ -155,12 +159,13 @@ gpu_tests="persistent_grid or half_precision or under_autocast or variants or pe
 stage_first() {
   local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
   part 150 triton_tests_gpu "${pytest[@]}" -k "$gpu_tests" tests/test_triton_engine.py || rc=1
+  part 60 decode_graphs_tests "${pytest[@]}" tests/test_decode_graphs.py || rc=1
   part 120 bench_layer_cuda_variants "$py" scripts/bench_layer.py --device cuda --groups 4,16 \
     --rearrangement none,time \
     --backend triton,triton+load,triton+resident,triton+load+resident,triton+perm \
     --modes train,infer || rc=1
   part 45 bench_layer_cuda_decode "$py" scripts/bench_layer.py --device cuda --groups 1,4,16 \
-    --rearrangement none,time --backend triton --modes decode || rc=1
+    --rearrangement none,time --backend triton --modes decode --graph || rc=1
   part 45 bench_layer_cuda_steps "$py" scripts/bench_layer.py --device cuda --groups 1,4 \
     --rearrangement time --backend triton,triton+trainstep --modes steps || rc=1
   for cell in gru rnn; do
@@ -175,7 +180,7 @@ stage_first() {
 
 stage_trainstep() {
   stage_fairseq trainstep "group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de" \
-    --backends "auto auto+trainstep" --warmup-updates 50 --updates 100
+    --backends "auto auto+trainstep+graphs" --warmup-updates 50 --updates 100
 }
 
 wmt="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de"

@@ -99,17 +99,21 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
 
 
-def test_bench_fairseq_trainstep_backend(tmp_path):
-    """``--backends "auto auto+trainstep"``: each group model twice, the second run with
-    GRNN_TRITON_TRAIN_STEP=1 in its environment (said on its line), both in the table."""
+def test_bench_fairseq_variant_backends(tmp_path):
+    """``--backends "auto auto+trainstep+graphs"``: each group model twice, the second run
+    with GRNN_TRITON_TRAIN_STEP=1 and GRNN_DECODE_GRAPHS=1 in its environment (said on its
+    line), both in the table; an unknown variant is refused before anything runs."""
     out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", "rnnsearch",
-                "--backends", "auto auto+trainstep", "--updates", "2", "--gen-length", "3",
-                "--workdir", str(tmp_path)])
+                "--backends", "auto auto+trainstep+graphs", "--updates", "2",
+                "--gen-length", "3", "--workdir", str(tmp_path)])
     assert "-- rnnsearch.auto: training 2 updates (GRNN_BACKEND=auto)" in out
-    assert ("-- rnnsearch.auto+trainstep: training 2 updates (GRNN_BACKEND=auto "
-            "GRNN_TRITON_TRAIN_STEP=1)") in out
+    assert ("-- rnnsearch.auto+trainstep+graphs: training 2 updates (GRNN_BACKEND=auto "
+            "GRNN_TRITON_TRAIN_STEP=1 GRNN_DECODE_GRAPHS=1)") in out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("rnnsearch.")]
-    assert rows == ["rnnsearch.auto", "rnnsearch.auto+trainstep"], out
+    assert rows == ["rnnsearch.auto", "rnnsearch.auto+trainstep+graphs"], out
+    bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", "auto auto+graph"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--backends: auto+graph: expected" in bad.stderr
 
 
 @pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length"])
@@ -118,6 +122,40 @@ def test_bench_fairseq_rejects_a_bad_number(option):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"{option} ten: expected a whole number" in proc.stderr
+
+
+def test_bench_layer_decode_graph_cases(monkeypatch):
+    """``--graph``: every decode case twice, eagerly and as a graph (recorded at its first
+    call, replayed after: the recorder runs it for its warm-up and its recording only);
+    refused without CUDA."""
+    import torch
+
+    from grnn_fairseq import decode_graphs
+
+    bench = _bench_layer_module()
+    recorded = []
+
+    class Recorder:  # a CUDA graph's contract without CUDA: record runs fn twice
+        def record(self, fn, inputs):
+            fn(*inputs)
+            recorded.append(fn(*inputs))
+            return recorded[-1], lambda: fn(*inputs)
+
+    monkeypatch.setattr(decode_graphs, "CudaRecorder", Recorder)
+    args = bench.parse_args(["--quick", "--device", "cuda", "--graph", "--groups", "1,4",
+                             "--rearrangement", "time", "--backend", "auto"])
+    cases = bench.make_cases(args, "decode", torch.device("cpu"), torch.float32)
+    assert [(c["model"], c["K"], c["backend"]) for c, _ in cases] == [
+        ("nn.LSTMCell", "-", "-"), ("nn.LSTMCell", "-", "graph"),
+        ("group LSTM", 1, "auto"), ("group LSTM", 1, "auto+graph"),
+        ("group LSTM", 4, "auto"), ("group LSTM", 4, "auto+graph")]
+    for _, run in cases:
+        run(), run(), run()
+    assert len(recorded) == 3  # the graph cases, each recorded once
+    proc = subprocess.run([sys.executable, "scripts/bench_layer.py", "--quick", "--graph"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and "--graph records CUDA graphs" in proc.stderr
 
 
 def test_bench_layer_two_pass_backend(monkeypatch):
@@ -287,18 +325,21 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = calls.read_text().splitlines()
-    assert len(ran) == 8, ran
+    assert len(ran) == 9, ran
     kernel_tests = "tests/test_triton_engine.py"
     assert ran[0].startswith("-m pytest") and ran[0].endswith(kernel_tests)
+    assert ran[1].startswith("-m pytest") and ran[1].endswith("tests/test_decode_graphs.py")
+    del ran[1]
     assert "--backend triton,triton+load,triton+resident,triton+load+resident,triton+perm" \
         in ran[1]
-    assert "--modes decode" in ran[2]
+    assert "--modes decode --graph" in ran[2]
     assert "--modes steps" in ran[3] and "--backend triton,triton+trainstep" in ran[3]
     assert "--cell gru" in ran[4] and "--cell rnn" in ran[5]
     assert ran[6].startswith("-m pytest") and ran[6].endswith("tests/test_gpu_training.py")
     assert ran[7].startswith("-m pytest") and ran[7].endswith(kernel_tests)
     logs = sorted(p.name for p in out.iterdir())
-    assert logs == sorted(["triton_tests_gpu.txt", "bench_layer_cuda_variants.txt",
+    assert logs == sorted(["triton_tests_gpu.txt", "decode_graphs_tests.txt",
+                           "bench_layer_cuda_variants.txt",
                            "bench_layer_cuda_decode.txt", "bench_layer_cuda_steps.txt",
                            "bench_layer_cuda_gru.txt", "bench_layer_cuda_rnn.txt",
                            "gpu_training_tests.txt", "triton_tests_rest.txt"])
@@ -330,7 +371,7 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not calls.exists()
     skipped = (out / "first_skipped.txt").read_text().splitlines()
-    assert len(skipped) == 8 and "triton_tests_gpu: not run" in skipped[0], skipped
+    assert len(skipped) == 9 and "triton_tests_gpu: not run" in skipped[0], skipped
 
 
 def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():

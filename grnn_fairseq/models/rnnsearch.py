@@ -11,6 +11,8 @@ Decoder, at every target position i (Bahdanau et al. 2015, Eq. 4-6):
 
 Group RNN models (Gao et al. 2018) are this model with --encoder-groups/--decoder-groups K.
 """
+import functools
+
 import torch
 from fairseq.models import (
     FairseqEncoder,
@@ -19,8 +21,10 @@ from fairseq.models import (
     register_model,
     register_model_architecture,
 )
+from fairseq.modules import FairseqDropout
 from torch import nn
 
+from .. import decode_graphs
 from ..attention import AdditiveAttention
 from ..recurrent import RecurrentStack, from_grouped, to_grouped
 from .common import (
@@ -215,6 +219,9 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         else:
             nn.init.uniform_(self.output_projection.weight, -0.1, 0.1)
         nn.init.zeros_(self.output_projection.bias)
+        # decoding from CUDA graphs (GRNN_DECODE_GRAPHS=1; made at the first graphed step)
+        self.step_graphs = None
+        self._dropouts = [m for m in self.modules() if isinstance(m, FairseqDropout)]
 
     def _initial_states(self, encoder_out):
         init = encoder_out["init"]  # s_0 for every layer
@@ -230,14 +237,25 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         cached = self.get_incremental_state(incremental_state, "states")
         if cached is None:
             return None
+        if "stacked" in cached:  # written by a graphed step
+            return self._unstack(cached["stacked"])
         n = 2 if self.rnn.cell == "lstm" else 1
         return [tuple(cached[f"{l}.{i}"] for i in range(n)) for l in range(self.rnn.num_layers)]
+
+    def _unstack(self, stacked):
+        """[L*n*K, B, m] (every layer's h, and c for the LSTM, one after the other) -> per
+        layer a tuple of [K, B, m] views."""
+        n = 2 if self.rnn.cell == "lstm" else 1
+        parts = stacked.split(self.rnn.groups)
+        return [tuple(parts[l * n:(l + 1) * n]) for l in range(self.rnn.num_layers)]
 
     def _set_cache(self, incremental_state, states):
         flat = {f"{l}.{i}": t for l, s in enumerate(states) for i, t in enumerate(s)}
         self.set_incremental_state(incremental_state, "states", flat)
 
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **unused):
+        if incremental_state is not None and self._graphs_apply(prev_output_tokens):
+            return self._graphed_step(prev_output_tokens[:, -1], encoder_out, incremental_state)
         x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
         return self.output_layer(x), {"attn": [attn]}
 
@@ -255,17 +273,82 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
         query = from_grouped(states[-1][0])  # s_{i-1}: the top layer's state
         for y in emb.unbind(0):
-            context, weights = self.attention(query, keys, values, pad, rows)
-            # the top layer's output is its new state s_i, already in [B, H] (no copy)
-            query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
+            query, states, context, weights = self._position(
+                y, query, states, keys, values, pad, rows, rnn_weights)
             tops.append(query)
             contexts.append(context)
             attns.append(weights)
         if incremental_state is not None:
             self._set_cache(incremental_state, states)
-        features = torch.cat([torch.stack(tops), emb, torch.stack(contexts)], dim=-1)
-        out = self.dropout_out(torch.tanh(self.readout(features)))
+        if len(tops) == 1:  # incremental decoding: views, not the copies of a stack
+            out = self._readout(tops[0].unsqueeze(0), emb, contexts[0].unsqueeze(0))
+            return out.transpose(0, 1), attns[0].unsqueeze(1)
+        out = self._readout(torch.stack(tops), emb, torch.stack(contexts))
         return out.transpose(0, 1), torch.stack(attns, dim=1)
+
+    def _position(self, y, query, states, keys, values, pad, rows, rnn_weights):
+        """One target position (Eq. 4-6 before the readout): y [B, E] the previous token's
+        embedding, query s_{i-1} [B, H] -> (s_i [B, H], new states, c_i [B, V], attention
+        weights [B, S])."""
+        context, weights = self.attention(query, keys, values, pad, rows)
+        # the top layer's output is its new state s_i, already in [B, H] (no copy)
+        query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
+        return query, states, context, weights
+
+    def _readout(self, tops, emb, contexts):
+        """t_i = tanh(W_o [s_i; E y_{i-1}; c_i]) (any leading dimensions)."""
+        return self.dropout_out(torch.tanh(self.readout(torch.cat([tops, emb, contexts], -1))))
+
+    # ------------------------------------------------------------ decoding from CUDA graphs
+    def _graphs_apply(self, tokens):
+        """Whether this incremental step replays a graph (:mod:`grnn_fairseq.decode_graphs`):
+        GRNN_DECODE_GRAPHS=1, generation (eval, no autograd, no dropout kept on), on the
+        device the graphs record on (CUDA)."""
+        if self.training or torch.is_grad_enabled() or not decode_graphs.enabled():
+            return False
+        if any(d.apply_during_inference and d.p > 0 for d in self._dropouts):
+            return False  # --retain-dropout: random masks every step, not a fixed graph
+        if self.step_graphs is None:
+            if tokens.device.type != "cuda":
+                return False
+            self.step_graphs = decode_graphs.StepGraphs()
+        return tokens.device.type == self.step_graphs.recorder.device_type
+
+    def _graphed_step(self, tokens, encoder_out, incremental_state):
+        """:meth:`forward` of one position, replayed from the graph of its shape bucket.
+        tokens: [B] the previous tokens -> as forward (logits [B, 1, V], attention)."""
+        cached = self.get_incremental_state(incremental_state, "states")
+        if cached is not None and "stacked" in cached:  # the step before was graphed too
+            stacked = cached["stacked"]
+        else:  # one tensor to copy in, not L*n
+            states = self._get_cache(incremental_state) or self._initial_states(encoder_out)
+            stacked = torch.cat([t for s in states for t in s])
+        values, keys = encoder_out["values"], encoder_out["keys"]
+        rows = encoder_out.get("rows_per_source", 1)
+        s, n = values.shape[:2]
+        if tokens.shape[0] != n * rows:
+            raise ValueError(f"decoder step: {tokens.shape[0]} rows for {n} sources of "
+                             f"{rows} rows each")
+        n_b, s_b = decode_graphs.source_bucket(n), decode_graphs.length_bucket(s)
+        fn = functools.partial(self._graph_fn, rows)
+        graph = self.step_graphs.get(
+            (n_b, s_b, rows, stacked.dtype, values.dtype, torch.is_autocast_enabled("cuda")),
+            lambda recorder: decode_graphs.StepGraph(recorder, fn, tokens, stacked,
+                                                     (values, keys), n_b, s_b, rows))
+        logits, attn, new = graph(tokens, stacked, (values, keys), encoder_out["padding_mask"])
+        self.set_incremental_state(incremental_state, "states", {"stacked": new})
+        return logits.unsqueeze(1), {"attn": [attn.unsqueeze(1)]}
+
+    def _graph_fn(self, rows, tokens, mask, stacked, values, keys):
+        """What a graph records: the step of :meth:`extract_features` for one position,
+        the output layer included (see decode_graphs.StepGraph)."""
+        states = self._unstack(stacked)
+        y = self.dropout_embed(self.embed_tokens(tokens))
+        query, states, context, weights = self._position(
+            y, from_grouped(states[-1][0]), states, keys, values, mask, rows,
+            self.rnn.step_weights())
+        logits = self.output_layer(self._readout(query, y, context))
+        return logits, weights, torch.cat([t for s in states for t in s])
 
     def output_layer(self, features, **unused):
         return self.output_projection(features)

@@ -25,47 +25,12 @@ os.environ["GRNN_BACKEND"] = "triton"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 from test_models import build_mt, prev_tokens, source_batch  # noqa: E402
 
 from grnn_fairseq.kernels import triton_rnn  # noqa: E402
-
-# operators that run no kernel on a GPU (views, allocations, metadata)
-NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze",
-             "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "expand",
-             "detach", "alias", "as_strided", "empty", "empty_like", "new_empty",
-             "new_empty_strided", "empty_strided", "unsafe_split", "_reshape_alias",
-             "lift_fresh", "promote_types", "is_same_size"}
-KERNELS = ("_decode_step", "_step_bwd", "_scan_fwd", "_scan_bwd")
-
-
-class Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class CountedKernel:
-    """A Triton kernel whose launches count as one operator each, run outside the
-    recorder (the interpreter's numpy work is not a launch)."""
-
-    def __init__(self, name, kernel, recorder):
-        self.name, self.kernel, self.recorder = name, kernel, recorder
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if self.recorder[0] is not None:
-                self.recorder[0].ops["triton:" + self.name] += 1
-            with _disable_current_modes():
-                return self.kernel[grid](*args, **kwargs)
-        return launch
-
+from launch_count import Recorder, count_triton_kernels, launches, NO_KERNEL  # noqa: E402
 
 def count(cell, groups, train_step, t_len):
     """-> (forward Counter, backward Counter) of one training forward + backward."""
@@ -101,13 +66,8 @@ def per_position(cell, groups, train_step):
     return out
 
 
-def launches(ops):
-    return sum(v for k, v in ops.items() if k not in NO_KERNEL)
-
-
 CURRENT = [None]
-for name in KERNELS:
-    setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), CURRENT))
+count_triton_kernels(CURRENT)
 
 print("per target position of RNNSearch's decoder in training (4 decoder layers,")
 print("rearrangement 'both', dropout on): operators with a GPU kernel (launches) / all")

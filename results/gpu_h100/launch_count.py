@@ -1,0 +1,59 @@
+"""Counting kernel launches without a GPU (results/gpu_h100/step_launches.py,
+decode_launches.py): the model runs on the CPU with the CUDA code path (GRNN_BACKEND=triton,
+the Triton kernels in Triton's interpreter), every operator that reaches the dispatcher is
+recorded, and each Triton kernel launch counts as one operator (the interpreter's own work
+is not recorded).  Launches = operators that run a kernel on a GPU; views, allocations and
+other metadata operators (``NO_KERNEL``) are not launches."""
+import collections
+
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from grnn_fairseq.kernels import triton_rnn
+
+# operators that run no kernel on a GPU (views, allocations, metadata)
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze",
+             "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "expand",
+             "detach", "alias", "as_strided", "empty", "empty_like", "new_empty",
+             "new_empty_strided", "empty_strided", "unsafe_split", "_reshape_alias",
+             "lift_fresh", "promote_types", "is_same_size"}
+KERNELS = ("_decode_step", "_step_bwd", "_scan_fwd", "_scan_bwd")
+
+
+class Recorder(TorchDispatchMode):
+    """Counts the operators dispatched while it is on, by name, in ``ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountedKernel:
+    """A Triton kernel whose launches count as one operator each, run outside the
+    recorder (the interpreter's numpy work is not a launch)."""
+
+    def __init__(self, name, kernel, recorder):
+        self.name, self.kernel, self.recorder = name, kernel, recorder
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.recorder[0] is not None:
+                self.recorder[0].ops["triton:" + self.name] += 1
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def launches(ops):
+    """The launches among counted operators."""
+    return sum(v for k, v in ops.items() if k not in NO_KERNEL)
+
+
+def count_triton_kernels(current):
+    """Replace the Triton kernels of ``triton_rnn`` with :class:`CountedKernel`s that count
+    into ``current[0]`` (a Recorder, or None: not counted)."""
+    for name in KERNELS:
+        setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), current))
