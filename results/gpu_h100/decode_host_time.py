@@ -13,7 +13,6 @@ change it (one at a time).  From the repository root:
 
     OMP_NUM_THREADS=1 python results/gpu_h100/decode_host_time.py
 """
-import contextlib
 import os
 import statistics
 import sys
@@ -28,16 +27,11 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 from test_models import SRC_V, TGT_V, build_mt, make_dict, source_batch  # noqa: E402
 
-from grnn_fairseq import decode_graphs, engine  # noqa: E402
-from grnn_fairseq.kernels import triton_rnn  # noqa: E402
+from grnn_fairseq import decode_graphs  # noqa: E402
+from launch_count import cuda_path, no_launches  # noqa: E402
 
 LENGTH, BEAM, ROUNDS = 20, 5, 15
 WIDE = ["--encoder-layers", "4", "--decoder-layers", "4"]
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 class NoReplay:
@@ -108,25 +102,7 @@ def make_case(cell, groups, graphs):
     return run
 
 
-ENGINE = (engine.resolve_backend, engine._interpreting)
-
-
-@contextlib.contextmanager
-def cuda_path(on=True):
-    """The decoder's layers take the Triton step on CPU tensors (with on), as on a GPU."""
-    saved = (engine.resolve_backend, engine._interpreting)
-    if on:
-        engine.resolve_backend = lambda *args, **kwargs: "triton"
-        engine._interpreting = lambda: True  # let fused_step take CPU tensors
-    else:
-        engine.resolve_backend, engine._interpreting = ENGINE
-    try:
-        yield
-    finally:
-        engine.resolve_backend, engine._interpreting = saved
-
-
-triton_rnn._decode_step = _NoLaunch()
+no_launches()
 CONFIGS = [(cell, k) for cell in ("lstm", "gru") for k in (1, 4)]
 with torch.no_grad(), cuda_path():
     # every case once per round, round-robin, so that the machine's drifts hit all alike

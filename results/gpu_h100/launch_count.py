@@ -1,13 +1,21 @@
-"""Counting kernel launches without a GPU (results/gpu_h100/step_launches.py,
-decode_launches.py): the model runs on the CPU with the CUDA code path (GRNN_BACKEND=triton,
+"""Counting kernel launches and timing host work without a GPU.
+
+Launches (results/gpu_h100/step_launches.py, decode_launches.py): the model runs on the CPU with the CUDA code path (GRNN_BACKEND=triton,
 the Triton kernels in Triton's interpreter), every operator that reaches the dispatcher is
 recorded, and each Triton kernel launch counts as one operator (the interpreter's own work
 is not recorded).  Launches = operators that run a kernel on a GPU; views, allocations and
-other metadata operators (``NO_KERNEL``) are not launches."""
+other metadata operators (``NO_KERNEL``) are not launches.
+
+Host time (decode_host_time.py): :func:`cuda_path` sends the layers to
+the Triton engine's host code on CPU tensors, and :func:`no_launches` makes its launches
+no-ops, so what is timed is what the host spends around them.
+"""
 import collections
+import contextlib
 
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from grnn_fairseq import engine
 from grnn_fairseq.kernels import triton_rnn
 
 # operators that run no kernel on a GPU (views, allocations, metadata)
@@ -57,3 +65,35 @@ def count_triton_kernels(current):
     into ``current[0]`` (a Recorder, or None: not counted)."""
     for name in KERNELS:
         setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), current))
+
+
+class NoLaunch:
+    """A Triton kernel whose launches do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def no_launches():
+    """Make every Triton kernel of ``triton_rnn`` a no-op."""
+    for name in KERNELS:
+        setattr(triton_rnn, name, NoLaunch())
+
+
+_ENGINE = (engine.resolve_backend, engine._interpreting)
+
+
+@contextlib.contextmanager
+def cuda_path(on=True):
+    """With ``on``, layer steps take the Triton engine's host path on CPU tensors, as on a
+    GPU (scans do not: run encoders outside); without, the engine as it is."""
+    saved = (engine.resolve_backend, engine._interpreting)
+    if on:
+        engine.resolve_backend = lambda *args, **kwargs: "triton"
+        engine._interpreting = lambda: True  # let fused_step take CPU tensors
+    else:
+        engine.resolve_backend, engine._interpreting = _ENGINE
+    try:
+        yield
+    finally:
+        engine.resolve_backend, engine._interpreting = saved
