@@ -127,9 +127,9 @@ class StepGraph:
 
     ``fn(tokens [R], mask [S', N'], states [X, R, m], *sources [S', N', ...])`` -> (logits
     [R, V], attention [R, S'], new states [X, R, m]) is recorded on this graph's own input
-    tensors, with R = N' rows, N' = ``n_sources`` * ``rows`` and S' = ``length``: the
-    decoder's step on every state stacked along the first dimension and the encoder
-    outputs ``sources`` (values, keys), which the mask marks True where padded."""
+    tensors, with N' = ``n_sources``, S' = ``length`` and R = N' * ``rows``: the decoder's
+    step, on its states stacked along the first dimension and on the encoder outputs
+    ``sources`` (values, keys), where the mask marks padding True."""
 
     def __init__(self, recorder, fn, tokens, states, sources, n_sources, length, rows):
         r = n_sources * rows

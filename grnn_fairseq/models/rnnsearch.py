@@ -330,11 +330,11 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
             raise ValueError(f"decoder step: {tokens.shape[0]} rows for {n} sources of "
                              f"{rows} rows each")
         n_b, s_b = decode_graphs.source_bucket(n), decode_graphs.length_bucket(s)
-        fn = functools.partial(self._graph_fn, rows)
         graph = self.step_graphs.get(
             (n_b, s_b, rows, stacked.dtype, values.dtype, torch.is_autocast_enabled("cuda")),
-            lambda recorder: decode_graphs.StepGraph(recorder, fn, tokens, stacked,
-                                                     (values, keys), n_b, s_b, rows))
+            lambda recorder: decode_graphs.StepGraph(
+                recorder, functools.partial(self._graph_fn, rows), tokens, stacked,
+                (values, keys), n_b, s_b, rows))
         logits, attn, new = graph(tokens, stacked, (values, keys), encoder_out["padding_mask"])
         self.set_incremental_state(incremental_state, "states", {"stacked": new})
         return logits.unsqueeze(1), {"attn": [attn.unsqueeze(1)]}
