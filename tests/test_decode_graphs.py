@@ -23,13 +23,17 @@ CUDA = torch.cuda.is_available()
 
 class NoHostSync(TorchDispatchMode):
     """Fails on the operators that read a tensor's value on the host (``.item()``,
-    ``bool(t)``, ``torch.equal``): a CUDA graph cannot record them."""
+    ``bool(t)``, ``torch.equal``) or make a tensor of host data (``torch.tensor(list)``,
+    a copy from the host on a GPU): a CUDA graph cannot record them."""
 
     SYNCS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
+    FROM_HOST = {"aten::lift_fresh", "aten::lift_fresh_copy"}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in self.SYNCS:
             raise AssertionError(f"{func._schema.name}: a host synchronisation in a graph")
+        if func._schema.name in self.FROM_HOST:
+            raise AssertionError(f"{func._schema.name}: a tensor of host data in a graph")
         return func(*args, **(kwargs or {}))
 
 
@@ -99,10 +103,18 @@ def test_bad_switch_values_are_refused_by_name(name, value, monkeypatch):
         decode_graphs.enabled() if name == "GRNN_DECODE_GRAPHS" else decode_graphs.graph_limit()
 
 
-def test_the_fake_recorder_refuses_a_host_synchronisation():
+def test_the_fake_recorder_refuses_what_a_graph_cannot_record():
     x = torch.ones(3)
     with pytest.raises(AssertionError, match="host synchronisation"):
         FakeRecorder().record(lambda t: (t * float(t.sum().item()),), (x,))
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        FakeRecorder().record(lambda t: (t * 2 if bool(t.any()) else t,), (x,))
+    with pytest.raises(AssertionError, match="host data"):
+        FakeRecorder().record(lambda t: (t + torch.tensor([1.0, 2.0, 3.0]),), (x,))
+    outputs, replay = FakeRecorder().record(lambda t: (t * 2,), (x,))
+    x.fill_(3)
+    replay()
+    assert outputs[0].tolist() == [6.0, 6.0, 6.0]  # a replay reads the inputs in place
 
 
 # --------------------------------------------------------------------------- beam search
