@@ -122,8 +122,9 @@ def test_the_fake_recorder_refuses_what_a_graph_cannot_record():
                                               ("lstm", 4, 0.0), ("rnn", 2, 0.0)])
 def test_beam_search_with_graphs_equals_eager(cell, groups, rate, monkeypatch):
     """fairseq's beam search (beam 5; sentences of different source lengths, left-padded,
-    finishing at different steps, so the batch shrinks through several buckets and the
-    encoder outputs change mid-search) gives the same hypotheses, scores and attention."""
+    finishing at different steps, so the batch shrinks, across buckets where it shrinks
+    enough, and the encoder outputs change mid-search) gives the same hypotheses, scores
+    and attention."""
     _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
     max_len = 12
     model = _model_with_varied_lengths(cell, groups, rate, src, lengths, max_len)
