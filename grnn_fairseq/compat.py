@@ -277,9 +277,9 @@ _DDP_MODULES = weakref.WeakSet()   # the DDP wrappers made through _ddp_on_cpu
 def _destroy_gloo_group():
     """At exit: destroy the default process group if it is gloo's, so that its worker
     threads are joined while the interpreter is alive.  A DDP wrapper holds the group (as
-    ``process_group``, and through its reducer and logger): these are released first, and a garbage collection frees the
-    trainer and wrappers fairseq left in reference cycles, so that destroying the group
-    frees it here and not during finalisation.  Other backends are left as they are:
+    ``process_group``, and through its reducer and logger): these are released first, and
+    a garbage collection frees the trainer and wrappers fairseq left in reference cycles,
+    so that destroying the group frees it here and not during finalisation.  Other backends are left as they are:
     destroying an NCCL group waits for its pending work, which could hang a rank whose
     peers have died, where exiting without it does not."""
     dist = torch.distributed

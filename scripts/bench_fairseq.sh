@@ -92,10 +92,14 @@ for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup" 
   fi
 done
 
+engines="$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -c \
+  'from grnn_fairseq.engine import BACKENDS; print("|".join(BACKENDS))' 2>/dev/null)" || {
+  echo "bench_fairseq.sh: $py cannot import grnn_fairseq (run scripts/setup-env.sh, or set" \
+    "PYTHON to an environment that has it)" >&2; exit 2; }
 for backend in $backends; do  # X, X+trainstep, X+graphs, X+trainstep+graphs
-  if [[ ! "$backend" =~ ^[a-z]+(\+(trainstep|graphs))*$ ]]; then
-    echo "--backends: $backend: expected an engine backend, optionally followed by" \
-      "+trainstep and/or +graphs (e.g. auto+trainstep+graphs)" >&2; exit 2
+  if [[ ! "$backend" =~ ^($engines)(\+(trainstep|graphs))*$ ]]; then
+    echo "--backends: $backend: expected an engine backend ($engines), optionally" \
+      "followed by +trainstep and/or +graphs (e.g. auto+trainstep+graphs)" >&2; exit 2
   fi
 done
 

@@ -111,9 +111,12 @@ def test_bench_fairseq_variant_backends(tmp_path):
             "GRNN_TRITON_TRAIN_STEP=1 GRNN_DECODE_GRAPHS=1)") in out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("rnnsearch.")]
     assert rows == ["rnnsearch.auto", "rnnsearch.auto+trainstep+graphs"], out
-    bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", "auto auto+graph"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--backends: auto+graph: expected" in bad.stderr
+    for wrong in ("auto+graph", "tritn+graphs"):
+        bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", f"auto {wrong}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2, bad.stderr
+        assert (f"--backends: {wrong}: expected an engine backend "
+                "(auto|reference|torch|cpp|triton)") in bad.stderr
 
 
 @pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length"])
