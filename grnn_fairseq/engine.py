@@ -113,15 +113,48 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
     return POINTWISE[cell](gx_t, gh, state)
 
 
+class StepWeights(tuple):
+    """A layer's (w_ih, w_hh, b_ih, b_hh) for the fused training steps of one sequence,
+    with ``grads``, the :class:`~grnn_fairseq.kernels.triton_rnn.WeightGrads` its steps
+    fill (see :func:`step_weights`)."""
+
+    grads = None
+
+
+def step_weights(weights, cell, backend=None):
+    """A layer's assembled weights (w_ih, w_hh, b_ih, b_hh), for the steps of one
+    sequence.  Where those steps are fused training steps (:func:`fused_step` with
+    autograd: the triton backend, GRNN_TRITON_TRAIN_STEP=1), a :class:`StepWeights` whose
+    weight gradients are computed once for the whole sequence rather than per step and
+    summed (:class:`~grnn_fairseq.kernels.triton_rnn._SequenceWeights`); otherwise the
+    weights as they are."""
+    w_hh = weights[1]
+    if (cell not in CELLS["triton"] or (w_hh.device.type != "cuda" and not _interpreting())
+            or not torch.is_grad_enabled() or not _any_requires_grad(*weights)):
+        return weights
+    from .kernels import triton_rnn
+
+    amp = autocast_dtype(w_hh.device.type)
+    dtype = amp if amp is not None else w_hh.dtype
+    if (not triton_rnn.train_step_on()
+            or resolve_backend(backend, cell, w_hh.device, dtype) != "triton"):
+        return weights
+    assembled, grads = triton_rnn.sequence_weights(cell, dtype, *weights)
+    out = StepWeights(assembled)
+    out.grads = grads
+    return out
+
+
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
-               backend=None):
+               backend=None, grads=None):
     """One step of a whole layer in one launch (input projection, recurrence and cell
     fused), on the ``triton`` backend: every cell without autograd (decoding); with
     autograd where GRNN_TRITON_TRAIN_STEP=1
     (:class:`~grnn_fairseq.kernels.triton_rnn._TritonStep`: its backward is one launch for
     the cell and the products with the weights).  x_t: [B, I]; state: tuple of [K, B, m];
-    weights as in :func:`project_input` and :func:`scan`.  -> (out [B, K*m], new state),
-    or None (then use project_input + recurrent_step)."""
+    weights as in :func:`project_input` and :func:`scan`; grads: the ``grads`` of the
+    :class:`StepWeights` they came from, or None.  -> (out [B, K*m], new state), or None
+    (then use project_input + recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
     if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()):
         return None
@@ -138,12 +171,14 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
     from .kernels import triton_rnn
 
     step = triton_rnn.step_triton_train if grad else triton_rnn.step_triton
+    extra = {"grads": grads} if grad else {}
     if amp is None:  # the common case, kept cheap: this runs once per layer and token
-        return step(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle)
+        return step(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle,
+                    **extra)
     with torch.autocast(x_t.device.type, enabled=False):
         return step(cell, x_t.to(amp), tuple(s.to(amp) for s in state),
                     *(t.to(amp) for t in (weight_ih, bias_ih, weight_hh, bias_hh)),
-                    time_shuffle)
+                    time_shuffle, **extra)
 
 
 def _any_requires_grad(*tensors):

@@ -89,12 +89,13 @@ class RecurrentLayer(nn.Module):
 
     def step(self, x_t, state, weights=None):
         """One step of a unidirectional layer (incremental decoding).
-        x_t: [B, I]; state: tuple of [K, B, m]; weights: this layer's assembled weights
-        (``self.directions[0]()``, computed once for many steps) or None
+        x_t: [B, I]; state: tuple of [K, B, m]; weights: this layer's entry of
+        ``RecurrentStack.step_weights()`` (computed once for many steps) or None
         -> (h_t [B, H], new state)."""
         w_ih, w_hh, b_ih, b_hh = weights if weights is not None else self.directions[0]()
         fused = engine.fused_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
-                                  self.time_shuffle, self.backend)
+                                  self.time_shuffle, self.backend,
+                                  getattr(weights, "grads", None))
         if fused is not None:
             return fused
         gx = engine.project_input(x_t, w_ih, b_ih)
@@ -244,9 +245,11 @@ class RecurrentStack(nn.Module):
         return rearrange(x, self.groups) if self.layer_shuffle else x
 
     def step_weights(self):
-        """Every layer's assembled weights, for :meth:`step`: a loop over time steps gathers
-        the restricted pools once instead of at every step."""
-        return [layer.directions[0]() for layer in self.layers]
+        """Every layer's assembled weights, for :meth:`step` over one sequence: a loop over
+        time steps gathers the restricted pools once instead of at every step, and fused
+        training steps compute their weight gradients once (``engine.step_weights``)."""
+        return [engine.step_weights(layer.directions[0](), layer.cell, layer.backend)
+                for layer in self.layers]
 
     def step(self, x_t, states, weights=None):
         """One time step of a unidirectional stack (incremental decoding).

@@ -203,8 +203,9 @@ def make_cases(args, mode, device, dtype):
         def run_steps(stack, states):
             def run():
                 s, outs = states, []
+                weights = stack.step_weights()  # once per sequence, as RNNSearch's decoder
                 for x_t in xs.detach().requires_grad_():
-                    out, s = stack.step(x_t, s)
+                    out, s = stack.step(x_t, s, weights)
                     outs.append(out)
                 torch.stack(outs).backward(grad_steps)
             return run

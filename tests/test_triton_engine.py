@@ -9,6 +9,7 @@ fused decoding step against the reference step.  On a GPU (scripts/gpu-checks.sh
 the same tests run compiled, plus grids of many programs meeting at the time-step
 barriers.
 """
+import copy
 import importlib
 import os
 import sys
@@ -297,20 +298,26 @@ def test_decode_step_is_one_launch(monkeypatch):
         stack.step(x, states)
 
 
-def _steps_with_grad(stack, xs, start, upstream):
+def _steps_with_grad(stack, xs, start, upstream, sequence=False):
     """Run ``stack.step`` over xs with autograd from the states ``start`` -> (outputs,
     final states, gradients of x, every parameter and the initial states) of the loss
-    sum(outputs * upstream[0]) + sum(final states * upstream[1:])."""
+    sum(outputs * upstream[0]) + sum(final states * upstream[1:]).  sequence: the steps
+    take ``stack.step_weights()`` (as RNNSearch's decoder does), and the loss also has a
+    term of the first layer's weights themselves, so they have gradients from elsewhere
+    too (0.01 * the sum of their squares)."""
     states = [tuple(t.detach().clone().requires_grad_() for t in s) for s in start]
     xs = xs.detach().requires_grad_()
+    weights = stack.step_weights() if sequence else None
     cur, outs = states, []
     for x in xs:
-        out, cur = stack.step(x, cur)
+        out, cur = stack.step(x, cur, weights)
         outs.append(out)
     out = torch.stack(outs)
     loss = (out * upstream[0]).sum()
     for s in cur:
         loss = loss + sum((t * u).sum() for t, u in zip(s, upstream[1:]))
+    if sequence:
+        loss = loss + 0.01 * sum(w.float().square().sum() for w in weights[0])
     inputs = [xs] + list(stack.parameters()) + [t for s in states for t in s]
     return out, cur, torch.autograd.grad(loss, inputs)
 
@@ -330,14 +337,17 @@ def test_training_step_matches_reference(monkeypatch, cell, k, rearr, rate):
     gradients of the input, every weight and bias (the restricted pool's too) and the
     initial states; 2 layers, 3 steps (the states feed back, and their gradients flow
     through every step), several batch and unit tiles (B = 37, m = 40), every
-    rearrangement.  The training step must have run at every layer and step."""
+    rearrangement.  The training step must have run at every layer and step.  Both ways
+    of giving it the weights: per step (each step's weight gradients summed by autograd),
+    and ``step_weights()`` for the sequence (every step handing its part over to one
+    product per weight after the last; the weights with gradients from elsewhere too)."""
     from grnn_fairseq.kernels import triton_rnn
 
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
     calls = []
     real = triton_rnn._TritonStep.apply
     monkeypatch.setattr(triton_rnn._TritonStep, "apply",
-                        lambda *a: calls.append(a[:2]) or real(*a))
+                        lambda *a: calls.append(a[:2] + (a[2] is not None,)) or real(*a))
     torch.manual_seed(k)
     width, b = 40 * k, 37
     ref = RecurrentStack(width, width, num_layers=2, cell=cell, groups=k, rearrangement=rearr,
@@ -349,19 +359,45 @@ def test_training_step_matches_reference(monkeypatch, cell, k, rearr, rate):
     start = [tuple(torch.randn_like(t) for t in s[0]) for s in ref.zero_state(b, xs)]
     upstream = [torch.randn(3, b, width, device=DEVICE)] + [
         torch.randn(k, b, width // k, device=DEVICE) for _ in range(2)]
-    (o_ref, s_ref, g_ref), (o_fused, s_fused, g_fused) = (
-        _steps_with_grad(stack, xs, start, upstream) for stack in (ref, fused))
     time_shuffle = k > 1 and rearr in ("time", "both")
-    assert calls == [(cell, time_shuffle)] * 6
-    torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
-    for a, b_ in zip(s_ref, s_fused):
-        for x, y in zip(a, b_):
-            torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
     states = ["h0", "c0", "h0'", "c0'"] if cell == "lstm" else ["h0", "h0'"]
     names = ["x"] + [n for n, _ in ref.named_parameters()] + states
-    assert len(g_ref) == len(names)
-    for name, a, b_ in zip(names, g_ref, g_fused):
-        torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for sequence in (False, True):
+        calls.clear()
+        (o_ref, s_ref, g_ref), (o_fused, s_fused, g_fused) = (
+            _steps_with_grad(stack, xs, start, upstream, sequence) for stack in (ref, fused))
+        assert calls == [(cell, time_shuffle, sequence)] * 6
+        torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
+        for a, b_ in zip(s_ref, s_fused):
+            for x, y in zip(a, b_):
+                torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
+        assert len(g_ref) == len(names)
+        for name, a, b_ in zip(names, g_ref, g_fused):
+            torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"sequence={sequence}, {name}: {m}")
+
+
+def test_sequence_weights_gradients_per_backward(monkeypatch):
+    """Each backward through the steps of a sequence computes the weight gradients of its
+    own steps once: a second backward through the same graph (retain_graph) adds the
+    same gradients again, and nothing of the first is counted twice."""
+    from grnn_fairseq.kernels import triton_rnn
+
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
+    torch.manual_seed(0)
+    stack = RecurrentStack(16, 16, num_layers=2, groups=2, backend="triton").to(DEVICE)
+    weights = stack.step_weights()
+    assert all(w.grads is not None for w in weights)
+    x = torch.randn(5, 16, device=DEVICE)
+    states = [s[0] for s in stack.zero_state(5, x)]
+    for _ in range(3):
+        out, states = stack.step(x, states, weights)
+    out.square().sum().backward(retain_graph=True)
+    once = [p.grad.clone() for p in stack.parameters()]
+    out.square().sum().backward()
+    for p, g in zip(stack.parameters(), once):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, 2 * g)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -388,7 +424,7 @@ def test_training_step_reads_gradients_through_their_strides(cell):
                                          p["b_hh"].unsqueeze(1), cell, shuffle,
                                          backend="reference")
         want = torch.autograd.grad([from_grouped(h)] + list(state), inputs, upstream)
-        outs = triton_rnn._TritonStep.apply(cell, shuffle, *inputs)
+        outs = triton_rnn._TritonStep.apply(cell, shuffle, None, *inputs)
         got = torch.autograd.grad(list(outs), inputs, upstream)
         for name, a, b_ in zip(names, want, got):
             torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4,
@@ -414,28 +450,31 @@ def test_training_step_half_precision_and_autocast(monkeypatch, cell, dtype):
     start = [tuple(torch.randn_like(t) * 0.5 for t in s[0]) for s in ref.zero_state(20, xs)]
     upstream = [torch.randn(4, 20, 32, device=DEVICE)] + [
         torch.randn(4, 20, 8, device=DEVICE) for _ in range(2)]
-    o_ref, _, g_ref = _steps_with_grad(ref, xs, start, upstream)
-    with torch.autocast(DEVICE, dtype=dtype):
-        o_amp, _, g_amp = _steps_with_grad(fused, xs, start, upstream)
-    assert o_amp.dtype == dtype
-    assert all(g.dtype == torch.float32 for g in g_amp)
-    half = fused.to(dtype)
-    o_half, _, g_half = _steps_with_grad(
-        half, xs.to(dtype), [tuple(t.to(dtype) for t in s) for s in start],
-        [u.to(dtype) for u in upstream])
-    assert all(g.dtype == dtype for g in g_half)
-    for out, grads in ((o_amp, g_amp), (o_half, g_half)):
-        torch.testing.assert_close(out.float(), o_ref, atol=3e-2, rtol=3e-2)
-        for a, b_ in zip(g_ref, grads):
-            scale = a.abs().max().clamp(min=1.0)
-            torch.testing.assert_close(b_.float() / scale, a / scale, atol=3e-2, rtol=3e-2)
+    for sequence in (False, True):   # the weights per step, or for the sequence
+        o_ref, _, g_ref = _steps_with_grad(ref, xs, start, upstream, sequence)
+        with torch.autocast(DEVICE, dtype=dtype):
+            o_amp, _, g_amp = _steps_with_grad(fused, xs, start, upstream, sequence)
+        assert o_amp.dtype == dtype
+        assert all(g.dtype == torch.float32 for g in g_amp)
+        half = copy.deepcopy(fused).to(dtype)
+        o_half, _, g_half = _steps_with_grad(
+            half, xs.to(dtype), [tuple(t.to(dtype) for t in s) for s in start],
+            [u.to(dtype) for u in upstream], sequence)
+        assert all(g.dtype == dtype for g in g_half)
+        for out, grads in ((o_amp, g_amp), (o_half, g_half)):
+            torch.testing.assert_close(out.float(), o_ref, atol=3e-2, rtol=3e-2)
+            for a, b_ in zip(g_ref, grads):
+                scale = a.abs().max().clamp(min=1.0)
+                torch.testing.assert_close(b_.float() / scale, a / scale, atol=3e-2,
+                                           rtol=3e-2)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_rnnsearch_trains_with_the_training_step(monkeypatch, cell):
     """RNNSearch on the triton backend (encoder: the persistent scans; decoder, trained
-    step by step: the training step at every layer and target position) gives the
-    reference backend's loss and gradients."""
+    step by step: the training step at every layer and target position, with the weight
+    gradients computed once for the sequence) gives the reference backend's loss and
+    gradients."""
     from test_models import build_mt, prev_tokens, source_batch
 
     from grnn_fairseq.kernels import triton_rnn
@@ -444,7 +483,7 @@ def test_rnnsearch_trains_with_the_training_step(monkeypatch, cell):
     calls = []
     real = triton_rnn._TritonStep.apply
     monkeypatch.setattr(triton_rnn._TritonStep, "apply",
-                        lambda *a: calls.append(1) or real(*a))
+                        lambda *a: calls.append(a[2] is not None) or real(*a))
     _, src, lengths = source_batch()
     prev = prev_tokens(src.shape[0], 5)
     results = []
@@ -455,7 +494,7 @@ def test_rnnsearch_trains_with_the_training_step(monkeypatch, cell):
         loss = torch.log_softmax(logits, -1).sum()
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    assert len(calls) == 2 * 5   # decoder layers x target positions, triton only
+    assert calls == [True] * 2 * 5   # decoder layers x target positions, triton only
     (l_ref, g_ref), (l_tri, g_tri) = results
     torch.testing.assert_close(l_tri, l_ref, atol=1e-4, rtol=1e-5)
     assert g_ref.keys() == g_tri.keys()

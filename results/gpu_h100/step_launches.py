@@ -11,7 +11,9 @@ recorded, and each Triton kernel counts as one launch (the interpreter's own wor
 recorded).  Launches = operators that run a kernel on a GPU: views, allocations and other
 metadata operators are listed apart.
 
-Counts per target position are the difference between 10 and 5 target positions, / 5.
+Counts per target position are the difference between 10 and 5 target positions, / 5
+(work done once per sentence batch, such as the weight gradients of the fused training
+step, computed once for all positions, is left out).
 The sizes do not change the counts: WMT14-like depth (4 layers each side) at width 32.
 
     python results/gpu_h100/step_launches.py > results/gpu_h100/step_launches.txt
