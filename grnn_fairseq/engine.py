@@ -61,9 +61,13 @@ def project_input(x, weight_ih, bias_ih):
     """Input projections of every position at once.
 
     x: [N, I]  weight_ih: [K, G*m, I/K]  bias_ih: [K, G*m]  ->  [K, N, G*m]
+    K = 1 with autograd also takes the batched product (of one): its weight gradient is
+    [1, G*m, I] as it is, where selecting the matrix would zero-fill and copy the whole
+    weight in the backward, once per target position of a decoder trained step by step
+    (results/cpu_projection_ab.txt).
     """
     k = weight_ih.shape[0]
-    if k == 1:
+    if k == 1 and not (weight_ih.requires_grad and torch.is_grad_enabled()):
         return torch.addmm(bias_ih[0], x, weight_ih[0].t()).unsqueeze(0)
     xk = x.view(x.shape[0], k, -1).transpose(0, 1)  # [K, N, I/K]
     return torch.baddbmm(bias_ih.unsqueeze(1), xk, weight_ih.transpose(1, 2))
