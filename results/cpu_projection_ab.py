@@ -10,19 +10,15 @@ that both give the same gradients.
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from fairseq import options, tasks, utils
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+from debian_training_setup import training_setup
+
 arch = sys.argv[1]
-args = options.parse_args_and_arch(options.get_training_parser(), [
-    str(ROOT / "data-bin/debian/deen/data-bin"), "--user-dir", str(ROOT / "grnn_fairseq"),
-    "--arch", arch, "--task", "translation", "-s", "de", "-t", "en", "--cpu"] + sys.argv[2:])
-utils.import_user_module(args)
-from grnn_fairseq import engine  # noqa: E402  (after the plugin's import)
+task, model, opt, batches = training_setup(arch, sys.argv[2:], 35, lr=1e-4)
+from grnn_fairseq import engine  # noqa: E402  (imported by the setup, as the plugin)
 
 batched = engine.project_input
 
@@ -32,16 +28,6 @@ def selected(x, weight_ih, bias_ih):
     if weight_ih.shape[0] == 1:
         return torch.addmm(bias_ih[0], x, weight_ih[0].t()).unsqueeze(0)
     return batched(x, weight_ih, bias_ih)
-
-
-task = tasks.setup_task(args)
-task.load_dataset("train")
-torch.manual_seed(0)
-model = task.build_model(args).train()
-opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-batches = task.get_batch_iterator(task.dataset("train"), max_tokens=1000, seed=1
-                                  ).next_epoch_itr(shuffle=True)
-batches = [next(batches) for _ in range(35)]
 
 
 def step(b, fn, update=True):

@@ -6,26 +6,14 @@ Real batches of the Debian De-En corpus (at most 1,000 tokens), 5 untimed, 40 ti
 """
 import sys
 import time
-from pathlib import Path
 
 import torch
-from fairseq import options, tasks, utils
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+from debian_training_setup import training_setup
+
 arch = sys.argv[1]
-args = options.parse_args_and_arch(options.get_training_parser(), [
-    str(ROOT / "data-bin/debian/deen/data-bin"), "--user-dir", str(ROOT / "grnn_fairseq"),
-    "--arch", arch, "--task", "translation", "-s", "de", "-t", "en", "--cpu"] + sys.argv[2:])
-utils.import_user_module(args)
-task = tasks.setup_task(args)
-task.load_dataset("train")
-torch.manual_seed(0)
-model = task.build_model(args).train()
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-batches = task.get_batch_iterator(task.dataset("train"), max_tokens=1000, seed=1
-                                  ).next_epoch_itr(shuffle=True)
-batches = [next(batches) for _ in range(45)]
+task, model, opt, batches = training_setup(arch, sys.argv[2:], 45)
 parts = dict.fromkeys(("encoder", "decoder", "output+loss", "backward", "adam"), 0.0)
 
 
