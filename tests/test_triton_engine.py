@@ -380,7 +380,9 @@ def test_training_step_matches_reference(monkeypatch, cell, k, rearr, rate):
 def test_sequence_weights_gradients_per_backward(monkeypatch):
     """Each backward through the steps of a sequence computes the weight gradients of its
     own steps once: a second backward through the same graph (retain_graph) adds the
-    same gradients again, and nothing of the first is counted twice."""
+    same gradients again, and nothing of the first is counted twice; a backward that
+    does not ask for the weights' gradients (autograd.grad of the input) leaves nothing
+    behind for the next."""
     from grnn_fairseq.kernels import triton_rnn
 
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
@@ -388,10 +390,12 @@ def test_sequence_weights_gradients_per_backward(monkeypatch):
     stack = RecurrentStack(16, 16, num_layers=2, groups=2, backend="triton").to(DEVICE)
     weights = stack.step_weights()
     assert all(w.grads is not None for w in weights)
-    x = torch.randn(5, 16, device=DEVICE)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
     states = [s[0] for s in stack.zero_state(5, x)]
     for _ in range(3):
         out, states = stack.step(x, states, weights)
+    torch.autograd.grad(out.square().sum(), [x], retain_graph=True)
+    assert all(p.grad is None for p in stack.parameters())
     out.square().sum().backward(retain_graph=True)
     once = [p.grad.clone() for p in stack.parameters()]
     out.square().sum().backward()

@@ -1383,6 +1383,8 @@ class _TritonStep(torch.autograd.Function):
         # what the cell's backward reads of the previous state: the LSTM c, the GRU h
         ctx.save_for_backward(x, c if lstm else h, w_ih, w_hh, acts, operand)
         ctx.cell, ctx.shuffle, ctx.grads = cell, shuffle, grads
+        # _SequenceWeights' node (the weights' grad_fn), which the backward asks about
+        ctx.weights_node = None if grads is None else weight_ih.grad_fn
         return (out, h_new, c_new) if lstm else (out, h_new)
 
     @staticmethod
@@ -1420,8 +1422,11 @@ class _TritonStep(torch.autograd.Function):
                 torch.bmm(dgh, w_hh, out=positions)
             # unit k*m + j <- operand position j*K + k
             d_h_prev = flat.view(b, m, k).permute(2, 0, 1) if shuffle else positions
-        if ctx.grads is not None:  # the weight gradients: once for the whole sequence
-            ctx.grads.add(dg, dgh if gru else None, x, operand)
+        if ctx.grads is not None:  # the weight gradients: once for the whole sequence,
+            # by _SequenceWeights, if this backward computes them at all (not, e.g., in
+            # autograd.grad of the inputs only: what that handed over would count twice)
+            if torch._C._will_engine_execute_node(ctx.weights_node):
+                ctx.grads.add(dg, dgh if gru else None, x, operand)
             need = need[:3] + (False,) * 4 + need[7:]
         if need[3]:
             d_w_ih = torch.bmm(dg.transpose(1, 2), x.view(b, k, mi).transpose(0, 1))
