@@ -11,6 +11,12 @@ v^T tanh(W s_{i-1} + U h_j) + sum(v) (tanh(x) = 2 sigmoid(2x) - 1): the constant
 the same for every j, so the softmax, the weights and the context are unchanged.  On the
 CPU, torch's tanh is about ten times slower than its sigmoid, and this tanh over
 [S, B, A] at every target step was the largest single cost of RNNSearch decoding there.
+
+In training, the decoder attends over the same values at every target position i, and
+their gradient is dh_j = sum_i alpha_ij dc_i.  Summed by autograd, that is a full
+[S, B, V] tensor made and added at every position.  :meth:`AdditiveAttention.sequence_values`
+instead collects (alpha_i, dc_i) and computes the sum as one batched product after the
+first position (:class:`_SequenceValues`).
 """
 import torch
 import torch.nn.functional as F
@@ -28,11 +34,23 @@ class AdditiveAttention(nn.Module):
         """U h_j for every source position. values: [S, B, V] -> [S, B, A]"""
         return self.key_proj(values)
 
-    def forward(self, query, keys, values, padding_mask=None, rows_per_source=1):
+    @staticmethod
+    def sequence_values(values):
+        """values [S, N, V] for the positions of one target sequence -> (values, grads):
+        pass both to every position's :meth:`forward`, and the values' gradient is
+        computed once for all positions.  Without autograd: (values, None)."""
+        if not (values.requires_grad and torch.is_grad_enabled()):
+            return values, None
+        grads = ValueGrads()
+        return _SequenceValues.apply(grads, values), grads
+
+    def forward(self, query, keys, values, padding_mask=None, rows_per_source=1,
+                value_grads=None):
         """query: [B, Q]  keys: [S, N, A]  values: [S, N, V]  padding_mask: [S, N] (True = pad)
         where query row r attends over source r // rows_per_source (N = B / rows_per_source:
         beam search keeps the encoder outputs once per source, see
-        ``RNNSearchEncoder.reorder_encoder_out``) -> (context [B, V], weights [B, S])"""
+        ``RNNSearchEncoder.reorder_encoder_out``) -> (context [B, V], weights [B, S]).
+        value_grads: from :meth:`sequence_values`, with the values it returned."""
         s, n = keys.shape[:2]
         q2 = self.query_proj(query).mul(2).view(1, n, rows_per_source, -1)
         # 2 (W s + U h) in one pass, the sigmoid in place (autograd keeps its output), then
@@ -46,5 +64,66 @@ class AdditiveAttention(nn.Module):
         # softmax in at least float32: half types go up, float64 stays float64
         weights = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)),
                             dim=0).type_as(scores)  # [S, N, E]
-        context = torch.einsum("sne,snv->nev", weights, values).reshape(n * rows_per_source, -1)
-        return context, weights.reshape(s, -1).t()
+        if value_grads is None:
+            context = torch.einsum("sne,snv->nev", weights, values)
+        else:  # dc handed to value_grads; no gradient of the values from this position
+            context = _HandOver.apply(value_grads, values, weights, torch.einsum(
+                "sne,snv->nev", weights, values.detach()))
+        return context.reshape(n * rows_per_source, -1), weights.reshape(s, -1).t()
+
+
+class ValueGrads:
+    """The attention weights alpha_i [S, N, E] and context gradients dc_i [N, E, V] of
+    the positions of one sequence, for :class:`_SequenceValues`."""
+
+    __slots__ = ("weights", "d_context")
+
+    def __init__(self):
+        self.weights, self.d_context = [], []
+
+
+class _SequenceValues(torch.autograd.Function):
+    """The values of one sequence's attention: forward as they are; backward, which
+    autograd runs after every position's :class:`_HandOver`, dh = sum_i alpha_i dc_i for
+    all positions as one batched product over the sources, plus any gradient that
+    reached the values some other way."""
+
+    @staticmethod
+    def forward(ctx, grads, values):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return values.view_as(values)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, given):
+        grads = ctx.grads
+        if not grads.weights:
+            return None, given
+        weights = torch.cat(grads.weights, 2)  # [S, N, T*E]
+        d_context = torch.cat(grads.d_context, 1).to(weights.dtype)  # [N, T*E, V]
+        grads.weights.clear()
+        grads.d_context.clear()
+        d_values = torch.bmm(weights.permute(1, 0, 2), d_context).transpose(0, 1)
+        return None, d_values if given is None else given + d_values
+
+
+class _HandOver(torch.autograd.Function):
+    """Identity on one position's context [N, E, V]; its backward hands (alpha_i, dc_i)
+    to the sequence's :class:`ValueGrads`, if autograd will run :class:`_SequenceValues`
+    in the same backward (not in one of other inputs only, which would leave them to be
+    counted again).  Takes the values to order the two: _SequenceValues runs after."""
+
+    @staticmethod
+    def forward(ctx, grads, values, weights, context):
+        ctx.grads, ctx.values_node = grads, values.grad_fn
+        ctx.save_for_backward(weights)
+        return context.view_as(context)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_context):
+        if torch._C._will_engine_execute_node(ctx.values_node):
+            ctx.grads.weights.append(ctx.saved_tensors[0])
+            ctx.grads.d_context.append(d_context)
+        return None, None, None, d_context

@@ -1,11 +1,15 @@
-"""The setup the CPU training A/B scripts share: an RNNSearch model of architecture ARCH
-on the Debian De-En corpus (data-bin/debian/deen, from scripts/prepare-debian.sh), in
-training mode with Adam, and a list of real training batches."""
+"""What the CPU training A/B scripts share: an RNNSearch model of architecture ARCH on
+the Debian De-En corpus (data-bin/debian/deen, from scripts/prepare-debian.sh), in
+training mode with Adam, real training batches, and an A/B of two versions of the code
+through whole training steps."""
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 from fairseq import options, tasks, utils
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +28,55 @@ def training_setup(arch, extra_args, n_batches, max_tokens=1000, lr=1e-3):
     batches = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, seed=1
                                       ).next_epoch_itr(shuffle=True)
     return task, model, opt, [next(batches) for _ in range(n_batches)]
+
+
+def ab(arch, versions, n_batches=35, warmup=5):
+    """Time whole training steps (forward, backward, Adam) of ARCH under two versions of
+    the code, alternating batch by batch (the order swapped every batch) on the same real
+    batches (at most 1,000 tokens) with the same dropout masks; first check that both
+    give the same gradients.  versions: {name: function that switches that version on}.
+    Prints the largest gradient difference, target tok/s of each, and the median ratio
+    of per-batch times (first name / second)."""
+    task, model, opt, batches = training_setup(arch, sys.argv[2:], n_batches, lr=1e-4)
+    (name_a, on_a), (name_b, on_b) = versions.items()
+
+    def step(b, switch_on, update=True):
+        switch_on()
+        ni = b["net_input"]
+        torch.manual_seed(1)  # the same dropout masks for both versions
+        t = time.perf_counter()
+        out, _ = model(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"])
+        lp = torch.log_softmax(out.float(), -1)
+        loss, _ = label_smoothed_nll_loss(lp.view(-1, lp.size(-1)), b["target"].view(-1),
+                                          0.1, ignore_index=task.target_dictionary.pad())
+        opt.zero_grad()
+        loss.backward()
+        if update:
+            opt.step()
+        return time.perf_counter() - t
+
+    grads = []
+    for switch_on in (on_a, on_b):  # no update in between
+        step(batches[0], switch_on, update=False)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    worst = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+                for a, b in zip(*grads))
+    print(f"{arch}: largest gradient difference, relative to the tensor's largest: "
+          f"{worst:.1e}")
+    for b in batches[:warmup]:
+        step(b, on_a), step(b, on_b)
+    times = {name_a: [], name_b: []}
+    tokens = 0
+    for i, b in enumerate(batches[warmup:]):
+        order = ((name_a, on_a), (name_b, on_b))
+        for name, switch_on in (order if i % 2 == 0 else order[::-1]):
+            times[name].append(step(b, switch_on))
+        tokens += b["ntokens"]
+    tok_s = {k: tokens / sum(v) for k, v in times.items()}
+    ratio = statistics.median(a / b for a, b in zip(times[name_a], times[name_b]))
+    print(f"{arch}, {torch.get_num_threads()} threads, {len(times[name_a])} batches: "
+          f"target tok/s {name_a} {tok_s[name_a]:.0f}, {name_b} {tok_s[name_b]:.0f}; "
+          f"median per-batch time ratio {name_a} / {name_b} {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -542,6 +542,66 @@ def test_attention_matches_bahdanau_with_gradients():
         assert max_diff(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_attention_sequence_values_give_the_same_gradients(rows):
+    """Attention at several positions over the same values (RNNSearch's decoder in
+    training), with ``sequence_values``: the values' gradient, computed once for all
+    positions, is that of attending at each position separately (float64, padding,
+    ``rows`` query rows per source, and a gradient of the values from elsewhere too), as
+    are the other gradients; a backward of the queries only (autograd.grad, retained
+    graph) leaves nothing that the next backward would count again."""
+    torch.manual_seed(0)
+    att = AdditiveAttention(7, 6, 5).double()
+    s, n, t = 4, 3, 5
+    keys = torch.randn(s, n, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(s, n, 6, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(t, n * rows, 7, dtype=torch.float64, requires_grad=True)
+    pad = torch.tensor([[True, False, False], [True, True, False], [False, False, False],
+                        [False, False, False]])
+    probe = torch.randn(t, n * rows, 6, dtype=torch.float64)
+    probe_v = torch.randn(s, n, 6, dtype=torch.float64)
+
+    def loss(sequence):
+        vals, grads = att.sequence_values(values) if sequence else (values, None)
+        assert (grads is not None) == sequence
+        contexts = torch.stack([att(q, keys, vals, pad, rows, grads)[0] for q in queries])
+        return (contexts * probe).sum() + (vals * probe_v).sum()
+
+    inputs = (keys, values, queries, att.query_proj.weight, att.query_proj.bias,
+              att.score.weight)
+    want = torch.autograd.grad(loss(False), inputs)
+    total = loss(True)
+    torch.autograd.grad(total, [queries], retain_graph=True)
+    got = torch.autograd.grad(total, inputs, retain_graph=True)
+    again = torch.autograd.grad(total, inputs)   # a second backward: each position once
+    for a, b, c in zip(want, got, again):
+        assert max_diff(a, b) < 1e-12 and max_diff(a, c) < 1e-12
+
+
+def test_rnnsearch_trains_with_sequence_values(monkeypatch):
+    """RNNSearch's decoder in training hands every position's attention to
+    ``sequence_values`` and gets the gradients of attending at each position apart."""
+    import grnn_fairseq.attention as attention
+
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 6)
+    calls, results = [], []
+    real = attention._HandOver.apply
+    monkeypatch.setattr(attention._HandOver, "apply", lambda *a: calls.append(1) or real(*a))
+    for sequence in (True, False):
+        if not sequence:
+            monkeypatch.setattr(AdditiveAttention, "sequence_values",
+                                staticmethod(lambda values: (values, None)))
+        model = build_mt(cell="gru", groups=2, rate=0.5).double()
+        logits, _ = model(src, lengths, prev)
+        torch.log_softmax(logits, -1).sum().backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 6  # every target position, with sequence_values only
+    assert results[0].keys() == results[1].keys()
+    for name, grad in results[1].items():
+        assert max_diff(results[0][name], grad) < 1e-10, name
+
+
 # --------------------------------------------------------------------------- --retain-dropout
 RETAIN_CASES = {
     "rnnsearch-lstm-k2": (lambda: build_mt("lstm", 2, 0.0, dropout=0.3),

@@ -266,8 +266,10 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         states = self._get_cache(incremental_state) if incremental_state is not None else None
         if states is None:
             states = self._initial_states(encoder_out)
-        values, keys, pad = encoder_out["values"], encoder_out["keys"], encoder_out["padding_mask"]
+        keys, pad = encoder_out["keys"], encoder_out["padding_mask"]
         rows = encoder_out.get("rows_per_source", 1)
+        # in training, the values' gradient once for all positions (attention.py)
+        values = self.attention.sequence_values(encoder_out["values"])
         emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
         tops, contexts, attns = [], [], []
         rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
@@ -288,9 +290,9 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
 
     def _position(self, y, query, states, keys, values, pad, rows, rnn_weights):
         """One target position (Eq. 4-6 before the readout): y [B, E] the previous token's
-        embedding, query s_{i-1} [B, H] -> (s_i [B, H], new states, c_i [B, V], attention
-        weights [B, S])."""
-        context, weights = self.attention(query, keys, values, pad, rows)
+        embedding, query s_{i-1} [B, H], values: ``attention.sequence_values``' (values,
+        grads) -> (s_i [B, H], new states, c_i [B, V], attention weights [B, S])."""
+        context, weights = self.attention(query, keys, values[0], pad, rows, values[1])
         # the top layer's output is its new state s_i, already in [B, H] (no copy)
         query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
         return query, states, context, weights
@@ -345,7 +347,7 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         states = self._unstack(stacked)
         y = self.dropout_embed(self.embed_tokens(tokens))
         query, states, context, weights = self._position(
-            y, from_grouped(states[-1][0]), states, keys, values, mask, rows,
+            y, from_grouped(states[-1][0]), states, keys, (values, None), mask, rows,
             self.rnn.step_weights())
         logits = self.output_layer(self._readout(query, y, context))
         return logits, weights, torch.cat([t for s in states for t in s])
