@@ -279,9 +279,9 @@ def _destroy_gloo_group():
     threads are joined while the interpreter is alive.  A DDP wrapper holds the group (as
     ``process_group``, and through its reducer and logger): these are released first, and
     a garbage collection frees the trainer and wrappers fairseq left in reference cycles,
-    so that destroying the group frees it here and not during finalisation.  Other backends are left as they are:
-    destroying an NCCL group waits for its pending work, which could hang a rank whose
-    peers have died, where exiting without it does not."""
+    so that destroying the group frees it here and not during finalisation.  Other
+    backends are left as they are: destroying an NCCL group waits for its pending work,
+    which could hang a rank whose peers have died, where exiting without it does not."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
         return

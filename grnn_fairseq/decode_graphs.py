@@ -20,6 +20,7 @@ What a graph cannot hold falls back to the eager step: training, autograd, dropo
 in generation (``--retain-dropout``), tensors not on a CUDA device.
 """
 import os
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -138,7 +139,10 @@ class StepGraph:
         self.sources = [t.new_zeros(length, n_sources, *t.shape[2:]) for t in sources]
         self.mask = torch.ones(length, n_sources, dtype=torch.bool, device=tokens.device)
         self.mask[0] = False  # a padded source attends to its first (zero) position: no NaN
-        self.fed = None  # the encoder outputs copied in last (kept, so compared by identity)
+        # weak references to the encoder outputs copied in last: compared by identity (a
+        # freed tensor's reference is dead, so new outputs at its address are copied in),
+        # without keeping a past batch's encoder outputs alive in every bucket's graph
+        self.fed = None
         self.outputs, self.replay = recorder.record(
             fn, (self.tokens, self.mask, self.states, *self.sources))
 
@@ -150,7 +154,8 @@ class StepGraph:
         s, n = sources[0].shape[:2]
         self.tokens[:b].copy_(tokens)
         self.states[:, :b].copy_(states)
-        if self.fed is None or any(a is not c for a, c in zip(self.fed, (mask, *sources))):
+        fed = (mask, *sources)
+        if not self._fed_last(fed):
             for dst, src in zip(self.sources, sources):
                 dst[:s, :n].copy_(src)
             self.mask.fill_(True)
@@ -159,7 +164,19 @@ class StepGraph:
                 self.mask[:s, :n] = False
             else:
                 self.mask[:s, :n].copy_(mask)
-            self.fed = (mask, *sources)
+            self.fed = tuple(None if t is None else weakref.ref(t) for t in fed)
         self.replay()
         logits, attn, new_states = self.outputs
         return logits[:b], attn[:b, :s], new_states[:, :b]
+
+    def _fed_last(self, fed):
+        """Whether ``fed`` (the mask or None, then the encoder outputs) are the very
+        tensors copied in last."""
+        if self.fed is None:
+            return False
+        for ref, t in zip(self.fed, fed):
+            if (ref is None or t is None) and ref is not t:
+                return False   # a mask where there was none, or none where there was one
+            if ref is not None and ref() is not t:
+                return False
+        return True

@@ -117,6 +117,40 @@ def test_the_fake_recorder_refuses_what_a_graph_cannot_record():
     assert outputs[0].tolist() == [6.0, 6.0, 6.0]  # a replay reads the inputs in place
 
 
+def test_a_graph_keeps_no_encoder_outputs_of_a_past_batch():
+    """A graph remembers which encoder outputs it copied in last without keeping them
+    alive: once a batch's outputs are freed they are gone, and the next batch's outputs
+    (of another length, and with a mask after none) are copied in and used; so is a mask
+    that comes or goes with the same outputs."""
+    import gc
+    import weakref
+
+    def fn(tokens, mask, states, values, keys):
+        real = (~mask).unsqueeze(-1).type_as(values)
+        return (values * real).sum(0) + keys.sum(0), real[..., 0].t(), states + 1
+
+    tokens, states = torch.zeros(2, dtype=torch.long), torch.zeros(1, 2, 3)
+    values, keys = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
+    graph = decode_graphs.StepGraph(FakeRecorder(), fn, tokens, states, (values, keys),
+                                    2, 16, 1)
+    logits, _, _ = graph(tokens, states, (values, keys), None)
+    assert max_diff(logits, values.sum(0) + keys.sum(0)) < 1e-6
+    gone = weakref.ref(values)
+    del values, keys, logits
+    gc.collect()
+    assert gone() is None
+    values, keys = torch.randn(7, 2, 3), torch.randn(7, 2, 3)
+    mask = torch.zeros(7, 2, dtype=torch.bool)
+    mask[:2, 1] = True
+    logits, attn, _ = graph(tokens, states, (values, keys), mask)
+    want = (values * (~mask).unsqueeze(-1)).sum(0) + keys.sum(0)
+    assert max_diff(logits, want) < 1e-6 and attn.shape == (2, 7)
+    logits, _, _ = graph(tokens, states, (values, keys), None)  # the mask dropped alone
+    assert max_diff(logits, values.sum(0) + keys.sum(0)) < 1e-6
+    logits, _, _ = graph(tokens, states, (values, keys), mask)  # and back
+    assert max_diff(logits, want) < 1e-6
+
+
 # --------------------------------------------------------------------------- beam search
 @pytest.mark.parametrize("cell,groups,rate", [("lstm", 2, 0.5), ("gru", 1, 0.0),
                                               ("lstm", 4, 0.0), ("rnn", 2, 0.0)])

@@ -269,14 +269,14 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         keys, pad = encoder_out["keys"], encoder_out["padding_mask"]
         rows = encoder_out.get("rows_per_source", 1)
         # in training, the values' gradient once for all positions (attention.py)
-        values = self.attention.sequence_values(encoder_out["values"])
+        values, value_grads = self.attention.sequence_values(encoder_out["values"])
         emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
         tops, contexts, attns = [], [], []
         rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
         query = from_grouped(states[-1][0])  # s_{i-1}: the top layer's state
         for y in emb.unbind(0):
             query, states, context, weights = self._position(
-                y, query, states, keys, values, pad, rows, rnn_weights)
+                y, query, states, keys, values, pad, rows, rnn_weights, value_grads)
             tops.append(query)
             contexts.append(context)
             attns.append(weights)
@@ -288,11 +288,13 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         out = self._readout(torch.stack(tops), emb, torch.stack(contexts))
         return out.transpose(0, 1), torch.stack(attns, dim=1)
 
-    def _position(self, y, query, states, keys, values, pad, rows, rnn_weights):
+    def _position(self, y, query, states, keys, values, pad, rows, rnn_weights,
+                  value_grads=None):
         """One target position (Eq. 4-6 before the readout): y [B, E] the previous token's
-        embedding, query s_{i-1} [B, H], values: ``attention.sequence_values``' (values,
-        grads) -> (s_i [B, H], new states, c_i [B, V], attention weights [B, S])."""
-        context, weights = self.attention(query, keys, values[0], pad, rows, values[1])
+        embedding, query s_{i-1} [B, H]; values and value_grads from
+        ``attention.sequence_values`` -> (s_i [B, H], new states, c_i [B, V], attention
+        weights [B, S])."""
+        context, weights = self.attention(query, keys, values, pad, rows, value_grads)
         # the top layer's output is its new state s_i, already in [B, H] (no copy)
         query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
         return query, states, context, weights
@@ -347,7 +349,7 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         states = self._unstack(stacked)
         y = self.dropout_embed(self.embed_tokens(tokens))
         query, states, context, weights = self._position(
-            y, from_grouped(states[-1][0]), states, keys, (values, None), mask, rows,
+            y, from_grouped(states[-1][0]), states, keys, values, mask, rows,
             self.rnn.step_weights())
         logits = self.output_layer(self._readout(query, y, context))
         return logits, weights, torch.cat([t for s in states for t in s])
