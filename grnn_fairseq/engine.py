@@ -133,8 +133,10 @@ def step_weights(weights, cell, backend=None):
     summed (:class:`~grnn_fairseq.kernels.triton_rnn._SequenceWeights`); otherwise the
     weights as they are."""
     w_hh = weights[1]
-    if (cell not in CELLS["triton"] or (w_hh.device.type != "cuda" and not _interpreting())
-            or not torch.is_grad_enabled() or not _any_requires_grad(*weights)):
+    # decoding first (no autograd): it asks once per token and layer
+    if (not torch.is_grad_enabled() or cell not in CELLS["triton"]
+            or (w_hh.device.type != "cuda" and not _interpreting())
+            or not _any_requires_grad(*weights)):
         return weights
     from .kernels import triton_rnn
 
