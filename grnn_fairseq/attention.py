@@ -17,10 +17,27 @@ their gradient is dh_j = sum_i alpha_ij dc_i.  Summed by autograd, that is a ful
 [S, B, V] tensor made and added at every position.  :meth:`AdditiveAttention.sequence_values`
 instead collects (alpha_i, dc_i) and computes the sum as one batched product after the
 first position (:class:`_SequenceValues`).
+
+Where the recurrence runs on Triton and ``GRNN_TRITON_ATTENTION=1``, a position's attention
+is one kernel each way (``kernels/triton_attention.py``), whose keys' gradient is also
+summed once per sequence (:meth:`AdditiveAttention.sequence_keys`).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import engine
+
+
+def fused(keys):
+    """Whether attention over ``keys`` runs as the Triton kernels: GRNN_TRITON_ATTENTION=1
+    and the recurrence's backend on their device is ``triton``."""
+    if keys.device.type != "cuda" and not engine._interpreting() or not engine.triton_available():
+        return False
+    from .kernels import triton_attention
+
+    return triton_attention.attention_on() and engine.resolve_backend(
+        None, "lstm", keys.device, keys.dtype) == "triton"
 
 
 class AdditiveAttention(nn.Module):
@@ -44,14 +61,33 @@ class AdditiveAttention(nn.Module):
         grads = ValueGrads()
         return _SequenceValues.apply(grads, values), grads
 
+    @staticmethod
+    def sequence_keys(keys):
+        """keys [S, N, A] for the positions of one target sequence -> (keys, grads), as
+        :meth:`sequence_values`: where the attention is :func:`fused`, the keys' gradient
+        is summed in place for all positions; otherwise (keys, None)."""
+        if not (keys.requires_grad and torch.is_grad_enabled() and fused(keys)):
+            return keys, None
+        from .kernels import triton_attention
+
+        return triton_attention.sequence_keys(keys)
+
     def forward(self, query, keys, values, padding_mask=None, rows_per_source=1,
-                value_grads=None):
+                value_grads=None, key_grads=None):
         """query: [B, Q]  keys: [S, N, A]  values: [S, N, V]  padding_mask: [S, N] (True = pad)
         where query row r attends over source r // rows_per_source (N = B / rows_per_source:
         beam search keeps the encoder outputs once per source, see
         ``RNNSearchEncoder.reorder_encoder_out``) -> (context [B, V], weights [B, S]).
-        value_grads: from :meth:`sequence_values`, with the values it returned."""
+        value_grads / key_grads: from :meth:`sequence_values` / :meth:`sequence_keys`, with
+        the values / keys they returned."""
         s, n = keys.shape[:2]
+        if key_grads is not None or fused(keys):
+            from .kernels.triton_attention import attention_triton
+
+            context, weights = attention_triton(
+                self.query_proj(query), keys, self.score.weight[0], values, padding_mask,
+                rows_per_source, key_grads, value_grads)
+            return context, weights.t().to(context.dtype)
         q2 = self.query_proj(query).mul(2).view(1, n, rows_per_source, -1)
         # 2 (W s + U h) in one pass, the sigmoid in place (autograd keeps its output), then
         # a matrix-vector product (nn.Linear with one output is several times slower on CPU)
@@ -82,17 +118,24 @@ class ValueGrads:
         self.weights, self.d_context = [], []
 
 
-class _SequenceValues(torch.autograd.Function):
-    """The values of one sequence's attention: forward as they are; backward, which
-    autograd runs after every position's :class:`_HandOver`, dh = sum_i alpha_i dc_i for
-    all positions as one batched product over the sources, plus any gradient that
-    reached the values some other way."""
+class SequenceInput(torch.autograd.Function):
+    """Identity on an input that every position of one sequence reads, keeping the
+    collector ``grads`` of their gradients: a subclass's backward, which autograd runs
+    after every position's, sums them (:class:`_SequenceValues`,
+    ``triton_attention._SequenceKeys``)."""
 
     @staticmethod
-    def forward(ctx, grads, values):
+    def forward(ctx, grads, tensor):
         ctx.grads = grads
         ctx.set_materialize_grads(False)
-        return values.view_as(values)
+        return tensor.view_as(tensor)
+
+
+class _SequenceValues(SequenceInput):
+    """The values of one sequence's attention; backward, which autograd runs after every
+    position's :class:`_HandOver`, dh = sum_i alpha_i dc_i for all positions as one
+    batched product over the sources, plus any gradient that reached the values some
+    other way."""
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -28,7 +28,9 @@
 #                                X+trainstep: backend X with GRNN_TRITON_TRAIN_STEP=1 (the
 #                                decoder trained with the fused training step on the GPU);
 #                                X+graphs: with GRNN_DECODE_GRAPHS=1 (generation replays
-#                                the decoder's steps from CUDA graphs); X+trainstep+graphs
+#                                the decoder's steps from CUDA graphs); X+attention: with
+#                                GRNN_TRITON_ATTENTION=1 (RNNSearch's attention as one
+#                                Triton kernel each way); combined: X+trainstep+graphs
 #   --cpu                        run on CPU (default: GPU when torch sees one)
 #   --train-args "..."           extra fairseq-train arguments (e.g. "--fp16")
 #   --gen-args "..."             extra fairseq-generate arguments
@@ -96,10 +98,11 @@ engines="$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -c \
   'from grnn_fairseq.engine import BACKENDS; print("|".join(BACKENDS))' 2>/dev/null)" || {
   echo "bench_fairseq.sh: $py cannot import grnn_fairseq (run scripts/setup-env.sh, or set" \
     "PYTHON to an environment that has it)" >&2; exit 2; }
-for backend in $backends; do  # X, X+trainstep, X+graphs, X+trainstep+graphs
-  if [[ ! "$backend" =~ ^($engines)(\+(trainstep|graphs))*$ ]]; then
+for backend in $backends; do  # X, X+trainstep, X+graphs, X+attention, combined
+  if [[ ! "$backend" =~ ^($engines)(\+(trainstep|graphs|attention))*$ ]]; then
     echo "--backends: $backend: expected an engine backend ($engines), optionally" \
-      "followed by +trainstep and/or +graphs (e.g. auto+trainstep+graphs)" >&2; exit 2
+      "followed by +trainstep, +attention and/or +graphs (e.g. auto+trainstep+graphs)" >&2
+    exit 2
   fi
 done
 
@@ -218,6 +221,7 @@ for arch in $models; do
         case "$variant" in
           trainstep) env_backend+=(GRNN_TRITON_TRAIN_STEP=1) ;;
           graphs) env_backend+=(GRNN_DECODE_GRAPHS=1) ;;
+          attention) env_backend+=(GRNN_TRITON_ATTENTION=1) ;;
         esac
       done
     fi

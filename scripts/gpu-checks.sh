@@ -30,10 +30,11 @@
 #                                   # GRNN_TRITON_TRAIN_STEP=1 set, the decoders train with
 #                                   # the fused training step
 #   scripts/gpu-checks.sh trainstep # scripts/bench_fairseq.sh, WMT14 sizes, group K=4 and
-#                                   # K=1, each twice: as they are, and trained with the
+#                                   # K=1, each three times: as they are, trained with the
 #                                   # fused training step (GRNN_TRITON_TRAIN_STEP) and
-#                                   # decoded from CUDA graphs (GRNN_DECODE_GRAPHS); --fp16,
-#                                   # 50 untimed warm-up updates, then 100 timed ones
+#                                   # decoded from CUDA graphs (GRNN_DECODE_GRAPHS), and
+#                                   # with the fused attention too (GRNN_TRITON_ATTENTION);
+#                                   # --fp16, 50 untimed warm-up updates, then 100 timed ones
 #   scripts/gpu-checks.sh all       # all of them in order (over 20 minutes)
 #   scripts/gpu-checks.sh first     # for a lease of 15 device-minutes (one call): the most
 #                                   # needed parts of the above, most needed first, each
@@ -42,9 +43,9 @@
 #                                   # programs, bf16, variants, the training step); decoding
 #                                   # from CUDA graphs tested; the variants timed (LSTM
 #                                   # K=4,16); decode steps, eager and as graphs; steps
-#                                   # with autograd (training step on / off); GRU and RNN
-#                                   # timed; then with
-#                                   # the time left the fairseq --fp16/--amp/--bf16 training
+#                                   # with autograd (training step on / off); the fused
+#                                   # attention against PyTorch's; GRU and RNN timed; then
+#                                   # with the time left the fairseq --fp16/--amp/--bf16 training
 #                                   # tests, and the other kernel tests compiled
 #
 # On the project's lent machine (see DEVELOPERS.md), from the repository root:
@@ -154,7 +155,7 @@ part() {  # cap_seconds log_name command...
 # the kernel tests that only a GPU can run, or that run there with many programs (barriers),
 # in half precision, or with the variants: run first; the others, checked in the
 # interpreter on every CI run, only with the time left at the end
-gpu_tests="persistent_grid or half_precision or under_autocast or variants or permuted or recompilation or training_step or trains_with"
+gpu_tests="persistent_grid or half_precision or under_autocast or variants or permuted or recompilation or training_step or trains_with or attention"
 
 stage_first() {
   local rc=0 cell first_end=$((SECONDS + ${GPU_CHECKS_SECONDS:-450}))
@@ -168,6 +169,7 @@ stage_first() {
     --rearrangement none,time --backend triton --modes decode --graph || rc=1
   part 45 bench_layer_cuda_steps "$py" scripts/bench_layer.py --device cuda --groups 1,4 \
     --rearrangement time --backend triton,triton+trainstep --modes steps || rc=1
+  part 45 bench_attention_cuda "$py" scripts/bench_attention.py --device cuda || rc=1
   for cell in gru rnn; do
     part 45 "bench_layer_cuda_$cell" "$py" scripts/bench_layer.py --device cuda --cell "$cell" \
       --backend triton --groups 4,16 --rearrangement time --modes train,infer,decode || rc=1
@@ -180,7 +182,8 @@ stage_first() {
 
 stage_trainstep() {
   stage_fairseq trainstep "group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de" \
-    --backends "auto auto+trainstep+graphs" --warmup-updates 50 --updates 100
+    --backends "auto auto+trainstep+graphs auto+trainstep+attention+graphs" \
+    --warmup-updates 50 --updates 100
 }
 
 wmt="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de"

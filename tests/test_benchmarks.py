@@ -74,6 +74,23 @@ def test_bench_layer_other_cells_compare_with_torch(cell):
         (k, b) for k in ("1", "4") for b in ("auto", "reference")}
 
 
+def test_bench_attention_quick_prints_both_cases_of_each_mode():
+    """scripts/bench_attention.py --quick: PyTorch's attention and the fused kernels
+    (Triton's interpreter) in both modes, PyTorch's first with ratio 1; where the fused
+    attention cannot run, a message says why instead of a table of one case."""
+    pytest.importorskip("triton")
+    out = _run([sys.executable, "scripts/bench_attention.py", "--quick"])
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["train"],
+                                                                           ["decode"])]
+    assert [r[:2] for r in rows] == [["train", "torch"], ["train", "triton"],
+                                     ["decode", "torch"], ["decode", "triton"]], out
+    assert rows[0][-1] == rows[2][-1] == "1.00x" and out.startswith("# python")
+    env = dict(os.environ, GRNN_BACKEND="torch")
+    proc = subprocess.run([sys.executable, "scripts/bench_attention.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "the fused attention does not run here" in proc.stderr
+
+
 def test_bench_fairseq_quick_with_warmup(tmp_path):
     """Our RNNSearch and fairseq's own LSTM through fairseq-train / -generate; the warm-up
     run happens (its log exists) and the timed run still reports its figures; every
@@ -100,17 +117,19 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
 
 
 def test_bench_fairseq_variant_backends(tmp_path):
-    """``--backends "auto auto+trainstep+graphs"``: each group model twice, the second run
-    with GRNN_TRITON_TRAIN_STEP=1 and GRNN_DECODE_GRAPHS=1 in its environment (said on its
-    line), both in the table; an unknown variant is refused before anything runs."""
+    """``--backends "auto auto+trainstep+attention+graphs"``: each group model twice, the
+    second run with GRNN_TRITON_TRAIN_STEP=1, GRNN_TRITON_ATTENTION=1 and
+    GRNN_DECODE_GRAPHS=1 in its environment (said on its line), both in the table; an
+    unknown variant is refused before anything runs."""
+    variant = "auto+trainstep+attention+graphs"
     out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", "rnnsearch",
-                "--backends", "auto auto+trainstep+graphs", "--updates", "2",
+                "--backends", f"auto {variant}", "--updates", "2",
                 "--gen-length", "3", "--workdir", str(tmp_path)])
     assert "-- rnnsearch.auto: training 2 updates (GRNN_BACKEND=auto)" in out
-    assert ("-- rnnsearch.auto+trainstep+graphs: training 2 updates (GRNN_BACKEND=auto "
-            "GRNN_TRITON_TRAIN_STEP=1 GRNN_DECODE_GRAPHS=1)") in out
+    assert (f"-- rnnsearch.{variant}: training 2 updates (GRNN_BACKEND=auto "
+            "GRNN_TRITON_TRAIN_STEP=1 GRNN_TRITON_ATTENTION=1 GRNN_DECODE_GRAPHS=1)") in out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("rnnsearch.")]
-    assert rows == ["rnnsearch.auto", "rnnsearch.auto+trainstep+graphs"], out
+    assert rows == ["rnnsearch.auto", f"rnnsearch.{variant}"], out
     for wrong in ("auto+graph", "tritn+graphs"):
         bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", f"auto {wrong}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -290,8 +309,9 @@ def test_kernel_resources_reports_every_variant():
 
 def _fake_gpu_python(tmp_path):
     """A stand-in for the GPU machine's python3: it says a GPU is there, records every other
-    call, and checks each bench_layer.py command line with the script's own parser and
-    backend names (so a misspelled option fails here, not in a lease)."""
+    call, and checks each bench_layer.py and bench_attention.py command line with the
+    script's own parser (and backend names), so a misspelled option fails here, not in a
+    lease."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "python3"
     fake.write_text(f"""#!/usr/bin/env bash
@@ -310,6 +330,16 @@ for backend in args.backend:
     bench_layer.engine_of(backend)
 ' "$@"
 fi
+if [ "$1" = scripts/bench_attention.py ]; then
+  shift
+  exec {sys.executable} -c '
+import sys
+sys.path.insert(0, "scripts")
+import bench_attention
+args = bench_attention.parse_args(sys.argv[1:])
+assert args.device == "cuda" and not args.quick, args
+' "$@"
+fi
 """)
     fake.chmod(0o755)
     return fake, calls
@@ -317,7 +347,7 @@ fi
 
 def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
     """scripts/gpu-checks.sh first (one call of a 15-minute lease): the kernel tests that need
-    a GPU, then the variants, decode, GRU and RNN timings, then the fairseq half-precision
+    a GPU, then the variants, decode, training steps, attention, GRU and RNN timings, then the fairseq half-precision
     tests and the other kernel tests, each logged to $OUT with its time cap; with too little
     time left a part is not started and is listed, and the stage fails.  The two parts of
     the kernel tests select, between them, every test of the file, each once."""
@@ -328,7 +358,7 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = calls.read_text().splitlines()
-    assert len(ran) == 9, ran
+    assert len(ran) == 10, ran
     kernel_tests = "tests/test_triton_engine.py"
     assert ran[0].startswith("-m pytest") and ran[0].endswith(kernel_tests)
     assert ran[1].startswith("-m pytest") and ran[1].endswith("tests/test_decode_graphs.py")
@@ -337,14 +367,15 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
         in ran[1]
     assert "--modes decode --graph" in ran[2]
     assert "--modes steps" in ran[3] and "--backend triton,triton+trainstep" in ran[3]
-    assert "--cell gru" in ran[4] and "--cell rnn" in ran[5]
-    assert ran[6].startswith("-m pytest") and ran[6].endswith("tests/test_gpu_training.py")
-    assert ran[7].startswith("-m pytest") and ran[7].endswith(kernel_tests)
+    assert ran[4] == "scripts/bench_attention.py --device cuda"
+    assert "--cell gru" in ran[5] and "--cell rnn" in ran[6]
+    assert ran[7].startswith("-m pytest") and ran[7].endswith("tests/test_gpu_training.py")
+    assert ran[8].startswith("-m pytest") and ran[8].endswith(kernel_tests)
     logs = sorted(p.name for p in out.iterdir())
     assert logs == sorted(["triton_tests_gpu.txt", "decode_graphs_tests.txt",
                            "bench_layer_cuda_variants.txt",
                            "bench_layer_cuda_decode.txt", "bench_layer_cuda_steps.txt",
-                           "bench_layer_cuda_gru.txt", "bench_layer_cuda_rnn.txt",
+                           "bench_attention_cuda.txt", "bench_layer_cuda_gru.txt", "bench_layer_cuda_rnn.txt",
                            "gpu_training_tests.txt", "triton_tests_rest.txt"])
     first = (out / "triton_tests_gpu.txt").read_text()
     assert first.startswith("device: Fake GPU") and "stopped after 150s" in first
@@ -360,11 +391,11 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                               capture_output=True, text=True, timeout=300)
         return [line for line in proc.stdout.splitlines() if "::" in line]
 
-    gpu, rest, everything = selected(ran[0]), selected(ran[7]), selected()
+    gpu, rest, everything = selected(ran[0]), selected(ran[8]), selected()
     assert gpu and rest and not set(gpu) & set(rest)
     assert sorted(gpu + rest) == sorted(everything) and len(everything) > 100
     for name in ("persistent_grid", "permuted", "training_step_matches",
-                 "training_step_half", "rnnsearch_trains_with"):
+                 "training_step_half", "rnnsearch_trains_with", "fused_attention"):
         assert any(name in t for t in gpu), name
 
     calls.unlink()
@@ -374,7 +405,7 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not calls.exists()
     skipped = (out / "first_skipped.txt").read_text().splitlines()
-    assert len(skipped) == 9 and "triton_tests_gpu: not run" in skipped[0], skipped
+    assert len(skipped) == 10 and "triton_tests_gpu: not run" in skipped[0], skipped
 
 
 def test_gpu_checks_refuses_without_a_gpu_and_lists_its_stages():

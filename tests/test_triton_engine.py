@@ -499,12 +499,213 @@ def test_rnnsearch_trains_with_the_training_step(monkeypatch, cell):
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     assert calls == [True] * 2 * 5   # decoder layers x target positions, triton only
-    (l_ref, g_ref), (l_tri, g_tri) = results
-    torch.testing.assert_close(l_tri, l_ref, atol=1e-4, rtol=1e-5)
-    assert g_ref.keys() == g_tri.keys()
-    for name in g_ref:
-        torch.testing.assert_close(g_tri[name], g_ref[name], atol=1e-4, rtol=1e-4,
+    _assert_same_training(*results)
+
+
+def _assert_same_training(want, got):
+    """Two (loss, {parameter name: gradient}) agree."""
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
+    assert want[1].keys() == got[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], atol=1e-4, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------- attention
+def _attention_inputs(s, n, e, a, v, dtype, seed=0):
+    """(q [n*e, a], keys [s, n, a], v [a], values [s, n, v]) with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
+                 for shape in ((n * e, a), (s, n, a), (a,), (s, n, v)))
+
+
+def _attention_reference(q, keys, v, values, mask, e):
+    """Bahdanau's attention written out in float64: (context [B, V], alpha [S, B])."""
+    s, n, a = keys.shape
+    energy = (torch.tanh(q.double().view(1, n, e, a) + keys.double().unsqueeze(2))
+              * v.double()).sum(-1)
+    if mask is not None:
+        energy = energy.masked_fill(mask.unsqueeze(-1), float("-inf"))
+    alpha = torch.softmax(energy, 0)
+    return (torch.einsum("sne,snv->nev", alpha, values.double()).reshape(n * e, -1),
+            alpha.reshape(s, -1))
+
+
+def _left_padding(s, n, lengths):
+    """[s, n] (True = pad) as fairseq's encoders make it: a transposed view."""
+    mask = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
+    for j, length in enumerate(lengths):
+        mask[j, :s - length] = True
+    return mask.t()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("s,n,e,lengths", [
+    (7, 3, 1, None),            # no mask
+    (37, 3, 1, (37, 2, 18)),    # blocks of 16 sources: whole blocks of pads, left padding
+    (5, 2, 3, (5, 1)),          # beam search: 3 rows per source (no keys' gradient)
+])
+def test_fused_attention_matches_reference(s, n, e, lengths, dtype, tol):
+    """One position's fused attention (kernels/triton_attention.py) against the formula in
+    float64: context, weights, and the gradients of the query, the keys (with one row per
+    source), v and the values, from a loss on the context and on the weights.  The
+    attention width 70 and value width 67 span two blocks of 64."""
+    from grnn_fairseq.kernels.triton_attention import attention_triton
+
+    q, keys, v, values = _attention_inputs(s, n, e, 70, 67, dtype)
+    if e > 1:
+        keys.requires_grad_(False)
+    mask = _left_padding(s, n, lengths) if lengths else None
+    context, alpha = attention_triton(q, keys, v, values, mask, e)
+    want_c, want_a = _attention_reference(q, keys, v, values, mask, e)
+    assert context.dtype == dtype and alpha.dtype == torch.float32
+    torch.testing.assert_close(context.double(), want_c, atol=tol, rtol=tol)
+    torch.testing.assert_close(alpha.double(), want_a, atol=tol, rtol=tol)
+    if mask is not None:
+        assert (alpha[mask.repeat_interleave(e, 1)] == 0).all()
+    g = torch.Generator().manual_seed(1)
+    d_c, d_a = torch.randn(want_c.shape, generator=g), torch.randn(want_a.shape, generator=g)
+    names, inputs = zip(*[(name, t) for name, t in zip(("q", "keys", "v", "values"),
+                                                       (q, keys, v, values)) if t.requires_grad])
+
+    def grads(c, a):
+        loss = (c.double() * d_c.to(DEVICE)).sum() + (a.double() * d_a.to(DEVICE)).sum()
+        return torch.autograd.grad(loss, inputs)
+
+    for name, got, want in zip(names, grads(context, alpha), grads(want_c, want_a)):
+        torch.testing.assert_close(got.double(), want.double(), atol=10 * tol, rtol=10 * tol,
+                                   msg=lambda m: f"d {name}: {m}")
+
+
+def test_fused_attention_refuses_a_keys_gradient_over_shared_rows():
+    from grnn_fairseq.kernels.triton_attention import attention_triton
+
+    q, keys, v, values = _attention_inputs(4, 2, 3, 5, 6, torch.float32)
+    context, _ = attention_triton(q, keys, v, values, None, 3)
+    with pytest.raises(ValueError, match="one query row per source, got 3"):
+        context.sum().backward()
+
+
+def test_fused_attention_sums_a_sequence_of_positions(monkeypatch):
+    """Several target positions over the same keys and values, their gradients summed once
+    (``sequence_keys`` in place, ``sequence_values``), against the float64 formula per
+    position, with gradients of the keys and values from elsewhere too; a backward of the
+    queries only leaves nothing behind, and two full backwards through the retained graph
+    give exactly twice one."""
+    from grnn_fairseq.attention import AdditiveAttention
+    from grnn_fairseq.kernels import triton_attention
+
+    buffers = []
+    real = triton_attention.KeyGrads.buffer
+    monkeypatch.setattr(triton_attention.KeyGrads, "buffer",
+                        lambda self, k: buffers.append(1) or real(self, k))
+    s, n, t_len = 20, 3, 4
+    _, keys, v, values = _attention_inputs(s, n, 1, 9, 7, torch.float32)
+    queries = torch.randn(t_len, n, 9, device=DEVICE, requires_grad=True)
+    mask = _left_padding(s, n, (20, 3, 17))
+    inputs = [queries, keys, v, values]
+
+    def loss_of(fused):
+        k, h = keys, values
+        if fused:
+            k, key_grads = triton_attention.sequence_keys(keys)
+            h, value_grads = AdditiveAttention.sequence_values(values)
+        total = 0.1 * (k.pow(2).sum() + h.sum())  # gradients from elsewhere
+        for i in range(t_len):
+            if fused:
+                c, a = triton_attention.attention_triton(queries[i], k, v, h, mask, 1,
+                                                         key_grads, value_grads)
+            else:
+                c, a = _attention_reference(queries[i], keys, v, values, mask, 1)
+            total = total + (c.double() * (i + 1)).sin().sum() + a.double().pow(2).sum()
+        return total
+
+    want = torch.autograd.grad(loss_of(False), inputs)
+    loss = loss_of(True)
+    first = torch.autograd.grad(loss, [queries], retain_graph=True)[0]
+    torch.testing.assert_close(first.double(), want[0].double(), atol=1e-5, rtol=1e-5)
+    assert not buffers  # the keys' sum was not touched by a backward of the queries only
+    once = torch.autograd.grad(loss, inputs, retain_graph=True)
+    assert len(buffers) == t_len  # every position added its keys' gradient in place
+    for name, got, w in zip("queries keys v values".split(), once, want):
+        torch.testing.assert_close(got.double(), w.double(), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"d {name}: {m}")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, x, g in zip("queries keys v values".split(), inputs, once):
+        torch.testing.assert_close(x.grad, 2 * g, atol=1e-6, rtol=1e-6,
+                                   msg=lambda m: f"d {name}: {m}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnnsearch_trains_with_fused_attention(monkeypatch, cell):
+    """RNNSearch on the triton backend with GRNN_TRITON_ATTENTION=1 (and the fused
+    training step): the fused attention at every target position, its keys' and values'
+    gradients summed once, and the same loss and gradients as PyTorch's attention."""
+    from test_models import build_mt, prev_tokens, source_batch
+
+    from grnn_fairseq.kernels import triton_attention, triton_rnn
+
+    monkeypatch.setenv("GRNN_BACKEND", "triton")
+    monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
+    calls = []
+    real = triton_attention._FusedAttention.apply
+    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
+                        lambda *a: calls.append(a[0] is not None and a[1] is not None)
+                        or real(*a))
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 5)
+    results = []
+    for fused in ("0", "1"):
+        monkeypatch.setitem(triton_attention.VARIANT, "attention", fused)
+        model = build_mt(cell=cell, groups=2).to(DEVICE)
+        logits, attn = model(src.to(DEVICE), lengths.to(DEVICE), prev.to(DEVICE))
+        loss = torch.log_softmax(logits, -1).sum() + attn["attn"][0].pow(2).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert calls == [True] * 5  # every target position, with both sums
+    _assert_same_training(*results)
+
+
+@pytest.mark.skipif(CUDA, reason="the graphs' recorder here is the CPU's fake one")
+def test_beam_search_with_fused_attention(monkeypatch):
+    """fairseq's beam search (several rows per source, left padding, a shrinking batch),
+    eager and from decode graphs, with the fused attention: the hypotheses of PyTorch's
+    attention on the same backend."""
+    from test_decode_graphs import assert_same_hypotheses, beam_search, with_graphs
+    from test_models import _model_with_varied_lengths, source_batch
+
+    from grnn_fairseq.kernels import triton_attention
+
+    _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
+    model = _model_with_varied_lengths("lstm", 2, 0.0, src, lengths, 8).float()
+    monkeypatch.setenv("GRNN_BACKEND", "triton")
+    want = beam_search(model, src, lengths, 8, beam=3)
+    calls, real = [], triton_attention.attention_triton
+    monkeypatch.setattr(triton_attention, "attention_triton",
+                        lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setitem(triton_attention.VARIANT, "attention", "1")
+    assert_same_hypotheses(beam_search(model, src, lengths, 8, beam=3), want, 1e-4)
+    assert 3 in calls  # beam search's rows: 3 per source
+    with_graphs(model, monkeypatch)
+    n_eager = len(calls)
+    assert_same_hypotheses(beam_search(model, src, lengths, 8, beam=3), want, 1e-4)
+    assert len(calls) > n_eager
+
+
+def test_fused_attention_switch(monkeypatch):
+    from grnn_fairseq.attention import fused
+    from grnn_fairseq.kernels import triton_attention
+
+    keys = torch.zeros(2, 2, 4, device=DEVICE)
+    monkeypatch.setitem(triton_attention.VARIANT, "attention", "yes")
+    with pytest.raises(ValueError, match="GRNN_TRITON_ATTENTION='yes': expected 0 or 1"):
+        fused(keys)
+    monkeypatch.setitem(triton_attention.VARIANT, "attention", "1")
+    monkeypatch.setenv("GRNN_BACKEND", "triton")
+    assert fused(keys)
+    monkeypatch.setenv("GRNN_BACKEND", "torch")
+    assert not fused(keys)  # only where the recurrence runs on Triton
 
 
 def test_unknown_cell_or_dtype_is_refused():
@@ -754,8 +955,9 @@ def test_kernels_compile_for_h100():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    code = ("from grnn_fairseq.kernels.triton_rnn import compile_check; "
-            "print('compiled', compile_check(90))")
+    code = ("from grnn_fairseq.kernels import triton_attention, triton_rnn; "
+            "print('compiled', triton_rnn.compile_check(90), "
+            "triton_attention.compile_check(90))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
@@ -763,5 +965,5 @@ def test_kernels_compile_for_h100():
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 2 dtypes x (3 cells x (forward, backward, step, training step's backward) + the
     # LSTM's other scan variants: a forward that polls by loads with resident weights, a
-    # backward that polls by loads)
-    assert "compiled 28" in proc.stdout
+    # backward that polls by loads), and the attention's forward and backward in each dtype
+    assert "compiled 28 4" in proc.stdout

@@ -16,7 +16,7 @@ import contextlib
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from grnn_fairseq import engine
-from grnn_fairseq.kernels import triton_rnn
+from grnn_fairseq.kernels import triton_attention, triton_rnn
 
 # operators that run no kernel on a GPU (views, allocations, metadata)
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze",
@@ -24,7 +24,8 @@ NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "
              "detach", "alias", "as_strided", "empty", "empty_like", "new_empty",
              "new_empty_strided", "empty_strided", "unsafe_split", "_reshape_alias",
              "lift_fresh", "promote_types", "is_same_size"}
-KERNELS = ("_decode_step", "_step_bwd", "_scan_fwd", "_scan_bwd")
+KERNELS = ((triton_rnn, ("_decode_step", "_step_bwd", "_scan_fwd", "_scan_bwd")),
+           (triton_attention, ("_attention_fwd", "_attention_bwd")))
 
 
 class Recorder(TorchDispatchMode):
@@ -61,10 +62,11 @@ def launches(ops):
 
 
 def count_triton_kernels(current):
-    """Replace the Triton kernels of ``triton_rnn`` with :class:`CountedKernel`s that count
+    """Replace the Triton kernels (``KERNELS``) with :class:`CountedKernel`s that count
     into ``current[0]`` (a Recorder, or None: not counted)."""
-    for name in KERNELS:
-        setattr(triton_rnn, name, CountedKernel(name, getattr(triton_rnn, name), current))
+    for module, names in KERNELS:
+        for name in names:
+            setattr(module, name, CountedKernel(name, getattr(module, name), current))
 
 
 class NoLaunch:
@@ -75,9 +77,10 @@ class NoLaunch:
 
 
 def no_launches():
-    """Make every Triton kernel of ``triton_rnn`` a no-op."""
-    for name in KERNELS:
-        setattr(triton_rnn, name, NoLaunch())
+    """Make every Triton kernel (``KERNELS``) a no-op."""
+    for module, names in KERNELS:
+        for name in names:
+            setattr(module, name, NoLaunch())
 
 
 _ENGINE = (engine.resolve_backend, engine._interpreting)

@@ -31,12 +31,17 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 from test_models import build_mt, prev_tokens, source_batch  # noqa: E402
 
-from grnn_fairseq.kernels import triton_rnn  # noqa: E402
+from grnn_fairseq.kernels import triton_attention, triton_rnn  # noqa: E402
 from launch_count import Recorder, count_triton_kernels, launches, NO_KERNEL  # noqa: E402
 
-def count(cell, groups, train_step, t_len):
+MODES = {"separate": ("0", "0", "separate autograd ops (default)"),
+         "step": ("1", "0", "fused training step (GRNN_TRITON_TRAIN_STEP=1)"),
+         "step+attention": ("1", "1", "fused step and attention (+ATTENTION=1)")}
+
+
+def count(cell, groups, mode, t_len):
     """-> (forward Counter, backward Counter) of one training forward + backward."""
-    triton_rnn.VARIANT["train_step"] = "1" if train_step else "0"
+    triton_rnn.VARIANT["train_step"], triton_attention.VARIANT["attention"], _ = MODES[mode]
     torch.manual_seed(0)
     model = build_mt(cell=cell, groups=groups, dropout=0.2, extra=[
         "--encoder-layers", "4", "--decoder-layers", "4", "--encoder-embed-dim", "32",
@@ -58,8 +63,8 @@ def count(cell, groups, train_step, t_len):
     return forward.ops, backward.ops
 
 
-def per_position(cell, groups, train_step):
-    (f5, b5), (f10, b10) = (count(cell, groups, train_step, t) for t in (5, 10))
+def per_position(cell, groups, mode):
+    (f5, b5), (f10, b10) = (count(cell, groups, mode, t) for t in (5, 10))
     out = []
     for a, b in ((f10, f5), (b10, b5)):
         diff = collections.Counter(a)
@@ -79,11 +84,9 @@ print(f"{'cell':<5} {'decoder step':<48} {'K':>2} {'fwd launches':>12} {'bwd lau
       f"{'fwd calls':>9} {'bwd calls':>9}")
 detail = []
 for cell in ("lstm", "gru"):
-    for train_step in (False, True):
-        label = ("fused training step (GRNN_TRITON_TRAIN_STEP=1)" if train_step
-                 else "separate autograd ops (default)")
+    for mode, (_, _, label) in MODES.items():
         for k in (1, 4):
-            fwd, bwd = per_position(cell, k, train_step)
+            fwd, bwd = per_position(cell, k, mode)
             print(f"{cell:<5} {label:<48} {k:>2} {launches(fwd):>12.1f} {launches(bwd):>12.1f} "
                   f"{sum(fwd.values()):>9.1f} {sum(bwd.values()):>9.1f}", flush=True)
             detail.append((cell, label, k, fwd, bwd))

@@ -1,0 +1,318 @@
+"""RNNSearch's additive attention for one target position as one Triton kernel each way.
+
+    e_ij = v^T tanh(q_i + k_j)      alpha_ij = softmax_j(e_ij)      c_i = sum_j alpha_ij h_j
+
+(Bahdanau et al. 2015, Eq. 6 and A.1.2; q_i = W s_{i-1} + b, k_j = U h_j.)  The decoder of
+RNNSearch attends once per target position, in training too (input feeding), and in PyTorch
+ops that is about a dozen launches forward and fifteen backward per position, each a few
+microseconds of host time on a GPU, where the arithmetic takes less
+(``results/gpu_h100/step_launches.txt``).  Here (``GRNN_TRITON_ATTENTION=1``):
+
+* forward (:func:`_attention_fwd`), one program per query row: the energies in fp32
+  blocks of (sources x attention units), the mask, an online softmax (running maximum and
+  sum), then the context in blocks of value units.  The energies go to the fp32 weights
+  buffer, which is normalised in place into alpha and saved for the backward.
+* backward (:func:`_attention_bwd`), one program per query row: d alpha_j = dc_i . h_j
+  (plus any gradient of the returned weights), de_j = alpha_j (d alpha_j - sum_j alpha_j
+  d alpha_j), and with t = tanh(q_i + k_j) recomputed (nothing of size [S, B, A] is
+  saved): dq_i = sum_j de_j v (1 - t^2), the keys' gradient de_j v (1 - t^2), and the
+  row's share of dv = sum_j de_j t (summed over the rows on the host: deterministic, no
+  atomics).
+* the keys' gradient of a sequence of positions (:func:`sequence_keys`, training) is
+  added in place into one fp32 buffer by every position's backward kernel, instead of
+  autograd making and adding an [S, B, A] tensor per position; the values' gradient is
+  handed to the attention's ``ValueGrads`` (``attention.py``) as the PyTorch path does.
+  Both hand-overs happen only if autograd will run the sequence's node in the same
+  backward (as in ``triton_rnn._TritonStep``).
+
+The query projection stays a cuBLAS product.  Every size (sources, rows, units) is a
+runtime value: nothing recompiles per batch.  Beam search's rows share their source's
+keys and values (``rows_per_source``); with a gradient of the keys (training) the rows
+must be one per source, since each program then owns its source's keys' gradient.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention import SequenceInput
+from ..errors import ConfigError
+
+BLOCK_S, BLOCK_A, BLOCK_V = 16, 64, 64
+
+# GRNN_TRITON_ATTENTION=0|1: RNNSearch's attention runs as these kernels where the
+# recurrence runs on Triton (off until timed on a GPU: scripts/gpu-checks.sh).
+VARIANT = {"attention": os.environ.get("GRNN_TRITON_ATTENTION", "0")}
+
+
+def attention_on():
+    """Whether VARIANT['attention'] is on (GRNN_TRITON_ATTENTION, checked)."""
+    value = VARIANT["attention"]
+    if value not in ("0", "1"):
+        raise ConfigError(f"GRNN_TRITON_ATTENTION={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _energy_tile(q_row, k_ptr, v_ptr, offs_s, ms, n, N, A, a0, BLOCK_A: tl.constexpr):
+    """t = tanh(q + k) for one block of sources x attention units, in fp32, and v."""
+    offs_a = a0 + tl.arange(0, BLOCK_A)
+    ma = offs_a < A
+    q = tl.load(q_row + offs_a, mask=ma, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs_a, mask=ma, other=0.0).to(tl.float32)
+    rows = (offs_s.to(tl.int64) * N + n) * A
+    mk = ms[:, None] & ma[None, :]
+    k = tl.load(k_ptr + rows[:, None] + offs_a[None, :], mask=mk, other=0.0).to(tl.float32)
+    return _tanh(k + q[None, :]), v, offs_a, ma, rows, mk
+
+
+@triton.jit(do_not_specialize=["B", "S", "N", "E", "A", "V", "sm_s", "sm_n"])
+def _attention_fwd(q_ptr, k_ptr, v_ptr, val_ptr, mask_ptr, w_ptr, ctx_ptr, B, S, N, E, A, V,
+                   sm_s, sm_n, HAS_MASK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    """Row r of q [B, A] over source n = r // E of keys [S, N, A], values [S, N, V], mask
+    [S, N] (nonzero = pad; strides sm_s, sm_n) -> w [S, B] fp32 (alpha) and ctx [B, V]."""
+    r = tl.program_id(0)
+    n = r // E
+    q_row = q_ptr + r.to(tl.int64) * A
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ms = offs_s < S
+        e = tl.zeros([BLOCK_S], tl.float32)
+        for a0 in range(0, A, BLOCK_A):
+            t, v, offs_a, ma, rows, mk = _energy_tile(q_row, k_ptr, v_ptr, offs_s, ms, n, N,
+                                                       A, a0, BLOCK_A)
+            e += tl.sum(t * v[None, :], axis=1)
+        valid = ms
+        if HAS_MASK:
+            pad = tl.load(mask_ptr + offs_s.to(tl.int64) * sm_s + n * sm_n, mask=ms, other=1)
+            valid = ms & (pad == 0)
+        e = tl.where(valid, e, float("-inf"))
+        tl.store(w_ptr + offs_s.to(tl.int64) * B + r, e, mask=ms)
+        m_new = tl.maximum(m_run, tl.max(e, axis=0))
+        # blocks of pads only (left padding) leave the maximum at -inf: shift by 0 there
+        # (the sum stays 0); every source has a real token (its EOS), so it ends finite
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_run = l_run * tl.exp(m_run - shift) + tl.sum(tl.exp(e - shift), axis=0)
+        m_run = m_new
+    tl.debug_barrier()  # the energies written above are read back by other threads
+    inv = 1.0 / l_run
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ms = offs_s < S
+        w_off = offs_s.to(tl.int64) * B + r
+        e = tl.load(w_ptr + w_off, mask=ms, other=float("-inf"))
+        tl.store(w_ptr + w_off, tl.exp(e - m_run) * inv, mask=ms)
+    tl.debug_barrier()
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mv = offs_v < V
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            ms = offs_s < S
+            alpha = tl.load(w_ptr + offs_s.to(tl.int64) * B + r, mask=ms, other=0.0)
+            rows = (offs_s.to(tl.int64) * N + n) * V
+            h = tl.load(val_ptr + rows[:, None] + offs_v[None, :],
+                        mask=ms[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(alpha[:, None] * h, axis=0)
+        tl.store(ctx_ptr + r.to(tl.int64) * V + offs_v, acc.to(ctx_ptr.dtype.element_ty),
+                 mask=mv)
+
+
+@triton.jit(do_not_specialize=["B", "S", "N", "E", "A", "V"])
+def _attention_bwd(dctx_ptr, dw_ptr, w_ptr, q_ptr, k_ptr, v_ptr, val_ptr, da_ptr, dq_ptr,
+                   dk_ptr, dv_ptr, B, S, N, E, A, V, HAS_DW: tl.constexpr, KEYS: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The backward of :func:`_attention_fwd` for row r: dq [B, A], the row's dv [B, A]
+    (fp32) and, KEYS = 1 stored or 2 added in place, the keys' gradient dk [S, N, A]
+    (fp32); da [S, B] fp32 is scratch."""
+    r = tl.program_id(0)
+    n = r // E
+    r64 = r.to(tl.int64)
+    q_row = q_ptr + r64 * A
+    dot = tl.zeros([1], tl.float32)  # sum_j alpha_j d alpha_j
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ms = offs_s < S
+        w_off = offs_s.to(tl.int64) * B + r
+        da = tl.zeros([BLOCK_S], tl.float32)
+        rows = (offs_s.to(tl.int64) * N + n) * V
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mv = offs_v < V
+            dc = tl.load(dctx_ptr + r64 * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+            h = tl.load(val_ptr + rows[:, None] + offs_v[None, :],
+                        mask=ms[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            da += tl.sum(h * dc[None, :], axis=1)
+        if HAS_DW:
+            da += tl.load(dw_ptr + w_off, mask=ms, other=0.0).to(tl.float32)
+        alpha = tl.load(w_ptr + w_off, mask=ms, other=0.0)
+        tl.store(da_ptr + w_off, da, mask=ms)
+        dot += tl.sum(alpha * da, axis=0)
+    tl.debug_barrier()
+    for a0 in range(0, A, BLOCK_A):
+        dq = tl.zeros([BLOCK_A], tl.float32)
+        dv = tl.zeros([BLOCK_A], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            ms = offs_s < S
+            w_off = offs_s.to(tl.int64) * B + r
+            alpha = tl.load(w_ptr + w_off, mask=ms, other=0.0)
+            da = tl.load(da_ptr + w_off, mask=ms, other=0.0)
+            de = alpha * (da - dot)  # 0 at padded sources, whose alpha is 0
+            t, v, offs_a, ma, rows, mk = _energy_tile(q_row, k_ptr, v_ptr, offs_s, ms, n, N,
+                                                       A, a0, BLOCK_A)
+            dt = de[:, None] * v[None, :] * (1.0 - t * t)
+            dq += tl.sum(dt, axis=0)
+            dv += tl.sum(de[:, None] * t, axis=0)
+            if KEYS == 1:
+                tl.store(dk_ptr + rows[:, None] + offs_a[None, :], dt, mask=mk)
+            if KEYS == 2:
+                dk = dk_ptr + rows[:, None] + offs_a[None, :]
+                tl.store(dk, tl.load(dk, mask=mk, other=0.0) + dt, mask=mk)
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        ma = offs_a < A
+        tl.store(dq_ptr + r64 * A + offs_a, dq.to(dq_ptr.dtype.element_ty), mask=ma)
+        tl.store(dv_ptr + r64 * A + offs_a, dv, mask=ma)
+
+
+class KeyGrads:
+    """The keys' gradient [S, N, A] (fp32) of the positions of one sequence, added in
+    place by each position's backward kernel, for :class:`_SequenceKeys`."""
+
+    __slots__ = ("sum",)
+
+    def __init__(self):
+        self.sum = None
+
+    def buffer(self, keys):
+        if self.sum is None:
+            self.sum = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+        return self.sum
+
+
+class _SequenceKeys(SequenceInput):
+    """The keys of one sequence's attention; backward, which autograd runs after every
+    position's :class:`_FusedAttention`, their summed gradient, plus any that reached the
+    keys some other way."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, given):
+        total, ctx.grads.sum = ctx.grads.sum, None
+        if total is None:
+            return None, given
+        return None, total if given is None else given + total
+
+
+def sequence_keys(keys):
+    """keys [S, N, A] for the positions of one target sequence -> (keys, grads): pass both
+    to every position's :func:`attention_triton` and the keys' gradient is summed in
+    place, once for all positions.  Without autograd: (keys, None)."""
+    if not (keys.requires_grad and torch.is_grad_enabled()):
+        return keys, None
+    grads = KeyGrads()
+    return _SequenceKeys.apply(grads, keys), grads
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key_grads, value_grads, rows, q, keys, v, values, mask):
+        s, n, a = keys.shape
+        b, vdim = q.shape[0], values.shape[2]
+        # the sequence's nodes (before any copy, which would have none)
+        ctx.keys_node = keys.grad_fn if key_grads is not None else None
+        ctx.values_node = values.grad_fn if value_grads is not None else None
+        q, keys, v, values = (t.contiguous() for t in (q, keys, v, values))
+        weights = torch.empty(s, b, dtype=torch.float32, device=q.device)
+        context = torch.empty(b, vdim, dtype=values.dtype, device=q.device)
+        # the mask is read through its strides (fairseq's is a transposed view)
+        pad = mask.view(torch.uint8) if mask is not None else weights
+        _attention_fwd[(b,)](q, keys, v, values, pad, weights, context, b, s, n, rows, a, vdim,
+                             *(pad.stride() if mask is not None else (0, 0)),
+                             HAS_MASK=mask is not None, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
+                             BLOCK_V=BLOCK_V)
+        ctx.rows, ctx.key_grads, ctx.value_grads = rows, key_grads, value_grads
+        ctx.save_for_backward(q, keys, v, values, weights)
+        ctx.set_materialize_grads(False)
+        return context, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_context, d_weights):
+        q, keys, v, values, weights = ctx.saved_tensors
+        s, n, a = keys.shape
+        b, vdim = q.shape[0], values.shape[2]
+        need_q, need_k, need_v, need_values = ctx.needs_input_grad[3:7]
+        if d_context is None:
+            d_context = torch.zeros(b, vdim, dtype=values.dtype, device=q.device)
+        d_context = d_context.contiguous()
+        keys_mode, d_keys = 0, None
+        if ctx.key_grads is not None:
+            if torch._C._will_engine_execute_node(ctx.keys_node):
+                keys_mode, d_keys = 2, ctx.key_grads.buffer(keys)
+        elif need_k:
+            keys_mode = 1
+            d_keys = torch.empty(s, n, a, dtype=torch.float32, device=q.device)
+        if keys_mode and ctx.rows != 1:
+            raise ValueError("fused attention: the keys' gradient needs one query row per "
+                             f"source, got {ctx.rows}")
+        scratch = torch.empty_like(weights)
+        d_q = torch.empty_like(q)
+        dv_rows = torch.empty(b, a, dtype=torch.float32, device=q.device)
+        dw = d_weights.contiguous() if d_weights is not None else weights
+        _attention_bwd[(b,)](d_context, dw, weights, q, keys, v, values, scratch, d_q,
+                             d_keys if d_keys is not None else weights, dv_rows,
+                             b, s, n, ctx.rows, a, vdim, HAS_DW=d_weights is not None,
+                             KEYS=keys_mode, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
+                             BLOCK_V=BLOCK_V)
+        d_values = None
+        alpha = weights.view(s, n, ctx.rows).to(values.dtype)
+        d_ctx = d_context.view(n, ctx.rows, vdim)
+        if ctx.value_grads is not None:
+            if torch._C._will_engine_execute_node(ctx.values_node):
+                ctx.value_grads.weights.append(alpha)
+                ctx.value_grads.d_context.append(d_ctx)
+        elif need_values:
+            d_values = torch.einsum("sne,nev->snv", alpha, d_ctx.to(alpha.dtype))
+        return (None, None, None, d_q if need_q else None,
+                d_keys if keys_mode == 1 else None,
+                dv_rows.sum(0) if need_v else None, d_values, None)
+
+
+def attention_triton(q, keys, v, values, padding_mask=None, rows_per_source=1,
+                     key_grads=None, value_grads=None):
+    """q [B, A] (W s + b), keys [S, N, A], v [A], values [S, N, V], padding_mask [S, N]
+    (True = pad), B = N * rows_per_source -> (context [B, V] in the values' dtype, alpha
+    [S, B] fp32).  key_grads / value_grads: from :func:`sequence_keys` and
+    ``AdditiveAttention.sequence_values``, with the keys and values they returned."""
+    return _FusedAttention.apply(key_grads, value_grads, rows_per_source, q, keys, v, values,
+                                 padding_mask)
+
+
+def compile_check(arch=90, dtypes=("bf16", "fp32")):
+    """Compile both kernels for a CUDA target, every feature on (see
+    ``triton_rnn.compile_check``) -> the number compiled."""
+    from .triton_rnn import compile_kernel
+
+    n = 0
+    blocks = dict(BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A, BLOCK_V=BLOCK_V)
+    for dt in dtypes:
+        compile_kernel(_attention_fwd, dict(
+            q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", val_ptr=f"*{dt}", mask_ptr="*u8",
+            w_ptr="*fp32", ctx_ptr=f"*{dt}"), dict(blocks, HAS_MASK=True), arch)
+        compile_kernel(_attention_bwd, dict(
+            dctx_ptr=f"*{dt}", dw_ptr="*fp32", w_ptr="*fp32", q_ptr=f"*{dt}", k_ptr=f"*{dt}",
+            v_ptr=f"*{dt}", val_ptr=f"*{dt}", da_ptr="*fp32", dq_ptr=f"*{dt}", dk_ptr="*fp32",
+            dv_ptr="*fp32"), dict(blocks, HAS_DW=True, KEYS=2), arch)
+        n += 2
+    return n
