@@ -10,8 +10,8 @@ microseconds of host time on a GPU, where the arithmetic takes less
 
 * forward (:func:`_attention_fwd`), one program per query row: the energies in fp32
   blocks of (sources x attention units), the mask, an online softmax (running maximum and
-  sum), then the context in blocks of value units.  The energies go to the fp32 weights
-  buffer, which is normalised in place into alpha and saved for the backward.
+  sum), then the context in blocks of value units.  The energies go to an fp32 scratch
+  buffer, and alpha to the fp32 weights, which are saved for the backward.
 * backward (:func:`_attention_bwd`), one program per query row: d alpha_j = dc_i . h_j
   (plus any gradient of the returned weights), de_j = alpha_j (d alpha_j - sum_j alpha_j
   d alpha_j), and with t = tanh(q_i + k_j) recomputed (nothing of size [S, B, A] is
@@ -73,11 +73,13 @@ def _energy_tile(q_row, k_ptr, v_ptr, offs_s, ms, n, N, A, a0, BLOCK_A: tl.const
 
 
 @triton.jit(do_not_specialize=["B", "S", "N", "E", "A", "V", "sm_s", "sm_n"])
-def _attention_fwd(q_ptr, k_ptr, v_ptr, val_ptr, mask_ptr, w_ptr, ctx_ptr, B, S, N, E, A, V,
-                   sm_s, sm_n, HAS_MASK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
-                   BLOCK_V: tl.constexpr):
+def _attention_fwd(q_ptr, k_ptr, v_ptr, val_ptr, mask_ptr, e_ptr, w_ptr, ctx_ptr,
+                   B, S, N, E, A, V, sm_s, sm_n, HAS_MASK: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr):
     """Row r of q [B, A] over source n = r // E of keys [S, N, A], values [S, N, V], mask
-    [S, N] (nonzero = pad; strides sm_s, sm_n) -> w [S, B] fp32 (alpha) and ctx [B, V]."""
+    [S, N] (nonzero = pad; strides sm_s, sm_n) -> w [S, B] fp32 (alpha) and ctx [B, V];
+    e [S, B] fp32 is scratch (the energies: alpha is written apart from them, so that no
+    thread reads an element that another has already overwritten)."""
     r = tl.program_id(0)
     n = r // E
     q_row = q_ptr + r.to(tl.int64) * A
@@ -96,7 +98,7 @@ def _attention_fwd(q_ptr, k_ptr, v_ptr, val_ptr, mask_ptr, w_ptr, ctx_ptr, B, S,
             pad = tl.load(mask_ptr + offs_s.to(tl.int64) * sm_s + n * sm_n, mask=ms, other=1)
             valid = ms & (pad == 0)
         e = tl.where(valid, e, float("-inf"))
-        tl.store(w_ptr + offs_s.to(tl.int64) * B + r, e, mask=ms)
+        tl.store(e_ptr + offs_s.to(tl.int64) * B + r, e, mask=ms)
         m_new = tl.maximum(m_run, tl.max(e, axis=0))
         # blocks of pads only (left padding) leave the maximum at -inf: shift by 0 there
         # (the sum stays 0); every source has a real token (its EOS), so it ends finite
@@ -109,7 +111,7 @@ def _attention_fwd(q_ptr, k_ptr, v_ptr, val_ptr, mask_ptr, w_ptr, ctx_ptr, B, S,
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ms = offs_s < S
         w_off = offs_s.to(tl.int64) * B + r
-        e = tl.load(w_ptr + w_off, mask=ms, other=float("-inf"))
+        e = tl.load(e_ptr + w_off, mask=ms, other=float("-inf"))
         tl.store(w_ptr + w_off, tl.exp(e - m_run) * inv, mask=ms)
     tl.debug_barrier()
     for v0 in range(0, V, BLOCK_V):
@@ -237,7 +239,8 @@ class _FusedAttention(torch.autograd.Function):
         context = torch.empty(b, vdim, dtype=values.dtype, device=q.device)
         # the mask is read through its strides (fairseq's is a transposed view)
         pad = mask.view(torch.uint8) if mask is not None else weights
-        _attention_fwd[(b,)](q, keys, v, values, pad, weights, context, b, s, n, rows, a, vdim,
+        _attention_fwd[(b,)](q, keys, v, values, pad, torch.empty_like(weights), weights,
+                             context, b, s, n, rows, a, vdim,
                              *(pad.stride() if mask is not None else (0, 0)),
                              HAS_MASK=mask is not None, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
                              BLOCK_V=BLOCK_V)
@@ -309,7 +312,7 @@ def compile_check(arch=90, dtypes=("bf16", "fp32")):
     for dt in dtypes:
         compile_kernel(_attention_fwd, dict(
             q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", val_ptr=f"*{dt}", mask_ptr="*u8",
-            w_ptr="*fp32", ctx_ptr=f"*{dt}"), dict(blocks, HAS_MASK=True), arch)
+            e_ptr="*fp32", w_ptr="*fp32", ctx_ptr=f"*{dt}"), dict(blocks, HAS_MASK=True), arch)
         compile_kernel(_attention_bwd, dict(
             dctx_ptr=f"*{dt}", dw_ptr="*fp32", w_ptr="*fp32", q_ptr=f"*{dt}", k_ptr=f"*{dt}",
             v_ptr=f"*{dt}", val_ptr=f"*{dt}", da_ptr="*fp32", dq_ptr=f"*{dt}", dk_ptr="*fp32",
