@@ -1,6 +1,6 @@
-"""Host time of fairseq's beam search with RNNSearch's decoder, eager and from CUDA graphs
-(GRNN_DECODE_GRAPHS=1), measured without a GPU: what a host-bound beam search on the GPU
-costs the CPU.
+"""Host time of fairseq's beam search with RNNSearch's decoder, eager (with PyTorch's or
+the fused attention, GRNN_TRITON_ATTENTION=1) and from CUDA graphs (GRNN_DECODE_GRAPHS=1),
+measured without a GPU: what a host-bound beam search on the GPU costs the CPU.
 
 The CUDA code path runs on CPU tensors at a tiny width (16), so each operator costs about
 its dispatch, as a launch does on the host: the Triton launches are no-ops (as in
@@ -28,7 +28,8 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 from test_models import SRC_V, TGT_V, build_mt, make_dict, source_batch  # noqa: E402
 
 from grnn_fairseq import decode_graphs  # noqa: E402
-from launch_count import cuda_path, no_launches  # noqa: E402
+from grnn_fairseq.kernels import triton_attention  # noqa: E402
+from launch_count import cuda_path, no_launches, round_robin  # noqa: E402
 
 LENGTH, BEAM, ROUNDS = 20, 5, 15
 WIDE = ["--encoder-layers", "4", "--decoder-layers", "4"]
@@ -64,9 +65,13 @@ def fairseq_lstm():
     return LSTMModel.build_model(args, task)
 
 
-def make_case(cell, groups, graphs):
+MODES = ("eager", "attention", "graphs")
+
+
+def make_case(cell, groups, mode):
     """-> a call that runs one beam search and returns (µs per decoder forward, µs per
-    beam-search step); cell None: fairseq's lstm_luong_wmt_en_de."""
+    beam-search step); cell None: fairseq's lstm_luong_wmt_en_de; mode one of MODES."""
+    graphs = mode == "graphs"
     torch.manual_seed(0)
     model = (fairseq_lstm() if cell is None
              else build_mt(cell=cell, groups=groups, extra=WIDE)).eval()
@@ -94,6 +99,7 @@ def make_case(cell, groups, graphs):
 
     def run():
         os.environ["GRNN_DECODE_GRAPHS"] = "1" if graphs else "0"
+        triton_attention.VARIANT["attention"] = "1" if mode == "attention" else "0"
         spent[:] = [0.0, 0]
         t0 = time.perf_counter()
         gen.forward(sample)
@@ -106,25 +112,22 @@ no_launches()
 CONFIGS = [(cell, k) for cell in ("lstm", "gru") for k in (1, 4)]
 with torch.no_grad(), cuda_path():
     # every case once per round, round-robin, so that the machine's drifts hit all alike
-    cases = [make_case(cell, k, graphs) for cell, k in CONFIGS for graphs in (False, True)]
-    cases.append(make_case(None, 1, False))
-    for run in cases:
-        run()  # warm-up
-    times = [[] for _ in cases]
-    for _ in range(ROUNDS):
-        for run, ts in zip(cases, times):
-            ts.append(run())
+    cases = [make_case(cell, k, mode) for cell, k in CONFIGS for mode in MODES]
+    cases.append(make_case(None, 1, "eager"))
+    times = round_robin(cases, ROUNDS)
 print(f"host time per beam-search step (µs, median of {ROUNDS} searches, the cases "
       f"round-robin), RNNSearch with 4 "
       f"decoder layers at width 16, beam {BEAM}, 6 sentences x {LENGTH} tokens, "
       f"{torch.get_num_threads()} thread(s); launches and replays are no-ops")
-print(f"{'cell':<5} {'K':>2} {'decoder eager':>13} {'decoder graphs':>14} {'ratio':>6} "
-      f"{'search eager':>12} {'search graphs':>13} {'ratio':>6}")
+print("(attention: eager with the fused attention; ratios: eager's time / the mode's)")
+print(f"{'cell':<5} {'K':>2} {'part':<8} {'eager':>6} {'attention':>9} {'ratio':>6} "
+      f"{'graphs':>6} {'ratio':>6}")
 med = [tuple(statistics.median(t[i] for t in ts) for i in (0, 1)) for ts in times]
 for n, (cell, k) in enumerate(CONFIGS):
-    (de, se), (dg, sg) = med[2 * n], med[2 * n + 1]
-    print(f"{cell:<5} {k:>2} {de:>13.0f} {dg:>14.0f} {de / dg:>6.2f} {se:>12.0f} "
-          f"{sg:>13.0f} {se / sg:>6.2f}")
+    for i, part in enumerate(("decoder", "search")):
+        e, a, g = (med[len(MODES) * n + j][i] for j in range(len(MODES)))
+        print(f"{cell:<5} {k:>2} {part:<8} {e:>6.0f} {a:>9.0f} {e / a:>6.2f} {g:>6.0f} "
+              f"{e / g:>6.2f}")
 de, se = med[-1]
 print(f"fairseq's lstm_luong_wmt_en_de (eager; LSTMCell as CPU ops): decoder {de:.0f}, "
       f"search {se:.0f}")

@@ -34,6 +34,7 @@ from test_decode_graphs import FakeRecorder  # noqa: E402
 from test_models import build_mt, source_batch  # noqa: E402
 
 from grnn_fairseq import decode_graphs  # noqa: E402
+from grnn_fairseq.kernels import triton_attention  # noqa: E402
 
 WIDE = ["--encoder-layers", "4", "--decoder-layers", "4", "--encoder-embed-dim", "32",
         "--decoder-embed-dim", "32", "--encoder-hidden-size", "32",
@@ -67,8 +68,15 @@ class CountedReplays(FakeRecorder):
         return outputs, counted_replay
 
 
-def count(cell, groups, graphs):
+MODES = {"eager": "eager (default)",
+         "attention": "eager, GRNN_TRITON_ATTENTION=1",
+         "graphs": "CUDA graphs (GRNN_DECODE_GRAPHS=1)"}
+
+
+def count(cell, groups, mode):
     """-> (decoder ops, generator's other ops, decoder steps, graphs recorded)."""
+    graphs = mode == "graphs"
+    triton_attention.VARIANT["attention"] = "1" if mode == "attention" else "0"
     torch.manual_seed(0)
     model = build_mt(cell=cell, groups=groups, extra=WIDE).eval()
     _, src, lengths = source_batch((7, 3, 5, 2, 9, 4), seed=5)
@@ -119,9 +127,9 @@ print(f"{'cell':<5} {'K':>2} {'decoder step':<34} {'launches':>8} {'calls':>6} "
 detail = []
 for cell in ("lstm", "gru"):
     for k in (1, 4):
-        for graphs in (False, True):
-            dec, rest, steps, recorded = count(cell, k, graphs)
-            label = "CUDA graphs (GRNN_DECODE_GRAPHS=1)" if graphs else "eager (default)"
+        for mode, label in MODES.items():
+            dec, rest, steps, recorded = count(cell, k, mode)
+            graphs = mode == "graphs"
             per = {n: v / steps for n, v in dec.items()}
             print(f"{cell:<5} {k:>2} {label:<34} {launches(per):>8.1f} {sum(per.values()):>6.1f} "
                   f"{launches(rest) / steps:>18.1f} {sum(rest.values()) / steps:>15.1f} "

@@ -100,3 +100,16 @@ def cuda_path(on=True):
         yield
     finally:
         engine.resolve_backend, engine._interpreting = saved
+
+
+def round_robin(cases, rounds):
+    """Run each call of ``cases`` once untimed, then ``rounds`` times, every case once per
+    round (so that the machine's drifts hit all alike) -> per case the list of what its
+    calls returned."""
+    for run in cases:
+        run()  # warm-up
+    times = [[] for _ in cases]
+    for _ in range(rounds):
+        for run, ts in zip(cases, times):
+            ts.append(run())
+    return times
