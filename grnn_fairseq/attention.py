@@ -61,34 +61,55 @@ class AdditiveAttention(nn.Module):
         grads = ValueGrads()
         return _SequenceValues.apply(grads, values), grads
 
-    @staticmethod
-    def sequence_keys(keys):
+    def sequence_keys(self, keys):
         """keys [S, N, A] for the positions of one target sequence -> (keys, grads), as
-        :meth:`sequence_values`: where the attention is :func:`fused`, the keys' gradient
-        is summed in place for all positions; otherwise (keys, None)."""
+        :meth:`sequence_values`: where the attention is :func:`fused`, the gradients of
+        the keys and of v are summed in place for all positions; otherwise (keys, None)."""
         if not (keys.requires_grad and torch.is_grad_enabled() and fused(keys)):
             return keys, None
         from .kernels import triton_attention
 
-        return triton_attention.sequence_keys(keys)
+        return triton_attention.sequence_keys(keys, self.score.weight[0])
+
+    def sequence_projection(self):
+        """The query projection (W, b, grads) for the positions of one target sequence:
+        pass it to every position's :meth:`forward`, and dW and db are computed once for
+        all positions, as one product over their rows (:class:`_SequenceProjection`; under
+        autocast W and b are cast once).  Without autograd: None."""
+        weight, bias = self.query_proj.weight, self.query_proj.bias
+        if not (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)):
+            return None
+        amp = engine.autocast_dtype(weight.device.type)
+        grads = ProjectionGrads()
+        weight, bias = _SequenceProjection.apply(
+            grads, weight.dtype if amp is None else amp, weight, bias)
+        return weight, bias, grads
+
+    def project_query(self, query, projection=None):
+        """W s + b: query [B, Q] -> [B, A]; projection: from :meth:`sequence_projection`."""
+        if projection is None:
+            return self.query_proj(query)
+        weight, bias, grads = projection
+        return _Projection.apply(grads, query, weight, bias)
 
     def forward(self, query, keys, values, padding_mask=None, rows_per_source=1,
-                value_grads=None, key_grads=None):
+                value_grads=None, key_grads=None, projection=None):
         """query: [B, Q]  keys: [S, N, A]  values: [S, N, V]  padding_mask: [S, N] (True = pad)
         where query row r attends over source r // rows_per_source (N = B / rows_per_source:
         beam search keeps the encoder outputs once per source, see
         ``RNNSearchEncoder.reorder_encoder_out``) -> (context [B, V], weights [B, S]).
         value_grads / key_grads: from :meth:`sequence_values` / :meth:`sequence_keys`, with
-        the values / keys they returned."""
+        the values / keys they returned; projection: from :meth:`sequence_projection`."""
         s, n = keys.shape[:2]
         if key_grads is not None or fused(keys):
             from .kernels.triton_attention import attention_triton
 
             context, weights = attention_triton(
-                self.query_proj(query), keys, self.score.weight[0], values, padding_mask,
+                self.project_query(query, projection), keys, self.score.weight[0], values,
+                padding_mask,
                 rows_per_source, key_grads, value_grads)
             return context, weights.t().to(context.dtype)
-        q2 = self.query_proj(query).mul(2).view(1, n, rows_per_source, -1)
+        q2 = self.project_query(query, projection).mul(2).view(1, n, rows_per_source, -1)
         # 2 (W s + U h) in one pass, the sigmoid in place (autograd keeps its output), then
         # a matrix-vector product (nn.Linear with one output is several times slower on CPU)
         hidden = torch.add(q2, keys.unsqueeze(2), alpha=2).sigmoid_()  # [S, N, E, A]
@@ -118,24 +139,17 @@ class ValueGrads:
         self.weights, self.d_context = [], []
 
 
-class SequenceInput(torch.autograd.Function):
-    """Identity on an input that every position of one sequence reads, keeping the
-    collector ``grads`` of their gradients: a subclass's backward, which autograd runs
-    after every position's, sums them (:class:`_SequenceValues`,
-    ``triton_attention._SequenceKeys``)."""
+class _SequenceValues(torch.autograd.Function):
+    """The values of one sequence's attention: forward as they are; backward, which
+    autograd runs after every position's :class:`_HandOver`, dh = sum_i alpha_i dc_i for
+    all positions as one batched product over the sources, plus any gradient that
+    reached the values some other way."""
 
     @staticmethod
-    def forward(ctx, grads, tensor):
+    def forward(ctx, grads, values):
         ctx.grads = grads
         ctx.set_materialize_grads(False)
-        return tensor.view_as(tensor)
-
-
-class _SequenceValues(SequenceInput):
-    """The values of one sequence's attention; backward, which autograd runs after every
-    position's :class:`_HandOver`, dh = sum_i alpha_i dc_i for all positions as one
-    batched product over the sources, plus any gradient that reached the values some
-    other way."""
+        return values.view_as(values)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -170,3 +184,63 @@ class _HandOver(torch.autograd.Function):
             ctx.grads.weights.append(ctx.saved_tensors[0])
             ctx.grads.d_context.append(d_context)
         return None, None, None, d_context
+
+
+class ProjectionGrads:
+    """The query projection's inputs s_{i-1} [B, Q] and output gradients dq_i [B, A] of
+    the positions of one sequence, for :class:`_SequenceProjection`."""
+
+    __slots__ = ("queries", "d_out")
+
+    def __init__(self):
+        self.queries, self.d_out = [], []
+
+
+class _SequenceProjection(torch.autograd.Function):
+    """The query projection's W and b for the positions of one sequence: forward as they
+    are (in ``dtype``: autocast's, cast once); backward, which autograd runs after every
+    position's :class:`_Projection`, dW = sum_i dq_i^T s_{i-1} as one product over all
+    positions' rows and db = sum_i dq_i, plus any gradient from elsewhere.  Per position
+    that saves a product, a sum and autograd's two additions into W's and b's sums."""
+
+    @staticmethod
+    def forward(ctx, grads, dtype, weight, bias):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return tuple(w.view_as(w) if w.dtype == dtype else w.to(dtype) for w in (weight, bias))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_weight, d_bias):
+        grads = ctx.grads
+        if grads.d_out:
+            d_out, queries = torch.cat(grads.d_out), torch.cat(grads.queries)
+            grads.d_out.clear()
+            grads.queries.clear()
+            dw, db = d_out.t().mm(queries), d_out.sum(0)
+            d_weight = dw if d_weight is None else d_weight + dw
+            d_bias = db if d_bias is None else d_bias + db
+        return None, None, d_weight, d_bias  # autograd casts each to its parameter's dtype
+
+
+class _Projection(torch.autograd.Function):
+    """q = W s + b at one position; its backward returns ds = dq W and hands (s, dq) to
+    the sequence's :class:`ProjectionGrads` instead of computing dW and db, if autograd
+    will run :class:`_SequenceProjection` in the same backward (as :class:`_HandOver`)."""
+
+    @staticmethod
+    def forward(ctx, grads, query, weight, bias):
+        ctx.grads, ctx.weights_node = grads, weight.grad_fn
+        query = query.to(weight.dtype)
+        ctx.save_for_backward(query, weight)
+        return torch.addmm(bias, query, weight.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        query, weight = ctx.saved_tensors
+        d_query = d_out.mm(weight) if ctx.needs_input_grad[1] else None
+        if torch._C._will_engine_execute_node(ctx.weights_node):
+            ctx.grads.queries.append(query)
+            ctx.grads.d_out.append(d_out)
+        return None, d_query, None, None

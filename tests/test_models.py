@@ -578,25 +578,96 @@ def test_attention_sequence_values_give_the_same_gradients(rows):
         assert max_diff(a, b) < 1e-12 and max_diff(a, c) < 1e-12
 
 
+def test_attention_sequence_projection_gives_the_same_gradients(monkeypatch):
+    """The query projection at several positions with ``sequence_projection`` (dW and db
+    once for all positions): the gradients of W, b and the queries are those of projecting
+    at each position apart (float64, a gradient of W and b from elsewhere too, every
+    position handed over); a backward of the queries only leaves nothing behind, and two
+    full backwards through a retained graph give twice one."""
+    import grnn_fairseq.attention as attention
+
+    handed = []
+    real = attention.ProjectionGrads.__init__
+    monkeypatch.setattr(attention.ProjectionGrads, "__init__",
+                        lambda self: real(self) or handed.append(self))
+    torch.manual_seed(0)
+    att = AdditiveAttention(7, 6, 5).double()
+    s, n, t = 4, 3, 5
+    keys = torch.randn(s, n, 5, dtype=torch.float64)
+    values = torch.randn(s, n, 6, dtype=torch.float64)
+    queries = torch.randn(t, n, 7, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(t, n, 6, dtype=torch.float64)
+    weight, bias = att.query_proj.weight, att.query_proj.bias
+
+    def loss(sequence):
+        proj = att.sequence_projection() if sequence else None
+        w, b = (weight, bias) if proj is None else proj[:2]
+        contexts = torch.stack([att(q, keys, values, None, 1, projection=proj)[0]
+                                for q in queries])
+        return (contexts * probe).sum() + w.pow(2).sum() + b.sin().sum()
+
+    inputs = (weight, bias, queries)
+    want = torch.autograd.grad(loss(False), inputs)
+    total = loss(True)
+    torch.autograd.grad(total, [queries], retain_graph=True)
+    assert not handed[0].d_out  # nothing handed over for a backward of the queries only
+    got = torch.autograd.grad(total, inputs, retain_graph=True)
+    for a, b in zip(want, got):
+        assert max_diff(a, b) < 1e-12
+    total.backward(retain_graph=True)
+    total.backward()
+    for x, g in zip(inputs, got):
+        assert max_diff(x.grad, 2 * g) < 1e-12
+    assert att.sequence_projection() is not None
+    with torch.no_grad():
+        assert att.sequence_projection() is None
+
+
+def test_attention_sequence_projection_under_autocast():
+    """Under autocast the projection's W and b are cast once for the sequence; the
+    queries and the parameters' gradients keep their dtypes and agree with F.linear's."""
+    torch.manual_seed(0)
+    att = AdditiveAttention(8, 6, 4)
+    keys, values = torch.randn(3, 2, 4), torch.randn(3, 2, 6)
+    queries = torch.randn(3, 2, 8, requires_grad=True)
+    results = []
+    for sequence in (False, True):
+        att.zero_grad()
+        queries.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            proj = att.sequence_projection() if sequence else None
+            if sequence:
+                assert proj[0].dtype == proj[1].dtype == torch.bfloat16
+            out = torch.stack([att(q, keys, values, None, 1, projection=proj)[0]
+                               for q in queries])
+        out.float().pow(2).sum().backward()
+        results.append([att.query_proj.weight.grad, att.query_proj.bias.grad, queries.grad])
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+
+
 def test_rnnsearch_trains_with_sequence_values(monkeypatch):
     """RNNSearch's decoder in training hands every position's attention to
-    ``sequence_values`` and gets the gradients of attending at each position apart."""
+    ``sequence_values`` and its query projection to ``sequence_projection``, and gets the
+    gradients of attending at each position apart."""
     import grnn_fairseq.attention as attention
 
     _, src, lengths = source_batch()
     prev = prev_tokens(src.shape[0], 6)
     calls, results = [], []
-    real = attention._HandOver.apply
-    monkeypatch.setattr(attention._HandOver, "apply", lambda *a: calls.append(1) or real(*a))
+    for fn in (attention._HandOver, attention._Projection):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: calls.append(1) or real(*a))
     for sequence in (True, False):
         if not sequence:
             monkeypatch.setattr(AdditiveAttention, "sequence_values",
                                 staticmethod(lambda values: (values, None)))
+            monkeypatch.setattr(AdditiveAttention, "sequence_projection", lambda self: None)
         model = build_mt(cell="gru", groups=2, rate=0.5).double()
         logits, _ = model(src, lengths, prev)
         torch.log_softmax(logits, -1).sum().backward()
         results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert len(calls) == 6  # every target position, with sequence_values only
+    assert len(calls) == 2 * 6  # every target position, with the sequence's sums only
     assert results[0].keys() == results[1].keys()
     for name, grad in results[1].items():
         assert max_diff(results[0][name], grad) < 1e-10, name

@@ -588,17 +588,17 @@ def test_fused_attention_refuses_a_keys_gradient_over_shared_rows():
 
 def test_fused_attention_sums_a_sequence_of_positions(monkeypatch):
     """Several target positions over the same keys and values, their gradients summed once
-    (``sequence_keys`` in place, ``sequence_values``), against the float64 formula per
-    position, with gradients of the keys and values from elsewhere too; a backward of the
-    queries only leaves nothing behind, and two full backwards through the retained graph
-    give exactly twice one."""
+    (``sequence_keys`` in place, v's too, and ``sequence_values``), against the float64
+    formula per position, with gradients of the keys, v and the values from elsewhere
+    too; a backward of the queries only leaves nothing behind, and two full backwards
+    through the retained graph give exactly twice one."""
     from grnn_fairseq.attention import AdditiveAttention
     from grnn_fairseq.kernels import triton_attention
 
     buffers = []
-    real = triton_attention.KeyGrads.buffer
-    monkeypatch.setattr(triton_attention.KeyGrads, "buffer",
-                        lambda self, k: buffers.append(1) or real(self, k))
+    real = triton_attention.KeyGrads.buffers
+    monkeypatch.setattr(triton_attention.KeyGrads, "buffers",
+                        lambda self, *a: buffers.append(1) or real(self, *a))
     s, n, t_len = 20, 3, 4
     _, keys, v, values = _attention_inputs(s, n, 1, 9, 7, torch.float32)
     queries = torch.randn(t_len, n, 9, device=DEVICE, requires_grad=True)
@@ -608,9 +608,9 @@ def test_fused_attention_sums_a_sequence_of_positions(monkeypatch):
     def loss_of(fused):
         k, h = keys, values
         if fused:
-            k, key_grads = triton_attention.sequence_keys(keys)
+            k, key_grads = triton_attention.sequence_keys(keys, v)
             h, value_grads = AdditiveAttention.sequence_values(values)
-        total = 0.1 * (k.pow(2).sum() + h.sum())  # gradients from elsewhere
+        total = 0.1 * (k.pow(2).sum() + h.sum() + v.exp().sum())  # gradients from elsewhere
         for i in range(t_len):
             if fused:
                 c, a = triton_attention.attention_triton(queries[i], k, v, h, mask, 1,
@@ -626,7 +626,7 @@ def test_fused_attention_sums_a_sequence_of_positions(monkeypatch):
     torch.testing.assert_close(first.double(), want[0].double(), atol=1e-5, rtol=1e-5)
     assert not buffers  # the keys' sum was not touched by a backward of the queries only
     once = torch.autograd.grad(loss, inputs, retain_graph=True)
-    assert len(buffers) == t_len  # every position added its keys' gradient in place
+    assert len(buffers) == t_len  # every position added its keys' and v's gradients in place
     for name, got, w in zip("queries keys v values".split(), once, want):
         torch.testing.assert_close(got.double(), w.double(), atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"d {name}: {m}")

@@ -18,9 +18,9 @@ microseconds of host time on a GPU, where the arithmetic takes less
   saved): dq_i = sum_j de_j v (1 - t^2), the keys' gradient de_j v (1 - t^2), and the
   row's share of dv = sum_j de_j t (summed over the rows on the host: deterministic, no
   atomics).
-* the keys' gradient of a sequence of positions (:func:`sequence_keys`, training) is
-  added in place into one fp32 buffer by every position's backward kernel, instead of
-  autograd making and adding an [S, B, A] tensor per position; the values' gradient is
+* the gradients of the keys and of v of a sequence of positions (:func:`sequence_keys`,
+  training) are added in place into fp32 buffers by every position's backward kernel,
+  instead of autograd making and adding an [S, B, A] tensor per position; the values' gradient is
   handed to the attention's ``ValueGrads`` (``attention.py``) as the PyTorch path does.
   Both hand-overs happen only if autograd will run the sequence's node in the same
   backward (as in ``triton_rnn._TritonStep``).
@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import SequenceInput
 from ..errors import ConfigError
 
 BLOCK_S, BLOCK_A, BLOCK_V = 16, 64, 64
@@ -135,8 +134,8 @@ def _attention_bwd(dctx_ptr, dw_ptr, w_ptr, q_ptr, k_ptr, v_ptr, val_ptr, da_ptr
                    dk_ptr, dv_ptr, B, S, N, E, A, V, HAS_DW: tl.constexpr, KEYS: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr):
     """The backward of :func:`_attention_fwd` for row r: dq [B, A], the row's dv [B, A]
-    (fp32) and, KEYS = 1 stored or 2 added in place, the keys' gradient dk [S, N, A]
-    (fp32); da [S, B] fp32 is scratch."""
+    (fp32) and, KEYS = 1 stored or 2 added in place (dv too), the keys' gradient dk
+    [S, N, A] (fp32); da [S, B] fp32 is scratch."""
     r = tl.program_id(0)
     n = r // E
     r64 = r.to(tl.int64)
@@ -184,46 +183,59 @@ def _attention_bwd(dctx_ptr, dw_ptr, w_ptr, q_ptr, k_ptr, v_ptr, val_ptr, da_ptr
         offs_a = a0 + tl.arange(0, BLOCK_A)
         ma = offs_a < A
         tl.store(dq_ptr + r64 * A + offs_a, dq.to(dq_ptr.dtype.element_ty), mask=ma)
+        if KEYS == 2:
+            dv += tl.load(dv_ptr + r64 * A + offs_a, mask=ma, other=0.0)
         tl.store(dv_ptr + r64 * A + offs_a, dv, mask=ma)
 
 
 class KeyGrads:
-    """The keys' gradient [S, N, A] (fp32) of the positions of one sequence, added in
-    place by each position's backward kernel, for :class:`_SequenceKeys`."""
+    """The gradients of the keys [S, N, A] and of v, per query row [B, A] (both fp32), of
+    the positions of one sequence, added in place by each position's backward kernel, for
+    :class:`_SequenceKeys`."""
 
-    __slots__ = ("sum",)
+    __slots__ = ("sums",)
 
     def __init__(self):
-        self.sum = None
+        self.sums = None
 
-    def buffer(self, keys):
-        if self.sum is None:
-            self.sum = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-        return self.sum
+    def buffers(self, keys, rows):
+        """-> (dk, dv) to add into: zeros at the first position of a backward."""
+        if self.sums is None:
+            self.sums = tuple(torch.zeros(shape, dtype=torch.float32, device=keys.device)
+                              for shape in (keys.shape, (rows, keys.shape[2])))
+        return self.sums
 
 
-class _SequenceKeys(SequenceInput):
-    """The keys of one sequence's attention; backward, which autograd runs after every
-    position's :class:`_FusedAttention`, their summed gradient, plus any that reached the
-    keys some other way."""
+class _SequenceKeys(torch.autograd.Function):
+    """The keys of one sequence's attention: forward as they are; backward, which autograd
+    runs after every position's :class:`_FusedAttention`, the keys' summed gradient plus
+    any that reached them some other way, and v's (the positions return none for v: it
+    is an input here for this gradient only)."""
+
+    @staticmethod
+    def forward(ctx, grads, keys, v):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return keys.view_as(keys)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, given):
-        total, ctx.grads.sum = ctx.grads.sum, None
-        if total is None:
-            return None, given
-        return None, total if given is None else given + total
+        sums, ctx.grads.sums = ctx.grads.sums, None
+        if sums is None:
+            return None, given, None
+        return None, sums[0] if given is None else given + sums[0], sums[1].sum(0)
 
 
-def sequence_keys(keys):
-    """keys [S, N, A] for the positions of one target sequence -> (keys, grads): pass both
-    to every position's :func:`attention_triton` and the keys' gradient is summed in
-    place, once for all positions.  Without autograd: (keys, None)."""
+def sequence_keys(keys, v):
+    """keys [S, N, A] and v [A] for the positions of one target sequence -> (keys, grads):
+    pass both to every position's :func:`attention_triton`, and the gradients of the keys
+    and of v are summed in place, once for all positions.  Without autograd: (keys,
+    None)."""
     if not (keys.requires_grad and torch.is_grad_enabled()):
         return keys, None
     grads = KeyGrads()
-    return _SequenceKeys.apply(grads, keys), grads
+    return _SequenceKeys.apply(grads, keys, v), grads
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -259,10 +271,11 @@ class _FusedAttention(torch.autograd.Function):
         if d_context is None:
             d_context = torch.zeros(b, vdim, dtype=values.dtype, device=q.device)
         d_context = d_context.contiguous()
-        keys_mode, d_keys = 0, None
+        keys_mode, d_keys, dv_rows = 0, None, None
         if ctx.key_grads is not None:
             if torch._C._will_engine_execute_node(ctx.keys_node):
-                keys_mode, d_keys = 2, ctx.key_grads.buffer(keys)
+                keys_mode = 2  # added into the sequence's sums, dv too
+                d_keys, dv_rows = ctx.key_grads.buffers(keys, b)
         elif need_k:
             keys_mode = 1
             d_keys = torch.empty(s, n, a, dtype=torch.float32, device=q.device)
@@ -271,7 +284,8 @@ class _FusedAttention(torch.autograd.Function):
                              f"source, got {ctx.rows}")
         scratch = torch.empty_like(weights)
         d_q = torch.empty_like(q)
-        dv_rows = torch.empty(b, a, dtype=torch.float32, device=q.device)
+        if dv_rows is None:
+            dv_rows = torch.empty(b, a, dtype=torch.float32, device=q.device)
         dw = d_weights.contiguous() if d_weights is not None else weights
         _attention_bwd[(b,)](d_context, dw, weights, q, keys, v, values, scratch, d_q,
                              d_keys if d_keys is not None else weights, dv_rows,
@@ -289,7 +303,7 @@ class _FusedAttention(torch.autograd.Function):
             d_values = torch.einsum("sne,nev->snv", alpha, d_ctx.to(alpha.dtype))
         return (None, None, None, d_q if need_q else None,
                 d_keys if keys_mode == 1 else None,
-                dv_rows.sum(0) if need_v else None, d_values, None)
+                dv_rows.sum(0) if need_v and keys_mode != 2 else None, d_values, None)
 
 
 def attention_triton(q, keys, v, values, padding_mask=None, rows_per_source=1,

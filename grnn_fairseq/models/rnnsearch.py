@@ -271,13 +271,15 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         # in training, the values' gradient once for all positions (attention.py)
         values, value_grads = self.attention.sequence_values(encoder_out["values"])
         keys, key_grads = self.attention.sequence_keys(keys)
+        projection = self.attention.sequence_projection()
         emb = self.dropout_embed(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # [T, B, E]
         tops, contexts, attns = [], [], []
         rnn_weights = self.rnn.step_weights()  # restricted pools gathered once, not per step
         query = from_grouped(states[-1][0])  # s_{i-1}: the top layer's state
         for y in emb.unbind(0):
             query, states, context, weights = self._position(
-                y, query, states, keys, values, pad, rows, rnn_weights, value_grads, key_grads)
+                y, query, states, keys, values, pad, rows, rnn_weights,
+                (value_grads, key_grads, projection))
             tops.append(query)
             contexts.append(context)
             attns.append(weights)
@@ -290,13 +292,13 @@ class RNNSearchDecoder(FairseqIncrementalDecoder):
         return out.transpose(0, 1), torch.stack(attns, dim=1)
 
     def _position(self, y, query, states, keys, values, pad, rows, rnn_weights,
-                  value_grads=None, key_grads=None):
+                  sequence=(None, None, None)):
         """One target position (Eq. 4-6 before the readout): y [B, E] the previous token's
-        embedding, query s_{i-1} [B, H]; values and value_grads from
-        ``attention.sequence_values``, keys and key_grads from ``attention.sequence_keys``
-        -> (s_i [B, H], new states, c_i [B, V], attention weights [B, S])."""
-        context, weights = self.attention(query, keys, values, pad, rows, value_grads,
-                                          key_grads)
+        embedding, query s_{i-1} [B, H]; sequence: (value_grads, key_grads, projection)
+        from the attention's ``sequence_values``, ``sequence_keys`` (with the values and
+        keys they returned) and ``sequence_projection``, for training -> (s_i [B, H], new
+        states, c_i [B, V], attention weights [B, S])."""
+        context, weights = self.attention(query, keys, values, pad, rows, *sequence)
         # the top layer's output is its new state s_i, already in [B, H] (no copy)
         query, states = self.rnn.step(torch.cat([y, context], dim=-1), states, rnn_weights)
         return query, states, context, weights
