@@ -6,8 +6,8 @@ target positions of one batch, in PyTorch ops against the fused Triton kernels
 
 Modes:
   train   T positions with autograd over the same keys and values, their gradients summed
-          once per sequence as RNNSearch's decoder does (sequence_keys, sequence_values),
-          then the backward of all of them
+          once per sequence as RNNSearch's decoder does (sequence_keys, sequence_values,
+          sequence_projection), then the backward of all of them
   decode  T positions without autograd, --beam rows per source (beam search)
 
 Defaults: WMT14 sizes (query 1000, values 2000 = a bidirectional encoder of 1000, attention
@@ -82,7 +82,9 @@ def make_run(args, mode, device):
         with torch.set_grad_enabled(train):
             k, key_grads = att.sequence_keys(keys)
             h, value_grads = att.sequence_values(values)
-            outs = [att(q, k, h, mask, rows, value_grads, key_grads)[0] for q in queries]
+            projection = att.sequence_projection()
+            outs = [att(q, k, h, mask, rows, value_grads, key_grads, projection)[0]
+                    for q in queries]
             if train:
                 torch.stack(outs).backward(grad)
     return run
