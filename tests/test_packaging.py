@@ -56,3 +56,19 @@ def test_layers_import_without_fairseq():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch.Size([3, 1, 8])" in r.stdout
+
+
+def test_every_environment_variable_the_package_reads_is_in_the_readme():
+    """Each ``"GRNN_..."`` name in the package's code (Python and C++, the variables it
+    reads) has a row in the README's table of environment variables, and each row names
+    one that the code still reads."""
+    import re
+
+    pkg = ROOT / "grnn_fairseq"
+    read = set()
+    for path in list(pkg.rglob("*.py")) + list(pkg.rglob("*.cpp")):
+        read |= set(re.findall(r'"(GRNN_[A-Z_]+)"', path.read_text()))
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Environment variables", 1)[1].split("\n### ", 1)[0]
+    rows = set(re.findall(r"^\| `(GRNN_[A-Z_]+)` \|", table, re.M))
+    assert read and rows == read, (sorted(read - rows), sorted(rows - read))
