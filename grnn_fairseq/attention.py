@@ -18,9 +18,12 @@ their gradient is dh_j = sum_i alpha_ij dc_i.  Summed by autograd, that is a ful
 instead collects (alpha_i, dc_i) and computes the sum as one batched product after the
 first position (:class:`_SequenceValues`).
 
-Where the recurrence runs on Triton and ``GRNN_TRITON_ATTENTION=1``, a position's attention
-is one kernel each way (``kernels/triton_attention.py``), whose keys' gradient is also
-summed once per sequence (:meth:`AdditiveAttention.sequence_keys`).
+The query projection's weight gradients are likewise summed once per sequence
+(:meth:`AdditiveAttention.sequence_projection`: one product over all positions' rows in
+place of a product, a sum and two additions per position).  Where the recurrence runs on
+Triton and ``GRNN_TRITON_ATTENTION=1``, a position's attention is one kernel each way
+(``kernels/triton_attention.py``), whose gradients of the keys and of v are also summed
+once per sequence, in place (:meth:`AdditiveAttention.sequence_keys`).
 """
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,9 @@ from . import engine
 def fused(keys):
     """Whether attention over ``keys`` runs as the Triton kernels: GRNN_TRITON_ATTENTION=1
     and the recurrence's backend on their device is ``triton``."""
-    if keys.device.type != "cuda" and not engine._interpreting() or not engine.triton_available():
+    if keys.device.type != "cuda" and not engine._interpreting():
+        return False
+    if not engine.triton_available():
         return False
     from .kernels import triton_attention
 
@@ -106,9 +111,8 @@ class AdditiveAttention(nn.Module):
 
             context, weights = attention_triton(
                 self.project_query(query, projection), keys, self.score.weight[0], values,
-                padding_mask,
-                rows_per_source, key_grads, value_grads)
-            return context, weights.t().to(context.dtype)
+                padding_mask, rows_per_source, key_grads, value_grads)
+            return context, weights.t()  # fp32 (the softmax's dtype): no cast per position
         q2 = self.project_query(query, projection).mul(2).view(1, n, rows_per_source, -1)
         # 2 (W s + U h) in one pass, the sigmoid in place (autograd keeps its output), then
         # a matrix-vector product (nn.Linear with one output is several times slower on CPU)

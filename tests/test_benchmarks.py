@@ -347,10 +347,11 @@ fi
 
 def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
     """scripts/gpu-checks.sh first (one call of a 15-minute lease): the kernel tests that need
-    a GPU, then the variants, decode, training steps, attention, GRU and RNN timings, then the fairseq half-precision
-    tests and the other kernel tests, each logged to $OUT with its time cap; with too little
-    time left a part is not started and is listed, and the stage fails.  The two parts of
-    the kernel tests select, between them, every test of the file, each once."""
+    a GPU, then the variants, decode, training steps, attention, GRU and RNN timings, then
+    the fairseq half-precision tests and the other kernel tests, each logged to $OUT with
+    its time cap; with too little time left a part is not started and is listed, and the
+    stage fails.  The two parts of the kernel tests select, between them, every test of
+    the file, each once."""
     fake, calls = _fake_gpu_python(tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_CHECKS_SECONDS="400")
@@ -375,7 +376,8 @@ def test_gpu_checks_first_runs_its_parts_in_order_within_its_deadline(tmp_path):
     assert logs == sorted(["triton_tests_gpu.txt", "decode_graphs_tests.txt",
                            "bench_layer_cuda_variants.txt",
                            "bench_layer_cuda_decode.txt", "bench_layer_cuda_steps.txt",
-                           "bench_attention_cuda.txt", "bench_layer_cuda_gru.txt", "bench_layer_cuda_rnn.txt",
+                           "bench_attention_cuda.txt", "bench_layer_cuda_gru.txt",
+                           "bench_layer_cuda_rnn.txt",
                            "gpu_training_tests.txt", "triton_tests_rest.txt"])
     first = (out / "triton_tests_gpu.txt").read_text()
     assert first.startswith("device: Fake GPU") and "stopped after 150s" in first

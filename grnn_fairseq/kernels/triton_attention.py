@@ -4,8 +4,8 @@
 
 (Bahdanau et al. 2015, Eq. 6 and A.1.2; q_i = W s_{i-1} + b, k_j = U h_j.)  The decoder of
 RNNSearch attends once per target position, in training too (input feeding), and in PyTorch
-ops that is about a dozen launches forward and fifteen backward per position, each a few
-microseconds of host time on a GPU, where the arithmetic takes less
+ops that is about 8 launches forward and 11 backward per position besides the query
+projection, each a few microseconds of host time on a GPU, where the arithmetic takes less
 (``results/gpu_h100/step_launches.txt``).  Here (``GRNN_TRITON_ATTENTION=1``):
 
 * forward (:func:`_attention_fwd`), one program per query row: the energies in fp32
@@ -20,12 +20,13 @@ microseconds of host time on a GPU, where the arithmetic takes less
   atomics).
 * the gradients of the keys and of v of a sequence of positions (:func:`sequence_keys`,
   training) are added in place into fp32 buffers by every position's backward kernel,
-  instead of autograd making and adding an [S, B, A] tensor per position; the values' gradient is
-  handed to the attention's ``ValueGrads`` (``attention.py``) as the PyTorch path does.
-  Both hand-overs happen only if autograd will run the sequence's node in the same
-  backward (as in ``triton_rnn._TritonStep``).
+  instead of autograd making and adding an [S, B, A] tensor per position; the values'
+  gradient is handed to the attention's ``ValueGrads`` (``attention.py``) as the PyTorch
+  path does.  Both hand-overs happen only if autograd will run the sequence's node in the
+  same backward (as in ``triton_rnn._TritonStep``).
 
-The query projection stays a cuBLAS product.  Every size (sources, rows, units) is a
+The query projection stays a cuBLAS product (its weight gradients once per sequence:
+``AdditiveAttention.sequence_projection``).  Every size (sources, rows, units) is a
 runtime value: nothing recompiles per batch.  Beam search's rows share their source's
 keys and values (``rows_per_source``); with a gradient of the keys (training) the rows
 must be one per source, since each program then owns its source's keys' gradient.
@@ -239,6 +240,10 @@ def sequence_keys(keys, v):
 
 
 class _FusedAttention(torch.autograd.Function):
+    """One position's attention (:func:`attention_triton`): one launch each way, plus in
+    the backward the values' hand-over (or their gradient) and, outside a sequence, the
+    sum of the rows' shares of dv."""
+
     @staticmethod
     def forward(ctx, key_grads, value_grads, rows, q, keys, v, values, mask):
         s, n, a = keys.shape
