@@ -152,15 +152,16 @@ def step_weights(weights, cell, backend=None):
 
 
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,
-               backend=None, grads=None):
+               backend=None, grads=None, out_shuffle=False):
     """One step of a whole layer in one launch (input projection, recurrence and cell
     fused), on the ``triton`` backend: every cell without autograd (decoding); with
     autograd where GRNN_TRITON_TRAIN_STEP=1
     (:class:`~grnn_fairseq.kernels.triton_rnn._TritonStep`: its backward is one launch for
     the cell and the products with the weights).  x_t: [B, I]; state: tuple of [K, B, m];
     weights as in :func:`project_input` and :func:`scan`; grads: the ``grads`` of the
-    :class:`StepWeights` they came from, or None.  -> (out [B, K*m], new state), or None
-    (then use project_input + recurrent_step)."""
+    :class:`StepWeights` they came from, or None; out_shuffle: out in the order of the
+    rearrangement between layers (written so by the kernel: no copy).  -> (out [B, K*m],
+    new state), or None (then use project_input + recurrent_step)."""
     # cheapest tests first: on CPU this runs once per layer and token, and returns None
     if cell not in CELLS["triton"] or (x_t.device.type != "cuda" and not _interpreting()):
         return None
@@ -180,11 +181,11 @@ def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_sh
     extra = {"grads": grads} if grad else {}
     if amp is None:  # the common case, kept cheap: this runs once per layer and token
         return step(cell, x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle,
-                    **extra)
+                    out_shuffle, **extra)
     with torch.autocast(x_t.device.type, enabled=False):
         return step(cell, x_t.to(amp), tuple(s.to(amp) for s in state),
                     *(t.to(amp) for t in (weight_ih, bias_ih, weight_hh, bias_hh)),
-                    time_shuffle, **extra)
+                    time_shuffle, out_shuffle, **extra)
 
 
 def _any_requires_grad(*tensors):

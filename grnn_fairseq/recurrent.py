@@ -87,20 +87,24 @@ class RecurrentLayer(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out, finals
 
-    def step(self, x_t, state, weights=None):
+    def step(self, x_t, state, weights=None, shuffle_out=False):
         """One step of a unidirectional layer (incremental decoding).
         x_t: [B, I]; state: tuple of [K, B, m]; weights: this layer's entry of
-        ``RecurrentStack.step_weights()`` (computed once for many steps) or None
+        ``RecurrentStack.step_weights()`` (computed once for many steps) or None;
+        shuffle_out: h_t in the order of the rearrangement between layers
+        (``rearrange(h_t, K)``, what the next layer reads), made without a second copy
         -> (h_t [B, H], new state)."""
         w_ih, w_hh, b_ih, b_hh = weights if weights is not None else self.directions[0]()
         fused = engine.fused_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
                                   self.time_shuffle, self.backend,
-                                  getattr(weights, "grads", None))
+                                  getattr(weights, "grads", None), shuffle_out)
         if fused is not None:
             return fused
         gx = engine.project_input(x_t, w_ih, b_ih)
         h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
                                              self.cell, self.time_shuffle, self.backend)
+        if shuffle_out:  # unit k*m + j at j*K + k: [K, B, m] -> [B, m, K], one copy
+            return h.permute(1, 2, 0).reshape(h.shape[1], -1), new_state
         return from_grouped(h), new_state
 
 
@@ -255,10 +259,18 @@ class RecurrentStack(nn.Module):
         """One time step of a unidirectional stack (incremental decoding).
         x_t: [B, I]; states: per layer a tuple of [K, B, m] (``zero_state`` layout without
         the direction level); weights: ``step_weights()`` or None
-        -> (h_t of the top layer [B, H], new states)."""
+        -> (h_t of the top layer [B, H], new states).
+
+        With the rearrangement between layers, each layer below the top writes its output
+        already rearranged (``RecurrentLayer.step(shuffle_out=True)``: the Triton step
+        kernel stores it so; otherwise one copy instead of two), and the dropout follows
+        the shuffle instead of preceding it (the same distribution)."""
         new_states = []
+        top = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x_t, s = layer.step(self._layer_input(i, x_t), states[i],
-                                None if weights is None else weights[i])
+            x_t, s = layer.step(x_t, states[i], None if weights is None else weights[i],
+                                shuffle_out=self.layer_shuffle and i < top)
             new_states.append(s)
+            if i < top:
+                x_t = self.dropout(x_t)
         return x_t, new_states

@@ -360,13 +360,15 @@ def test_training_step_matches_reference(monkeypatch, cell, k, rearr, rate):
     upstream = [torch.randn(3, b, width, device=DEVICE)] + [
         torch.randn(k, b, width // k, device=DEVICE) for _ in range(2)]
     time_shuffle = k > 1 and rearr in ("time", "both")
+    layer_shuffle = k > 1 and rearr in ("layer", "both")  # the lower layer's out, rearranged
     states = ["h0", "c0", "h0'", "c0'"] if cell == "lstm" else ["h0", "h0'"]
     names = ["x"] + [n for n, _ in ref.named_parameters()] + states
     for sequence in (False, True):
         calls.clear()
         (o_ref, s_ref, g_ref), (o_fused, s_fused, g_fused) = (
             _steps_with_grad(stack, xs, start, upstream, sequence) for stack in (ref, fused))
-        assert calls == [(cell, time_shuffle, sequence)] * 6
+        assert calls == [(cell, (time_shuffle, layer_shuffle), sequence),
+                         (cell, (time_shuffle, False), sequence)] * 3
         torch.testing.assert_close(o_fused, o_ref, atol=2e-5, rtol=1e-4)
         for a, b_ in zip(s_ref, s_fused):
             for x, y in zip(a, b_):
@@ -408,8 +410,10 @@ def test_sequence_weights_gradients_per_backward(monkeypatch):
 def test_training_step_reads_gradients_through_their_strides(cell):
     """Autograd hands the step's backward gradients of any layout (the unshuffled gradient
     of the next step is a permuted view): gradients of out, h_t (and c_t) that are strided
-    views give the reference step's gradients, with and without the shuffle."""
+    views give the reference step's gradients, with and without the time shuffle, and
+    with out in the order of the rearrangement between layers (out_shuffle)."""
     from grnn_fairseq.kernels import triton_rnn
+    from grnn_fairseq.rearrangement import rearrange
     from grnn_fairseq.recurrent import from_grouped
 
     k, m, b = 4, 8, 5
@@ -422,17 +426,21 @@ def test_training_step_reads_gradients_through_their_strides(cell):
     names = ["x", "w_ih", "b_ih", "w_hh", "b_hh", "h0"] + (["c0"] if cell == "lstm" else [])
     inputs = [p[n] for n in names]
     upstream = [d_out, d_h, d_c][:len(names) - 4]
-    for shuffle in (False, True):
+    for shuffle, out_shuffle in ((False, False), (True, False), (True, True), (False, True)):
         gx = engine.project_input(p["x"], p["w_ih"], p["b_ih"])
         h, state = engine.recurrent_step(gx, tuple(inputs[5:]), p["w_hh"].transpose(1, 2),
                                          p["b_hh"].unsqueeze(1), cell, shuffle,
                                          backend="reference")
-        want = torch.autograd.grad([from_grouped(h)] + list(state), inputs, upstream)
-        outs = triton_rnn._TritonStep.apply(cell, shuffle, None, *inputs)
+        out = rearrange(from_grouped(h), k) if out_shuffle else from_grouped(h)
+        want_out = out.detach()
+        want = torch.autograd.grad([out] + list(state), inputs, upstream)
+        outs = triton_rnn._TritonStep.apply(cell, (shuffle, out_shuffle), None, *inputs)
+        torch.testing.assert_close(outs[0], want_out, atol=1e-5, rtol=1e-5)
         got = torch.autograd.grad(list(outs), inputs, upstream)
         for name, a, b_ in zip(names, want, got):
-            torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4,
-                                       msg=lambda msg: f"shuffle={shuffle}, {name}: {msg}")
+            torch.testing.assert_close(
+                b_, a, atol=1e-4, rtol=1e-4,
+                msg=lambda msg: f"shuffle={shuffle}, out_shuffle={out_shuffle}, {name}: {msg}")
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])

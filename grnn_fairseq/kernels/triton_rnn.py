@@ -812,19 +812,30 @@ def _rnn_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_
     return h
 
 
+@triton.jit
+def _out_column(k, offs_j, K: tl.constexpr, M: tl.constexpr, OUT_SHUFFLE: tl.constexpr):
+    """[1, J] columns of units k*M + offs_j in a layer's output: unit order, or with
+    OUT_SHUFFLE the rearranged order (unit k*M + j at j*K + k)."""
+    if OUT_SHUFFLE:
+        col = offs_j * K + k
+    else:
+        col = k * M + offs_j
+    return col.to(tl.int64)[None, :]
+
 @triton.jit(do_not_specialize=["B"])
 def _decode_step(
     x_ptr, wih_ptr, bih_ptr, whh_ptr, bhh_ptr, h_ptr, c_ptr, h_new_ptr, c_new_ptr, out_ptr,
     act_ptr, op_ptr, B,
     CELL: tl.constexpr, K: tl.constexpr, M: tl.constexpr, MI: tl.constexpr,
     SHUFFLE: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, OUT_SHUFFLE: tl.constexpr,
 ):
     """One step of one layer for a tile (batch tile, group k, m-units tile), the input
     projection, the recurrent product and the cell fused.  x: [B, K*MI];
     W_ih: [K, G*M, MI]; W_hh: [K, G*M, M]; h, c (in and out; c for the LSTM only, unused
     dummies for the GRU and RNN): [K, B, M]; out: [B, K*M] (the layer output, unit
-    order).  SAVE (the training step, :class:`_TritonStep`): also what the backward needs,
+    order; with OUT_SHUFFLE in the order of the rearrangement between layers, unit k*M + j
+    at j*K + k, which the next layer reads as it is).  SAVE (the training step, :class:`_TritonStep`): also what the backward needs,
     into act [K, B, A*M] (A = 4 LSTM, 4 GRU, 1 RNN, fp32) and, with SHUFFLE, the shuffled
     operand into op [K, B, M] (dummies otherwise)."""
     G = _gates(CELL) * M
@@ -853,8 +864,10 @@ def _decode_step(
                             offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B,
                             BLOCK_J, BLOCK_R, PRECISION)
     tl.store(h_new_ptr + state, h.to(h_new_ptr.dtype.element_ty), mask=bm)
-    tl.store(out_ptr + offs_b64[:, None] * (K * M) + (k * M + offs_j)[None, :],
-             h.to(out_ptr.dtype.element_ty), mask=bm)
+    out_cols = _out_column(k, offs_j, K, M, OUT_SHUFFLE)
+    tl.store(out_ptr + offs_b64[:, None] * (K * M) + out_cols, h.to(out_ptr.dtype.element_ty),
+             mask=bm)
+
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -862,12 +875,14 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
               act_ptr, st_ptr, dg_ptr, dgh_ptr, dst_ptr, dhp_ptr, B,
               CELL: tl.constexpr, K: tl.constexpr, M: tl.constexpr, SHUFFLE: tl.constexpr,
               HAS_DOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
-              DIRECT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+              DIRECT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+              OUT_SHUFFLE: tl.constexpr):
     """The cell's backward of a training step (:class:`_TritonStep`) for a tile.
 
     Reads the gradients of the step's outputs (out [B, K*M]; h_t and, for the LSTM, c_t,
     [K, B, M]; each through its own strides, so that autograd's views, e.g. the unshuffled
-    gradient of the next step, are read as they are; a missing one is zero) and the saved
+    gradient of the next step, are read as they are; a missing one is zero; out's columns
+    in the forward's order, OUT_SHUFFLE) and the saved
     act (:func:`_decode_step`); writes the gates' pre-activation gradients dG [K, B, G*M]
     (the GRU: dgx on the input side and dgh on the recurrent side, which differ in n) and
     what passes to step t-1 per unit: the LSTM dc_{t-1} [K, B, M] (``dst``), from
@@ -883,7 +898,8 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
     state = k64 * B * M + offs_b64[:, None] * M + offs_j[None, :]
     dh = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     if HAS_DOUT:
-        dh += tl.load(dout_ptr + offs_b64[:, None] * so_b + (k64 * M + offs_j)[None, :] * so_u,
+        dh += tl.load(dout_ptr + offs_b64[:, None] * so_b
+                      + _out_column(k, offs_j, K, M, OUT_SHUFFLE) * so_u,
                       mask=bm, other=0.0).to(tl.float32)
     if HAS_DH:
         dh += tl.load(dh_ptr + k64 * sh_k + offs_b64[:, None] * sh_b + offs_j[None, :] * sh_j,
@@ -1299,13 +1315,15 @@ def scan_triton(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=Fal
     return out.view(t_len, b, k, -1).transpose(1, 2), tuple(final)
 
 
-def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle=False):
+def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shuffle=False,
+                out_shuffle=False):
     """One decoding step of one layer, fused into one launch (no autograd).
 
     x: [B, I]; state: (h, c) (LSTM) or (h,), each [K, B, m]; weight_ih: [K, G*m, I/K];
     bias_ih: [K, G*m]; weight_hh: [K, G*m, m]; bias_hh: [K, G*m]
-    ->  (out [B, K*m], new state tuple).  Operands in the weights' dtype; the gates are
-    computed in fp32.
+    ->  (out [B, K*m], new state tuple); out_shuffle: out in the order of the
+    rearrangement between layers (``rearrange(out, K)``), as the next layer reads it.
+    Operands in the weights' dtype; the gates are computed in fp32.
     """
     # this runs once per layer and token: plain statements, no generators
     k, gm, mi = weight_ih.shape
@@ -1326,14 +1344,14 @@ def step_triton(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh, time_shu
     out = x.new_empty(x.shape[0], k * (gm // gates))
     _launch_step(cell, x, h, c, weight_ih.contiguous(), bias_ih.contiguous(),
                  weight_hh.contiguous(), bias_hh.contiguous(), h_new, c_new, out, out, out,
-                 time_shuffle, False)
+                 time_shuffle, False, out_shuffle)
     return out, new
 
 
 def _launch_step(cell, x, h, c, w_ih, b_ih, w_hh, b_hh, h_new, c_new, out, acts, operand,
-                 time_shuffle, save):
+                 time_shuffle, save, out_shuffle):
     """Launch :func:`_decode_step` on contiguous tensors (``acts``, ``operand``: dummies
-    unless save)."""
+    unless save; out_shuffle: ``out`` in the order of the rearrangement between layers)."""
     k, gm, mi = w_ih.shape
     m = gm // GATES[cell]
     b = x.shape[0]
@@ -1341,7 +1359,8 @@ def _launch_step(cell, x, h, c, w_ih, b_ih, w_hh, b_hh, h_new, c_new, out, acts,
     _decode_step[(_cdiv(b, bb), k * _cdiv(m, bj))](
         x, w_ih, b_ih, w_hh, b_hh, h, c, h_new, c_new, out, acts, operand, b,
         CELL=cell, K=k, M=m, MI=mi, SHUFFLE=bool(time_shuffle), SAVE=save, BLOCK_B=bb,
-        BLOCK_J=bj, BLOCK_R=br, PRECISION=_precision(w_hh.dtype), num_warps=nw)
+        BLOCK_J=bj, BLOCK_R=br, PRECISION=_precision(w_hh.dtype),
+        OUT_SHUFFLE=bool(out_shuffle) and k > 1, num_warps=nw)
 
 
 class _TritonStep(torch.autograd.Function):
@@ -1363,11 +1382,13 @@ class _TritonStep(torch.autograd.Function):
     all steps at once."""
 
     @staticmethod
-    def forward(ctx, cell, time_shuffle, grads, x, weight_ih, bias_ih, weight_hh, bias_hh,
+    def forward(ctx, cell, shuffles, grads, x, weight_ih, bias_ih, weight_hh, bias_hh,
                 *state):
+        time_shuffle, out_shuffle = shuffles
         k, gm, mi = weight_ih.shape
         m, b = gm // GATES[cell], x.shape[0]
         shuffle = time_shuffle and k > 1
+        ctx.out_shuffle = out_shuffle and k > 1
         lstm = cell == "lstm"
         x, h = x.contiguous(), state[0].contiguous()
         w_ih, w_hh = weight_ih.contiguous(), weight_hh.contiguous()
@@ -1379,7 +1400,7 @@ class _TritonStep(torch.autograd.Function):
         acts = torch.empty(k, b, (ACTS[cell] or 1) * m, dtype=torch.float32, device=x.device)
         operand = torch.empty(h.shape, dtype=w_hh.dtype, device=x.device) if shuffle else h
         _launch_step(cell, x, h, c, w_ih, bias_ih.contiguous(), w_hh, bias_hh.contiguous(),
-                     h_new, c_new, out, acts, operand, shuffle, True)
+                     h_new, c_new, out, acts, operand, shuffle, True, ctx.out_shuffle)
         # what the cell's backward reads of the previous state: the LSTM c, the GRU h
         ctx.save_for_backward(x, c if lstm else h, w_ih, w_hh, acts, operand)
         ctx.cell, ctx.shuffle, ctx.grads = cell, shuffle, grads
@@ -1395,8 +1416,8 @@ class _TritonStep(torch.autograd.Function):
         lstm, gru = cell == "lstm", cell == "gru"
         k, gm, mi = w_ih.shape
         m, b = gm // GATES[cell], x.shape[0]
-        # inputs: cell, time_shuffle, grads, x, W_ih, b_ih, W_hh, b_hh, h (, c)
-        need = ctx.needs_input_grad[1:]  # from time_shuffle on: x is need[2]
+        # inputs: cell, shuffles, grads, x, W_ih, b_ih, W_hh, b_hh, h (, c)
+        need = ctx.needs_input_grad[1:]  # from shuffles on: x is need[2]
         dg = torch.empty(k, b, gm, dtype=w_hh.dtype, device=x.device)
         dgh = torch.empty_like(dg) if gru else dg
         d_st = torch.empty_like(st) if lstm else dg
@@ -1409,7 +1430,7 @@ class _TritonStep(torch.autograd.Function):
             acts, st, dg, dgh, d_st, dg if flat is None else flat, b,
             CELL=cell, K=k, M=m, SHUFFLE=shuffle, HAS_DOUT=d_out is not None,
             HAS_DH=d_h is not None, HAS_DC=d_c is not None, DIRECT=gru and flat is not None,
-            BLOCK_B=bb, BLOCK_J=bj, num_warps=nw)
+            BLOCK_B=bb, BLOCK_J=bj, OUT_SHUFFLE=ctx.out_shuffle, num_warps=nw)
         d_x = d_h_prev = d_w_ih = d_w_hh = d_b_ih = d_b_hh = None
         if need[2]:   # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
             d_x = x.new_empty(b, k * mi)
@@ -1442,15 +1463,16 @@ class _TritonStep(torch.autograd.Function):
 
 
 def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
-                      time_shuffle=False, grads=None):
+                      time_shuffle=False, out_shuffle=False, grads=None):
     """:func:`step_triton` with autograd (:class:`_TritonStep`); the arguments and results
     alike.  grads: the :class:`WeightGrads` of weights from :func:`sequence_weights`, or
     None (the weight gradients of every step computed, and summed by autograd)."""
     ty = weight_hh.dtype
     if cell not in GATES or ty not in SUPPORTED_DTYPES:
         _check(cell, ty)
-    out, *new = _TritonStep.apply(cell, bool(time_shuffle), grads, x.to(ty), weight_ih,
-                                  bias_ih, weight_hh, bias_hh, *(s.to(ty) for s in state))
+    out, *new = _TritonStep.apply(cell, (bool(time_shuffle), bool(out_shuffle)), grads,
+                                  x.to(ty), weight_ih, bias_ih, weight_hh, bias_hh,
+                                  *(s.to(ty) for s in state))
     return out, tuple(new)
 
 
@@ -1550,7 +1572,7 @@ def kernel_signatures(dt, k, m, block_j=32):
                                         "h_ptr", "c_ptr", "h_new_ptr", "c_new_ptr", "out_ptr",
                                         "op_ptr")},
                  act_ptr="*fp32"),
-            dict(blocks, MI=m, BLOCK_R=min(m, 64), SAVE=True))
+            dict(blocks, MI=m, BLOCK_R=min(m, 64), SAVE=True, OUT_SHUFFLE=True))
     return fwd, bwd, step
 
 
@@ -1561,7 +1583,7 @@ def step_backward_signature(dt, k, m, block_j=32):
             dict({p: f"*{dt}" for p in ("dout_ptr", "dh_ptr", "dc_ptr", "st_ptr", "dg_ptr",
                                         "dgh_ptr", "dst_ptr", "dhp_ptr")}, act_ptr="*fp32"),
             dict(K=k, M=m, SHUFFLE=True, HAS_DOUT=True, HAS_DH=True, HAS_DC=True,
-                 DIRECT=True, BLOCK_B=32, BLOCK_J=block_j))
+                 DIRECT=True, BLOCK_B=32, BLOCK_J=block_j, OUT_SHUFFLE=True))
 
 
 def compile_kernel(fn, ptrs, consts, arch=90, num_warps=4):
