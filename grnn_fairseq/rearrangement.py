@@ -51,6 +51,13 @@ def rearrangement_permutation(width, groups):
     return rearrange(torch.arange(width), groups)
 
 
+def rearranged_flat(h):
+    """The shuffle of a state kept per group, flat: h [K, B, m] -> [B, K*m], equal to
+    ``rearrange`` of the flat vector (unit k*m + j at j*K + k), made with one copy."""
+    # flat index k*m + j  ->  j*K + k ; in (B, m, K) order that is a plain reshape.
+    return h.permute(1, 2, 0).reshape(h.shape[1], -1)
+
+
 def rearrange_grouped(h):
     """The same shuffle on a state kept per group. h: [K, B, m] -> [K, B, m].
 
@@ -59,5 +66,4 @@ def rearrange_grouped(h):
     k, b, m = h.shape
     if k == 1:
         return h
-    # flat index k*m + j  ->  j*K + k ; in (B, m, K) order that is a plain reshape.
-    return h.permute(1, 2, 0).reshape(b, k, m).transpose(0, 1)
+    return rearranged_flat(h).view(b, k, m).transpose(0, 1)

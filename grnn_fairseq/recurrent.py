@@ -24,7 +24,8 @@ from torch import nn
 from . import engine
 from .cells import GATES, check_cell, state_size
 from .errors import ConfigError
-from .rearrangement import REARRANGEMENT_MODES, check_mode, rearrange, uses_layer, uses_time
+from .rearrangement import (REARRANGEMENT_MODES, check_mode, rearrange, rearranged_flat,
+                            uses_layer, uses_time)
 from .restricted import RestrictedWeights, check_sharing_rate
 from .weights import GroupedWeights, check_groups
 
@@ -103,8 +104,8 @@ class RecurrentLayer(nn.Module):
         gx = engine.project_input(x_t, w_ih, b_ih)
         h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
                                              self.cell, self.time_shuffle, self.backend)
-        if shuffle_out:  # unit k*m + j at j*K + k: [K, B, m] -> [B, m, K], one copy
-            return h.permute(1, 2, 0).reshape(h.shape[1], -1), new_state
+        if shuffle_out:
+            return rearranged_flat(h), new_state
         return from_grouped(h), new_state
 
 

@@ -7,6 +7,7 @@ from grnn_fairseq.rearrangement import (
     inverse_rearrange,
     rearrange,
     rearrange_grouped,
+    rearranged_flat,
     rearrangement_permutation,
 )
 from grnn_fairseq.recurrent import RecurrentStack
@@ -45,6 +46,7 @@ def test_grouped_state_shuffle_matches_flat(k, m):
     grouped = flat.view(b, k, m).transpose(0, 1)
     out = rearrange_grouped(grouped)
     assert torch.equal(out.transpose(0, 1).reshape(b, k * m), rearrange(flat, k))
+    assert torch.equal(rearranged_flat(grouped), shuffle_by_definition(flat, k))
 
 
 def test_unknown_mode_is_rejected():

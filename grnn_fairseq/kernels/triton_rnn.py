@@ -813,10 +813,10 @@ def _rnn_step_cell(x_ptr, h_ptr, act_ptr, op_ptr, own_op, wi_base, wh_base, bih_
 
 
 @triton.jit
-def _out_column(k, offs_j, K: tl.constexpr, M: tl.constexpr, OUT_SHUFFLE: tl.constexpr):
-    """[1, J] columns of units k*M + offs_j in a layer's output: unit order, or with
-    OUT_SHUFFLE the rearranged order (unit k*M + j at j*K + k)."""
-    if OUT_SHUFFLE:
+def _shuffled_column(k, offs_j, K: tl.constexpr, M: tl.constexpr, SHUFFLED: tl.constexpr):
+    """[1, J] columns of units k*M + offs_j in a [B, K*M] row: unit order, or with
+    SHUFFLED the rearranged order (unit k*M + j at j*K + k)."""
+    if SHUFFLED:
         col = offs_j * K + k
     else:
         col = k * M + offs_j
@@ -864,7 +864,7 @@ def _decode_step(
                             offs_j, mask_j, bm, B, ty, K, M, MI, SHUFFLE, SAVE, BLOCK_B,
                             BLOCK_J, BLOCK_R, PRECISION)
     tl.store(h_new_ptr + state, h.to(h_new_ptr.dtype.element_ty), mask=bm)
-    out_cols = _out_column(k, offs_j, K, M, OUT_SHUFFLE)
+    out_cols = _shuffled_column(k, offs_j, K, M, OUT_SHUFFLE)
     tl.store(out_ptr + offs_b64[:, None] * (K * M) + out_cols, h.to(out_ptr.dtype.element_ty),
              mask=bm)
 
@@ -899,7 +899,7 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
     dh = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
     if HAS_DOUT:
         dh += tl.load(dout_ptr + offs_b64[:, None] * so_b
-                      + _out_column(k, offs_j, K, M, OUT_SHUFFLE) * so_u,
+                      + _shuffled_column(k, offs_j, K, M, OUT_SHUFFLE) * so_u,
                       mask=bm, other=0.0).to(tl.float32)
     if HAS_DH:
         dh += tl.load(dh_ptr + k64 * sh_k + offs_b64[:, None] * sh_b + offs_j[None, :] * sh_j,
@@ -924,12 +924,9 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
             tl.store(dgh_ptr + g3, dpr.to(ty), mask=bm)
             tl.store(dgh_ptr + g3 + M, dpz.to(ty), mask=bm)
             tl.store(dgh_ptr + g3 + 2 * M, (dpn * a0).to(ty), mask=bm)
-            if DIRECT:
-                if SHUFFLE:
-                    pos = offs_j * K + k     # unit k*M + j is operand position j*K + k
-                else:
-                    pos = k * M + offs_j
-                tl.store(dhp_ptr + offs_b64[:, None] * (K * M) + pos[None, :],
+            if DIRECT:   # unit k*M + j at its operand position (j*K + k with SHUFFLE)
+                tl.store(dhp_ptr + offs_b64[:, None] * (K * M)
+                         + _shuffled_column(k, offs_j, K, M, SHUFFLE),
                          (dh * a1).to(dhp_ptr.dtype.element_ty), mask=bm)
         else:                            # a = i, f, g, o; st = c_{t-1}
             dc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
