@@ -57,6 +57,9 @@ def parse_args(argv=None):
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     args.reps = args.reps or 20
     args.modes = args.modes.split(",")
+    for mode in args.modes:
+        if mode not in ("train", "decode"):
+            p.error(f"--modes: {mode!r} is not train or decode")
     return args
 
 
@@ -107,8 +110,6 @@ def main(argv=None):
     timer = Timer(device)
     print(f"{'mode':<7} {'attention':<9} {'median ms':>10} {'ratio':>7}")
     for mode in args.modes:
-        if mode not in ("train", "decode"):
-            sys.exit(f"bench_attention.py: --modes: {mode!r} is not train or decode")
         run = make_run(args, mode, device)
         times = {"torch": [], "triton": []}
         for rep in range(args.reps + 1):  # the first round is untimed (compilation)

@@ -91,6 +91,15 @@ def test_bench_attention_quick_prints_both_cases_of_each_mode():
     assert proc.returncode == 1 and "the fused attention does not run here" in proc.stderr
 
 
+def test_bench_attention_refuses_an_unknown_mode_before_it_runs():
+    """--modes with a mode other than train or decode: an argparse error naming the mode
+    and the choices, before any header or timing."""
+    proc = subprocess.run([sys.executable, "scripts/bench_attention.py", "--quick", "--modes",
+                           "train,infer"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--modes: 'infer' is not train or decode" in proc.stderr and not proc.stdout
+
+
 def test_bench_fairseq_quick_with_warmup(tmp_path):
     """Our RNNSearch and fairseq's own LSTM through fairseq-train / -generate; the warm-up
     run happens (its log exists) and the timed run still reports its figures; every
