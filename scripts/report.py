@@ -134,6 +134,9 @@ def aggregate(rows):
                 where = data  # the same work dir: told apart by the data
             s["run"] = f"{run} ({where})"
         s["n"] = len(group)
+        # seeds trained on different machines: name them all (time and tok/s are means)
+        by_date = sorted(group, key=lambda g: g.get("date") or "")
+        s["device"] = " / ".join(dict.fromkeys(g["device"] for g in by_date if g.get("device")))
         s["unequal_budgets"] = unequal_budgets(group)
         s["groups_k"] = groups_of(last.get("groups"))
         s["r"] = number(last.get("sharing_rate"))

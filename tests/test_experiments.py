@@ -821,6 +821,20 @@ def test_dry_run_script_makes_what_its_commands_read(tmp_path, capsys):
 
 
 
+def test_report_names_every_device_its_averaged_seeds_ran_on(tmp_path):
+    """Seeds of one run trained on two machines: the device column names both, once each,
+    in the order of the seeds' dates (it showed only the latest seed's machine, beside
+    speeds averaged over both)."""
+    tsv = tmp_path / "r.tsv"
+    for seed, device, date in ((2, "cpu: B", "2026-01-02"), (1, "cpu: A", "2026-01-01"),
+                               (3, "cpu: B", "2026-01-03")):
+        rx.append_row(tsv, {"experiment": "e", "run": "r", "task": "lm", "data": "d",
+                            "seed": seed, "ppl": 100.0, "device": device, "date": date,
+                            "commands": f"fairseq-train d --save-dir work/e/r/seed{seed}"})
+    (runs,) = report.aggregate(report.read_rows([tsv])).values()
+    assert [(s["device"], s["n"]) for s in runs] == [("cpu: A / cpu: B", 3)]
+
+
 def test_report_warns_when_averaged_seeds_trained_unequal_budgets(tmp_path, capsys):
     """Seeds averaged into one row but trained for different numbers of updates (one stopped
     inside an epoch by a time limit) are flagged in the row, under the table and on stderr;
