@@ -822,6 +822,7 @@ def _shuffled_column(k, offs_j, K: tl.constexpr, M: tl.constexpr, SHUFFLED: tl.c
         col = k * M + offs_j
     return col.to(tl.int64)[None, :]
 
+
 @triton.jit(do_not_specialize=["B"])
 def _decode_step(
     x_ptr, wih_ptr, bih_ptr, whh_ptr, bhh_ptr, h_ptr, c_ptr, h_new_ptr, c_new_ptr, out_ptr,
@@ -835,9 +836,10 @@ def _decode_step(
     W_ih: [K, G*M, MI]; W_hh: [K, G*M, M]; h, c (in and out; c for the LSTM only, unused
     dummies for the GRU and RNN): [K, B, M]; out: [B, K*M] (the layer output, unit
     order; with OUT_SHUFFLE in the order of the rearrangement between layers, unit k*M + j
-    at j*K + k, which the next layer reads as it is).  SAVE (the training step, :class:`_TritonStep`): also what the backward needs,
-    into act [K, B, A*M] (A = 4 LSTM, 4 GRU, 1 RNN, fp32) and, with SHUFFLE, the shuffled
-    operand into op [K, B, M] (dummies otherwise)."""
+    at j*K + k, which the next layer reads as it is).  SAVE (the training step,
+    :class:`_TritonStep`): also what the backward needs, into act [K, B, A*M] (A = 4 LSTM,
+    4 GRU, 1 RNN, fp32) and, with SHUFFLE, the shuffled operand into op [K, B, M]
+    (dummies otherwise)."""
     G = _gates(CELL) * M
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
@@ -869,7 +871,6 @@ def _decode_step(
              mask=bm)
 
 
-
 @triton.jit(do_not_specialize=["B"])
 def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b, sc_j,
               act_ptr, st_ptr, dg_ptr, dgh_ptr, dst_ptr, dhp_ptr, B,
@@ -882,14 +883,13 @@ def _step_bwd(dout_ptr, so_b, so_u, dh_ptr, sh_k, sh_b, sh_j, dc_ptr, sc_k, sc_b
     Reads the gradients of the step's outputs (out [B, K*M]; h_t and, for the LSTM, c_t,
     [K, B, M]; each through its own strides, so that autograd's views, e.g. the unshuffled
     gradient of the next step, are read as they are; a missing one is zero; out's columns
-    in the forward's order, OUT_SHUFFLE) and the saved
-    act (:func:`_decode_step`); writes the gates' pre-activation gradients dG [K, B, G*M]
-    (the GRU: dgx on the input side and dgh on the recurrent side, which differ in n) and
-    what passes to step t-1 per unit: the LSTM dc_{t-1} [K, B, M] (``dst``), from
-    st = c_{t-1}; the GRU, with DIRECT, z dh into dh_{t-1}'s [B, K*M] buffer at the unit's
-    operand position (``dhp``; the host then adds the product of dgh with W_hh), from
-    st = h_{t-1}.  The LSTM's c_t = f c_{t-1} + i g is recomputed in fp32, as the forward
-    had it (the stored c_t may be half precision)."""
+    in the forward's order, OUT_SHUFFLE) and the saved act (:func:`_decode_step`); writes
+    the gates' pre-activation gradients dG [K, B, G*M] (the GRU: dgx on the input side and
+    dgh on the recurrent side, which differ in n) and what passes to step t-1 per unit:
+    the LSTM dc_{t-1} [K, B, M] (``dst``), from st = c_{t-1}; the GRU, with DIRECT, z dh
+    into dh_{t-1}'s [B, K*M] buffer at the unit's operand position (``dhp``; the host then
+    adds the product of dgh with W_hh), from st = h_{t-1}.  The LSTM's c_t = f c_{t-1} + i g
+    is recomputed in fp32, as the forward had it (the stored c_t may be half precision)."""
     k, offs_b, offs_j, mask_b, mask_j = _tile(tl.program_id(0), tl.program_id(1), B, M,
                                               BLOCK_B, BLOCK_J)
     offs_b64 = offs_b.to(tl.int64)
