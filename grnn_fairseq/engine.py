@@ -15,7 +15,9 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     and the Elman RNN: per step one batched product and one fused, vectorised and threaded
     pointwise pass; in fp32 the forward step is one pass (product in registers, cell on
     it at once).  fp32 and fp64 (other dtypes: ``torch`` for the LSTM,
-    ``reference`` for the others).  Default on CPU when it builds.
+    ``reference`` for the others).  A decoder's training steps (weights from
+    :func:`step_weights`) are :class:`CppTrainStep`: the weight gradients once per
+    sequence.  Default on CPU when it builds.
 ``triton``
     Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):
     one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
@@ -48,6 +50,7 @@ import torch
 from .cells import POINTWISE
 from .errors import ConfigError
 from .rearrangement import rearrange_grouped
+from .sequence_weights import sequence_weights
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
 CELLS = {"torch": ("lstm",),                # the cells each backend covers
@@ -118,37 +121,97 @@ def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backen
 
 
 class StepWeights(tuple):
-    """A layer's (w_ih, w_hh, b_ih, b_hh) for the fused training steps of one sequence,
-    with ``grads``, the :class:`~grnn_fairseq.kernels.triton_rnn.WeightGrads` its steps
-    fill (see :func:`step_weights`)."""
+    """A layer's (w_ih, w_hh, b_ih, b_hh) for the training steps of one sequence, with
+    ``grads``, the :class:`~grnn_fairseq.sequence_weights.WeightGrads` its steps fill, and
+    ``engine``, the backend whose steps fill it, ``cpp`` or ``triton`` (see
+    :func:`step_weights`)."""
 
     grads = None
+    engine = None
 
 
 def step_weights(weights, cell, backend=None):
     """A layer's assembled weights (w_ih, w_hh, b_ih, b_hh), for the steps of one
-    sequence.  Where those steps are fused training steps (:func:`fused_step` with
-    autograd: the triton backend, GRNN_TRITON_TRAIN_STEP=1), a :class:`StepWeights` whose
+    sequence.  Where those steps are training steps that hand their weight gradients over
+    (:class:`CppTrainStep`: backend ``cpp``; :func:`fused_step` with autograd:
+    backend ``triton`` with GRNN_TRITON_TRAIN_STEP=1), a :class:`StepWeights` whose
     weight gradients are computed once for the whole sequence rather than per step and
-    summed (:class:`~grnn_fairseq.kernels.triton_rnn._SequenceWeights`); otherwise the
+    summed (:class:`~grnn_fairseq.sequence_weights.SequenceWeights`); otherwise the
     weights as they are."""
     w_hh = weights[1]
     # decoding first (no autograd): it asks once per token and layer
-    if (not torch.is_grad_enabled() or cell not in CELLS["triton"]
-            or (w_hh.device.type != "cuda" and not _interpreting())
-            or not _any_requires_grad(*weights)):
+    if not torch.is_grad_enabled() or not _any_requires_grad(*weights):
         return weights
-    from .kernels import triton_rnn
-
-    amp = autocast_dtype(w_hh.device.type)
+    device = w_hh.device
+    amp = autocast_dtype(device.type)
     dtype = amp if amp is not None else w_hh.dtype
-    if (not triton_rnn.train_step_on()
-            or resolve_backend(backend, cell, w_hh.device, dtype) != "triton"):
+    name = resolve_backend(backend, cell, device, dtype)
+    if name == "triton":
+        from .kernels import triton_rnn
+
+        if not triton_rnn.train_step_on():
+            return weights
+    elif name != "cpp" or amp is not None:
         return weights
-    assembled, grads = triton_rnn.sequence_weights(cell, dtype, *weights)
+    assembled, grads = sequence_weights(cell, dtype, *weights)
     out = StepWeights(assembled)
-    out.grads = grads
+    out.grads, out.engine = grads, name
     return out
+
+
+class CppTrainStep(torch.autograd.Function):
+    """One training step of one layer on the CPU (RNNSearch's decoder, trained
+    position by position; backend ``cpp``, any K), with the weight gradients handed over
+    to the sequence (:mod:`grnn_fairseq.sequence_weights`).  Forward: the input projection
+    (:func:`project_input`) and the C++ step of the cell.  Backward: the C++ backward of
+    the cell, without its weight gradient; dx = dG W_ih per group; and dG, x and the
+    operand h'_{t-1} given to the sequence's ``WeightGrads``.  The step before (the C++
+    scan of one step; at K = 1 torch's ops) computed its weight gradients, which autograd
+    added up: T additions of weight-sized tensors per layer.  A decoder of two LSTM layers
+    trains 1.1-1.3x faster at IWSLT sizes, 1.6-1.7x at WMT sizes
+    (results/cpu_sequence_weights_ab.txt)."""
+
+    @staticmethod
+    def forward(ctx, cell, time_shuffle, grads, x, w_ih, b_ih, w_hh, b_hh, *state):
+        gx = project_input(x, w_ih, b_ih)
+        out, final, fac, hs = _cpp_forward(cell, gx.unsqueeze(0), state, w_hh, b_hh, None,
+                                           time_shuffle, False, True)
+        ctx.save_for_backward(x, w_ih, w_hh, hs)
+        ctx.fac, ctx.cell, ctx.time_shuffle, ctx.grads = fac, cell, time_shuffle, grads
+        ctx.weights_node = w_ih.grad_fn  # SequenceWeights' node, which the backward asks about
+        return (out[0],) + final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_h, d_c=None):
+        from .kernels import cpu_rnn
+        from .sequence_weights import hand_over
+
+        x, w_ih, w_hh, hs = ctx.saved_tensors
+        k, _, mi = w_ih.shape
+        b, m = x.shape[0], w_hh.shape[-1]
+        d_gx, d_h0, d_c0, dgh, _ = cpu_rnn.load().backward(
+            ctx.fac, hs, w_hh, None, d_out.unsqueeze(0), d_h, d_c, ctx.time_shuffle, False,
+            cpu_rnn.CELL_IDS[ctx.cell], False)
+        dg = d_gx[0]  # [K, B, G*m]; the GRU's input side (dgh: its hidden side)
+        d_x = None
+        if ctx.needs_input_grad[3]:  # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
+            d_x = torch.bmm(dg, w_ih).transpose(0, 1).reshape(b, k * mi)
+        operand = hs[0].view(b, k, m).transpose(0, 1)  # h'_{t-1} as the product read it
+        hand_over(ctx.grads, ctx.weights_node, dg, dgh if ctx.cell == "gru" else None, x,
+                  operand)
+        d_state = (d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,)
+        return (None, None, None, d_x, None, None, None, None) + d_state
+
+
+def cpp_train_step(x_t, state, w_ih, b_ih, w_hh, b_hh, cell, time_shuffle, grads):
+    """A training step of one layer through :class:`CppTrainStep`, for weights from
+    :func:`step_weights` (``engine`` ``cpp``).  x_t: [B, I]; state: tuple of [K, B, m]
+    -> (h_t [K, B, m], new state), as :func:`recurrent_step`."""
+    k, b = w_ih.shape[0], x_t.shape[0]
+    out, *final = CppTrainStep.apply(cell, bool(time_shuffle), grads, x_t, w_ih, b_ih, w_hh,
+                                     b_hh, *state)
+    return out.view(b, k, -1).transpose(0, 1), tuple(final)
 
 
 def fused_step(x_t, state, weight_ih, bias_ih, weight_hh, bias_hh, cell, time_shuffle,

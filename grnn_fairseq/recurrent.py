@@ -96,14 +96,19 @@ class RecurrentLayer(nn.Module):
         (``rearrange(h_t, K)``, what the next layer reads), made without a second copy
         -> (h_t [B, H], new state)."""
         w_ih, w_hh, b_ih, b_hh = weights if weights is not None else self.directions[0]()
-        fused = engine.fused_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
-                                  self.time_shuffle, self.backend,
-                                  getattr(weights, "grads", None), shuffle_out)
-        if fused is not None:
-            return fused
-        gx = engine.project_input(x_t, w_ih, b_ih)
-        h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2), b_hh.unsqueeze(1),
-                                             self.cell, self.time_shuffle, self.backend)
+        grads = getattr(weights, "grads", None)
+        if grads is not None and weights.engine == "cpp" and x_t.shape[0] > 0:
+            h, new_state = engine.cpp_train_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
+                                                 self.time_shuffle, grads)
+        else:
+            fused = engine.fused_step(x_t, state, w_ih, b_ih, w_hh, b_hh, self.cell,
+                                      self.time_shuffle, self.backend, grads, shuffle_out)
+            if fused is not None:
+                return fused
+            gx = engine.project_input(x_t, w_ih, b_ih)
+            h, new_state = engine.recurrent_step(gx, state, w_hh.transpose(1, 2),
+                                                 b_hh.unsqueeze(1), self.cell,
+                                                 self.time_shuffle, self.backend)
         if shuffle_out:
             return rearranged_flat(h), new_state
         return from_grouped(h), new_state

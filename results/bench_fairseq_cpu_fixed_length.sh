@@ -14,6 +14,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bench="${1:-$root/work/bench22}"
 rounds="${ROUNDS:-3}"
+if [[ ! "$rounds" =~ ^[1-9][0-9]*$ ]]; then
+  echo "ROUNDS=$rounds: give a whole number of rounds, at least 1 (default 3)" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 python -c 'import torch; print("cpu, 2 threads; torch", torch.__version__)'
 echo "rounds: $rounds (the models in turn within each round); tokens/s: median [min, max]"

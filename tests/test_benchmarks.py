@@ -155,6 +155,19 @@ def test_bench_fairseq_rejects_a_bad_number(option):
     assert f"{option} ten: expected a whole number" in proc.stderr
 
 
+@pytest.mark.parametrize("rounds", ["0", "three", "-1"])
+def test_fixed_length_generation_bench_refuses_a_bad_rounds(rounds, tmp_path):
+    """results/bench_fairseq_cpu_fixed_length.sh with ROUNDS that is not a whole number of
+    at least 1: exit 2 with a message naming the value, before any python or fairseq runs
+    (an empty folder of checkpoints would otherwise fail later, with another message)."""
+    proc = subprocess.run(["bash", "results/bench_fairseq_cpu_fixed_length.sh", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, ROUNDS=rounds))
+    assert proc.returncode == 2, proc.stderr
+    assert f"ROUNDS={rounds}: give a whole number of rounds, at least 1" in proc.stderr
+    assert not proc.stdout
+
+
 def test_bench_layer_decode_graph_cases(monkeypatch):
     """``--graph``: every decode case twice, eagerly and as a graph (recorded at its first
     call, replayed after: the recorder runs it for its warm-up and its recording only);

@@ -314,6 +314,23 @@ def _as_reference(stack):
     return ref
 
 
+def _chained_steps(model, xs, init, up, sequence=False):
+    """``model.step`` over xs [T, B, I] from the states ``init`` (with the weights of
+    ``model.step_weights()`` for the whole sequence if ``sequence``, as RNNSearch's decoder
+    takes them), loss on every step's output (times up[t]) and on the final states
+    -> [the outputs, the final states, the gradients of xs, init and every parameter]."""
+    weights = model.step_weights() if sequence else None
+    states, loss, tops = init, 0, []
+    for t in range(len(xs)):
+        top, states = model.step(xs[t], states, weights)
+        tops.append(top)
+        loss = loss + (top * up[t]).sum()
+    loss = loss + sum((s * s).sum() for layer in states for s in layer)  # final states
+    leaves = [xs] + [s for layer in init for s in layer] + list(model.parameters())
+    finals = [s.detach() for layer in states for s in layer]
+    return [torch.stack(tops)] + finals + list(torch.autograd.grad(loss, leaves))
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("k,rearrangement", [(1, "none"), (4, "both"), (4, "layer")])
 def test_training_steps_run_the_cpp_scan(cell, k, rearrangement, monkeypatch):
@@ -334,24 +351,116 @@ def test_training_steps_run_the_cpp_scan(cell, k, rearrangement, monkeypatch):
             for s in stack.zero_state(5, xs)]
     up = torch.randn(3, 5, 12, dtype=torch.double)
 
-    def run(model):
-        states, loss, tops = init, 0, []
-        for t in range(3):
-            top, states = model.step(xs[t], states)
-            tops.append(top)
-            loss = loss + (top * up[t]).sum()
-        loss = loss + sum((s * s).sum() for layer in states for s in layer)  # final states
-        leaves = [xs] + [s for layer in init for s in layer] + list(model.parameters())
-        finals = [s.detach() for layer in states for s in layer]
-        return [torch.stack(tops)] + finals + list(torch.autograd.grad(loss, leaves))
-
-    expected = run(ref)
+    expected = _chained_steps(ref, xs, init, up)
     assert calls == []
-    got = run(stack)
+    got = _chained_steps(stack, xs, init, up)
     assert calls == ([cell] * 6 if k > 1 else [])    # 3 steps x 2 layers
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("k,rearrangement,sharing_rate",
+                         [(1, "none", 0.0), (4, "both", 0.0), (4, "time", 0.5), (3, "layer", 0.0)])
+def test_training_steps_hand_their_weight_gradients_to_the_sequence(
+        cell, k, rearrangement, sharing_rate, monkeypatch):
+    """RNNSearch's decoder trains step by step with ``step_weights()``: on backend ``cpp``
+    every layer step is one ``CppTrainStep`` (counted), whose backward computes no weight
+    gradient (the C++ backward is asked for none) and hands dG, x and the operand to the
+    sequence, which computes them once.  Four chained steps of a two-layer stack (restricted
+    weights included), loss on every step's output and on the final states, against the
+    same stack on the reference backend: outputs, final states and the gradients of the
+    inputs, the initial states and every parameter, in float64."""
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    steps, weight_grads = [], []
+    real_step, real_load = engine.cpp_train_step, cpu_rnn.load()
+
+    class Counted:  # the extension, with its backward's weight_grad argument recorded
+        def __getattr__(self, name):
+            return getattr(real_load, name)
+
+        def backward(self, *args):
+            weight_grads.append(args[-1] if len(args) == 11 else True)
+            return real_load.backward(*args)
+
+    monkeypatch.setattr(engine, "cpp_train_step",
+                        lambda *a, **kw: steps.append(a[6]) or real_step(*a, **kw))
+    monkeypatch.setattr(cpu_rnn, "load", lambda: Counted())
+    torch.manual_seed(1)
+    stack = RecurrentStack(6 * k, 4 * k, num_layers=2, cell=cell, groups=k,
+                           rearrangement=rearrangement, sharing_rate=sharing_rate).double()
+    ref = _as_reference(stack)
+    xs = torch.randn(4, 5, 6 * k, dtype=torch.double, requires_grad=True)
+    init = [tuple(torch.randn_like(t).requires_grad_() for t in s[0])
+            for s in stack.zero_state(5, xs)]
+    up = torch.randn(4, 5, 4 * k, dtype=torch.double)
+
+    expected = _chained_steps(ref, xs, init, up, sequence=True)
+    assert steps == [] and weight_grads == []
+    got = _chained_steps(stack, xs, init, up, sequence=True)
+    assert steps == [cell] * 8    # 4 steps x 2 layers
+    assert weight_grads == [False] * 8
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_sequence_weight_gradients_per_backward():
+    """Each backward through the C++ training steps of a sequence computes the weight
+    gradients of its own steps once: a second backward through the same graph
+    (retain_graph) adds the same gradients again, and nothing of the first is counted
+    twice; a backward that does not ask for the weights' gradients (autograd.grad of the
+    input) leaves nothing behind for the next; gradients that reach the weights another
+    way as well are added."""
+    torch.manual_seed(0)
+    stack = RecurrentStack(16, 16, num_layers=2, groups=2, backend="cpp")
+    weights = stack.step_weights()
+    assert all(w.engine == "cpp" and w.grads is not None for w in weights)
+    x = torch.randn(5, 16, requires_grad=True)
+    states = [s[0] for s in stack.zero_state(5, x)]
+    for _ in range(3):
+        out, states = stack.step(x, states, weights)
+    loss = out.square().sum() + weights[0][1].sum()   # W_hh of layer 0 also read directly
+    torch.autograd.grad(loss, [x], retain_graph=True)
+    assert all(p.grad is None for p in stack.parameters())
+    assert not any(w.grads.dg for w in weights)
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in stack.parameters()]
+    loss.backward()
+    for p, g in zip(stack.parameters(), once):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, 2 * g)
+    # against the steps without the hand-over (per-step weight gradients summed by autograd)
+    stack.zero_grad()
+    plain = [layer.directions[0]() for layer in stack.layers]
+    states = [s[0] for s in stack.zero_state(5, x)]
+    for _ in range(3):
+        out, states = stack.step(x, states, plain)
+    (out.square().sum() + plain[0][1].sum()).backward()
+    for p, g in zip(stack.parameters(), once):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_weights_only_where_the_cpp_training_step_runs(monkeypatch):
+    """``step_weights`` hands over to the C++ training step only with autograd, on backend
+    ``cpp``, outside CPU autocast; otherwise the weights as they are (decoding, the
+    reference / torch backends, bf16 autocast)."""
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    stack = RecurrentStack(8, 8, num_layers=1, groups=2)
+    assert stack.step_weights()[0].engine == "cpp"
+    with torch.no_grad():
+        assert not hasattr(stack.step_weights()[0], "engine")
+    for backend in ("reference", "torch"):
+        stack.layers[0].backend = backend
+        assert not hasattr(stack.step_weights()[0], "engine")
+    stack.layers[0].backend = None
+    monkeypatch.setenv("GRNN_BACKEND", "reference")
+    assert not hasattr(stack.step_weights()[0], "engine")
+    monkeypatch.delenv("GRNN_BACKEND")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not hasattr(stack.step_weights()[0], "engine")
 
 
 def test_outputs_outlive_later_calls():

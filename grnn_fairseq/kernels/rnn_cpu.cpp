@@ -817,11 +817,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
 
 // -> (d_gx [T, K, B, Gm] (a transposed view of [K, T, B, Gm]), d_h0, d_c0 (LSTM; else
 // empty), d_weight_hh, d_bias_hh).  d_out [T, B, H], d_h / d_c [K, B, m]: each optional.
+// weight_grad false (a training step whose caller computes the weight gradients of a
+// whole sequence at once): d_weight_hh's slot holds the hidden-side gate gradients
+// dG [K, T*B, Gm] instead (the GRU's differ from d_gx), and d_bias_hh is empty.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
     const Tensor& fac, const Tensor& hs, const Tensor& weight_hh,
     const std::optional<Tensor>& mask_in, const std::optional<Tensor>& d_out_in,
     const std::optional<Tensor>& d_h, const std::optional<Tensor>& d_c, bool shuffle,
-    bool reverse, int64_t cell) {
+    bool reverse, int64_t cell, bool weight_grad) {
   at::NoGradGuard no_grad;
   const bool lstm = check_cell(cell) == kLSTM;
   const int64_t factors = factors_of(cell);
@@ -875,6 +878,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
     a.fac = nullptr;  // d_h0 = ph + the gradient of the first step's operand
     at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
   });
+  if (!weight_grad)
+    return {dx.transpose(0, 1), ph, gc, dg.view({K, T * B, G}), at::empty({0}, opt)};
   // dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: the operand slots of consecutive steps are one
   // [T*B, H] matrix whose grouped view the product reads in place
   const Tensor h_in = hs.narrow(0, reverse ? 2 : 0, T).view({T * B, H});
@@ -893,7 +898,7 @@ TORCH_LIBRARY(grnn_rnn_cpu, lib) {
           &scan_forward);
   lib.def("fused_forward_calls() -> int", []() -> int64_t { return fused_calls.load(); });
   lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
-          "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse, int cell=0) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+          "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse, int cell=0, "
+          "bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &scan_backward);
 }

@@ -41,7 +41,8 @@ columns permuted so that the shuffled reads are contiguous runs).
   autograd (a decoder trained step by step) is the decoding step saving its activations
   and shuffled operand, and its backward one launch for the cell (:func:`_step_bwd`)
   plus the products with the weights in cuBLAS; the weight gradients of a sequence of
-  steps as one product per weight after its last step (:class:`_SequenceWeights`).
+  steps as one product per weight after its last step
+  (:class:`~grnn_fairseq.sequence_weights.SequenceWeights`).
 
 The large products without a sequential dependency stay in cuBLAS: the input projection
 (``engine.project_input``) and dW_hh = sum_t dG_t^T h_in_t (one batched product after the
@@ -70,6 +71,7 @@ import triton.language as tl
 from ..cells import GATES
 from ..engine import _interpreting
 from ..errors import ConfigError
+from ..sequence_weights import hand_over, sequence_weights  # noqa: F401 (re-exported)
 
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
@@ -1373,10 +1375,11 @@ class _TritonStep(torch.autograd.Function):
     shuffle, which the previous step's backward reads in place; dW_ih, dW_hh, and the bias
     sums.  Against the same step as separate autograd ops, the LSTM decoder of RNNSearch
     needs about a third of the launches forward and half backward
-    (results/gpu_h100/step_launches.txt).  With ``grads`` (a :class:`WeightGrads`, from
-    :func:`sequence_weights`) the backward hands dG, x and the operand over to it instead
-    of computing the weight gradients, which :class:`_SequenceWeights` then computes for
-    all steps at once."""
+    (results/gpu_h100/step_launches.txt).  With ``grads`` (a
+    :class:`~grnn_fairseq.sequence_weights.WeightGrads`, from :func:`sequence_weights`)
+    the backward hands dG, x and the operand over to it instead of computing the weight
+    gradients, which :class:`~grnn_fairseq.sequence_weights.SequenceWeights` then
+    computes for all steps at once."""
 
     @staticmethod
     def forward(ctx, cell, shuffles, grads, x, weight_ih, bias_ih, weight_hh, bias_hh,
@@ -1401,7 +1404,7 @@ class _TritonStep(torch.autograd.Function):
         # what the cell's backward reads of the previous state: the LSTM c, the GRU h
         ctx.save_for_backward(x, c if lstm else h, w_ih, w_hh, acts, operand)
         ctx.cell, ctx.shuffle, ctx.grads = cell, shuffle, grads
-        # _SequenceWeights' node (the weights' grad_fn), which the backward asks about
+        # SequenceWeights' node (the weights' grad_fn), which the backward asks about
         ctx.weights_node = None if grads is None else weight_ih.grad_fn
         return (out, h_new, c_new) if lstm else (out, h_new)
 
@@ -1440,11 +1443,8 @@ class _TritonStep(torch.autograd.Function):
                 torch.bmm(dgh, w_hh, out=positions)
             # unit k*m + j <- operand position j*K + k
             d_h_prev = flat.view(b, m, k).permute(2, 0, 1) if shuffle else positions
-        if ctx.grads is not None:  # the weight gradients: once for the whole sequence,
-            # by _SequenceWeights, if this backward computes them at all (not, e.g., in
-            # autograd.grad of the inputs only: what that handed over would count twice)
-            if torch._C._will_engine_execute_node(ctx.weights_node):
-                ctx.grads.add(dg, dgh if gru else None, x, operand)
+        if ctx.grads is not None:  # the weight gradients: once for the whole sequence
+            hand_over(ctx.grads, ctx.weights_node, dg, dgh if gru else None, x, operand)
             need = need[:3] + (False,) * 4 + need[7:]
         if need[3]:
             d_w_ih = torch.bmm(dg.transpose(1, 2), x.view(b, k, mi).transpose(0, 1))
@@ -1462,7 +1462,7 @@ class _TritonStep(torch.autograd.Function):
 def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
                       time_shuffle=False, out_shuffle=False, grads=None):
     """:func:`step_triton` with autograd (:class:`_TritonStep`); the arguments and results
-    alike.  grads: the :class:`WeightGrads` of weights from :func:`sequence_weights`, or
+    alike.  grads: the ``WeightGrads`` of weights from :func:`sequence_weights`, or
     None (the weight gradients of every step computed, and summed by autograd)."""
     ty = weight_hh.dtype
     if cell not in GATES or ty not in SUPPORTED_DTYPES:
@@ -1471,78 +1471,6 @@ def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
                                   x.to(ty), weight_ih, bias_ih, weight_hh, bias_hh,
                                   *(s.to(ty) for s in state))
     return out, tuple(new)
-
-
-class WeightGrads:
-    """What the backward of a layer's training steps (:class:`_TritonStep`) leaves for
-    the weight gradients, step after step: the gate gradients dG_t [K, B, G*m] (the GRU's
-    hidden-side dGh_t too), the inputs x_t [B, K*mi] and the operands h'_{t-1} [K, B, m]
-    (the previous state, shuffled where the step shuffles)."""
-
-    __slots__ = ("dg", "dgh", "x", "operand")
-
-    def __init__(self):
-        self.dg, self.dgh, self.x, self.operand = [], [], [], []
-
-    def add(self, dg, dgh, x, operand):
-        self.dg.append(dg)
-        if dgh is not None:
-            self.dgh.append(dgh)
-        self.x.append(x)
-        self.operand.append(operand)
-
-    def take(self):
-        """-> (dG, dGh, x, h') of every step so far, each concatenated along the batch
-        ([K, T*B, G*m], ..., [K, T*B, mi], [K, T*B, m]); the lists are emptied."""
-        dg = torch.cat(self.dg, 1)
-        dgh = torch.cat(self.dgh, 1) if self.dgh else dg
-        k, mi = dg.shape[0], self.x[0].shape[1] // dg.shape[0]
-        x = torch.cat(self.x).view(-1, k, mi).transpose(0, 1)
-        operand = torch.cat(self.operand, 1)
-        for parts in (self.dg, self.dgh, self.x, self.operand):
-            parts.clear()
-        return dg, dgh, x, operand
-
-
-class _SequenceWeights(torch.autograd.Function):
-    """A layer's weights for the training steps of one sequence (RNNSearch's decoder,
-    trained position by position).  Forward: the weights (cast once to ``dtype`` under
-    autocast, not once per step).  Backward, which autograd runs after the backward of
-    every step that read them: the weight gradients as one batched product over all
-    steps, dW_ih = sum_t dG_t^T x_t and dW_hh = sum_t dGh_t^T h'_{t-1} over T*B rows,
-    and the bias sums.  Per layer that is about six launches a sequence (three
-    concatenations, two products, a sum) in place of seven a step (two small products, a
-    sum, and autograd's four additions of the steps' gradients), and one product
-    accumulated in fp32 in place of T additions rounded to the weights' dtype.  Gradients
-    that reach the weights some other way are added."""
-
-    @staticmethod
-    def forward(ctx, grads, cell, dtype, w_ih, w_hh, b_ih, b_hh):
-        ctx.grads, ctx.gru = grads, cell == "gru"
-        ctx.set_materialize_grads(False)
-        return tuple(w.view_as(w) if w.dtype == dtype else w.to(dtype)
-                     for w in (w_ih, w_hh, b_ih, b_hh))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *given):
-        found = list(given)
-        if ctx.grads.dg:
-            dg, dgh, x, operand = ctx.grads.take()
-            d_b_ih = dg.sum(1, dtype=torch.float32)
-            d_b_hh = dgh.sum(1, dtype=torch.float32) if ctx.gru else d_b_ih
-            steps = (torch.bmm(dg.transpose(1, 2), x), torch.bmm(dgh.transpose(1, 2), operand),
-                     d_b_ih, d_b_hh)
-            found = [s if g is None else g + s for g, s in zip(given, steps)]
-        return (None, None, None, *found)  # autograd casts each to its weight's dtype
-
-
-def sequence_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh):
-    """(w_ih, w_hh, b_ih, b_hh) for the training steps of one sequence, in ``dtype``, and
-    the :class:`WeightGrads` to hand :func:`step_triton_train` with them: the weight
-    gradients of all steps are then computed at once (:class:`_SequenceWeights`)."""
-    grads = WeightGrads()
-    return _SequenceWeights.apply(grads, cell, dtype, w_ih, w_hh, b_ih, b_hh), grads
 
 
 def kernel_signatures(dt, k, m, block_j=32):
