@@ -71,7 +71,7 @@ import triton.language as tl
 from ..cells import GATES
 from ..engine import _interpreting
 from ..errors import ConfigError
-from ..sequence_weights import hand_over, sequence_weights  # noqa: F401 (re-exported)
+from ..sequence_weights import hand_over
 
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
 # far beyond any real step (microseconds), short enough that a broken launch ends in ~1 s
@@ -1376,7 +1376,8 @@ class _TritonStep(torch.autograd.Function):
     sums.  Against the same step as separate autograd ops, the LSTM decoder of RNNSearch
     needs about a third of the launches forward and half backward
     (results/gpu_h100/step_launches.txt).  With ``grads`` (a
-    :class:`~grnn_fairseq.sequence_weights.WeightGrads`, from :func:`sequence_weights`)
+    :class:`~grnn_fairseq.sequence_weights.WeightGrads`, from
+    :func:`~grnn_fairseq.sequence_weights.sequence_weights`)
     the backward hands dG, x and the operand over to it instead of computing the weight
     gradients, which :class:`~grnn_fairseq.sequence_weights.SequenceWeights` then
     computes for all steps at once."""
@@ -1462,8 +1463,9 @@ class _TritonStep(torch.autograd.Function):
 def step_triton_train(cell, x, state, weight_ih, bias_ih, weight_hh, bias_hh,
                       time_shuffle=False, out_shuffle=False, grads=None):
     """:func:`step_triton` with autograd (:class:`_TritonStep`); the arguments and results
-    alike.  grads: the ``WeightGrads`` of weights from :func:`sequence_weights`, or
-    None (the weight gradients of every step computed, and summed by autograd)."""
+    alike.  grads: the ``WeightGrads`` of weights from
+    :func:`~grnn_fairseq.sequence_weights.sequence_weights`, or None (the weight gradients
+    of every step computed, and summed by autograd)."""
     ty = weight_hh.dtype
     if cell not in GATES or ty not in SUPPORTED_DTYPES:
         _check(cell, ty)
