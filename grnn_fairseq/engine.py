@@ -50,7 +50,7 @@ import torch
 from .cells import POINTWISE
 from .errors import ConfigError
 from .rearrangement import rearrange_grouped
-from .sequence_weights import sequence_weights
+from .sequence_weights import hand_over, sequence_weights
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
 CELLS = {"torch": ("lstm",),                # the cells each backend covers
@@ -185,7 +185,6 @@ class CppTrainStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_h, d_c=None):
         from .kernels import cpu_rnn
-        from .sequence_weights import hand_over
 
         x, w_ih, w_hh, hs = ctx.saved_tensors
         k, _, mi = w_ih.shape

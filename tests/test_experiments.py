@@ -820,7 +820,6 @@ def test_dry_run_script_makes_what_its_commands_read(tmp_path, capsys):
     assert f"{save}/generate-test.txt" in written and f"{save}/interactive.txt" in written
 
 
-
 def test_report_names_every_device_its_averaged_seeds_ran_on(tmp_path):
     """Seeds of one run trained on two machines: the device column names both, once each,
     in the order of the seeds' dates (it showed only the latest seed's machine, beside
