@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["grnn_fairseq", "grnn_fairseq.*"]),
     # the fused CPU LSTM is compiled from this source at first use (needs g++ and ninja)
-    package_data={"grnn_fairseq.kernels": ["*.cpp"]},
+    package_data={"grnn_fairseq.kernels": ["*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.0",
         "numpy",

@@ -20,10 +20,14 @@ first position (:class:`_SequenceValues`).
 
 The query projection's weight gradients are likewise summed once per sequence
 (:meth:`AdditiveAttention.sequence_projection`: one product over all positions' rows in
-place of a product, a sum and two additions per position).  Where the recurrence runs on
-Triton and ``GRNN_TRITON_ATTENTION=1``, a position's attention is one kernel each way
-(``kernels/triton_attention.py``), whose gradients of the keys and of v are also summed
-once per sequence, in place (:meth:`AdditiveAttention.sequence_keys`).
+place of a product, a sum and two additions per position).
+
+Where :func:`fused` names kernels, a position's attention is one pass each way
+(:class:`_FusedAttention`), whose gradients of the keys and of v are summed once per
+sequence, in place (:func:`sequence_keys`): on the CPU by default where the recurrence
+runs on ``cpp`` (``kernels/attention_cpu.cpp``; ``GRNN_CPU_ATTENTION=0`` keeps the ops
+below), on the GPU where it runs on Triton and ``GRNN_TRITON_ATTENTION=1``
+(``kernels/triton_attention.py``).
 """
 import torch
 import torch.nn.functional as F
@@ -33,16 +37,25 @@ from . import engine
 
 
 def fused(keys):
-    """Whether attention over ``keys`` runs as the Triton kernels: GRNN_TRITON_ATTENTION=1
-    and the recurrence's backend on their device is ``triton``."""
-    if keys.device.type != "cuda" and not engine._interpreting():
-        return False
-    if not engine.triton_available():
-        return False
-    from .kernels import triton_attention
+    """The kernels that run one position's attention over ``keys`` in one pass each way
+    (:class:`_FusedAttention`), or None for PyTorch's ops: ``kernels.triton_attention``
+    where GRNN_TRITON_ATTENTION=1 and the recurrence's backend on the keys' device is
+    ``triton``; ``kernels.cpu_attention`` on the CPU where it is ``cpp``, in float32 or
+    float64 outside autocast, unless GRNN_CPU_ATTENTION=0."""
+    if (keys.device.type == "cuda" or engine._interpreting()) and engine.triton_available():
+        from .kernels import triton_attention
 
-    return triton_attention.attention_on() and engine.resolve_backend(
-        None, "lstm", keys.device, keys.dtype) == "triton"
+        if triton_attention.attention_on() and engine.resolve_backend(
+                None, "lstm", keys.device, keys.dtype) == "triton":
+            return triton_attention
+    if keys.device.type == "cpu":
+        from .kernels import cpu_attention
+
+        if (cpu_attention.attention_on() and keys.dtype in cpu_attention.DTYPES
+                and engine.autocast_dtype("cpu") is None
+                and engine.resolve_backend(None, "lstm", keys.device, keys.dtype) == "cpp"):
+            return cpu_attention
+    return None
 
 
 class AdditiveAttention(nn.Module):
@@ -72,9 +85,7 @@ class AdditiveAttention(nn.Module):
         the keys and of v are summed in place for all positions; otherwise (keys, None)."""
         if not (keys.requires_grad and torch.is_grad_enabled() and fused(keys)):
             return keys, None
-        from .kernels import triton_attention
-
-        return triton_attention.sequence_keys(keys, self.score.weight[0])
+        return sequence_keys(keys, self.score.weight[0])
 
     def sequence_projection(self):
         """The query projection (W, b, grads) for the positions of one target sequence:
@@ -104,15 +115,15 @@ class AdditiveAttention(nn.Module):
         beam search keeps the encoder outputs once per source, see
         ``RNNSearchEncoder.reorder_encoder_out``) -> (context [B, V], weights [B, S]).
         value_grads / key_grads: from :meth:`sequence_values` / :meth:`sequence_keys`, with
-        the values / keys they returned; projection: from :meth:`sequence_projection`."""
+        the values / keys they returned; projection: from :meth:`sequence_projection`.
+        Where :func:`fused` names kernels, one pass each way (:func:`fused_attention`)."""
         s, n = keys.shape[:2]
-        if key_grads is not None or fused(keys):
-            from .kernels.triton_attention import attention_triton
-
-            context, weights = attention_triton(
-                self.project_query(query, projection), keys, self.score.weight[0], values,
-                padding_mask, rows_per_source, key_grads, value_grads)
-            return context, weights.t()  # fp32 (the softmax's dtype): no cast per position
+        kernels = fused(keys)
+        if kernels is not None:
+            context, weights = fused_attention(
+                kernels, self.project_query(query, projection), keys, self.score.weight[0],
+                values, padding_mask, rows_per_source, key_grads, value_grads)
+            return context, weights.t()  # the softmax's dtype: no cast per position
         q2 = self.project_query(query, projection).mul(2).view(1, n, rows_per_source, -1)
         # 2 (W s + U h) in one pass, the sigmoid in place (autograd keeps its output), then
         # a matrix-vector product (nn.Linear with one output is several times slower on CPU)
@@ -248,3 +259,116 @@ class _Projection(torch.autograd.Function):
             ctx.grads.queries.append(query)
             ctx.grads.d_out.append(d_out)
         return None, d_query, None, None
+
+
+class KeyGrads:
+    """The gradients of the keys [S, N, A] and of v, per query row [B, A], of the positions
+    of one sequence, added in place by each position's fused backward, for
+    :class:`_SequenceKeys` (in the kernels' ``sum_dtype``: fp32 on Triton)."""
+
+    __slots__ = ("sums",)
+
+    def __init__(self):
+        self.sums = None
+
+    def buffers(self, keys, rows, dtype):
+        """-> (dk, dv) to add into: zeros at the first position of a backward."""
+        if self.sums is None:
+            self.sums = tuple(torch.zeros(shape, dtype=dtype, device=keys.device)
+                              for shape in (keys.shape, (rows, keys.shape[2])))
+        return self.sums
+
+
+class _SequenceKeys(torch.autograd.Function):
+    """The keys of one sequence's attention: forward as they are; backward, which autograd
+    runs after every position's :class:`_FusedAttention`, the keys' summed gradient plus
+    any that reached them some other way, and v's (the positions return none for v: it
+    is an input here for this gradient only)."""
+
+    @staticmethod
+    def forward(ctx, grads, keys, v):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return keys.view_as(keys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, given):
+        sums, ctx.grads.sums = ctx.grads.sums, None
+        if sums is None:
+            return None, given, None
+        return None, sums[0] if given is None else given + sums[0], sums[1].sum(0)
+
+
+def sequence_keys(keys, v):
+    """keys [S, N, A] and v [A] for the positions of one target sequence -> (keys, grads):
+    pass both to every position's :func:`fused_attention`, and the gradients of the keys
+    and of v are summed in place, once for all positions.  Without autograd: (keys,
+    None)."""
+    if not (keys.requires_grad and torch.is_grad_enabled()):
+        return keys, None
+    grads = KeyGrads()
+    return _SequenceKeys.apply(grads, keys, v), grads
+
+
+class _FusedAttention(torch.autograd.Function):
+    """One position's attention in one pass each way, by ``kernels`` (:func:`fused`), plus
+    in the backward the values' hand-over (or their gradient) and, outside a sequence,
+    the sum of the rows' shares of dv."""
+
+    @staticmethod
+    def forward(ctx, kernels, key_grads, value_grads, rows, q, keys, v, values, mask):
+        # the sequence's nodes (before any copy, which would have none)
+        ctx.keys_node = keys.grad_fn if key_grads is not None else None
+        ctx.values_node = values.grad_fn if value_grads is not None else None
+        q, keys, v, values = (t.contiguous() for t in (q, keys, v, values))
+        context, weights = kernels.forward(q, keys, v, values, mask, rows)
+        ctx.kernels, ctx.rows = kernels, rows
+        ctx.key_grads, ctx.value_grads = key_grads, value_grads
+        ctx.save_for_backward(q, keys, v, values, weights)
+        ctx.set_materialize_grads(False)
+        return context, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_context, d_weights):
+        q, keys, v, values, weights = ctx.saved_tensors
+        s, n, _ = keys.shape
+        b, vdim = q.shape[0], values.shape[2]
+        need_q, need_k, need_v, need_values = ctx.needs_input_grad[4:8]
+        if d_context is None:
+            d_context = torch.zeros(b, vdim, dtype=values.dtype, device=q.device)
+        keys_mode, d_keys, dv_rows = 0, None, None
+        if ctx.key_grads is not None:
+            if torch._C._will_engine_execute_node(ctx.keys_node):
+                keys_mode = 2  # added into the sequence's sums, dv too
+                d_keys, dv_rows = ctx.key_grads.buffers(
+                    keys, b, ctx.kernels.sum_dtype(keys.dtype))
+        elif need_k:
+            keys_mode = 1
+        d_q, d_keys, dv_rows = ctx.kernels.backward(
+            d_context, d_weights, weights, q, keys, v, values, ctx.rows, keys_mode, d_keys,
+            dv_rows)
+        d_values = None
+        alpha = weights.view(s, n, ctx.rows).to(values.dtype)
+        d_ctx = d_context.view(n, ctx.rows, vdim)
+        if ctx.value_grads is not None:
+            if torch._C._will_engine_execute_node(ctx.values_node):
+                ctx.value_grads.weights.append(alpha)
+                ctx.value_grads.d_context.append(d_ctx)
+        elif need_values:
+            d_values = torch.einsum("sne,nev->snv", alpha, d_ctx.to(alpha.dtype))
+        return (None, None, None, None, d_q if need_q else None,
+                d_keys if keys_mode == 1 else None,
+                dv_rows.sum(0) if need_v and keys_mode != 2 else None, d_values, None)
+
+
+def fused_attention(kernels, q, keys, v, values, padding_mask=None, rows_per_source=1,
+                    key_grads=None, value_grads=None):
+    """One position's attention by ``kernels`` (from :func:`fused`): q [B, A] (W s + b),
+    keys [S, N, A], v [A], values [S, N, V], padding_mask [S, N] (True = pad), B = N *
+    rows_per_source -> (context [B, V] in the values' dtype, alpha [S, B] in the kernels'
+    softmax dtype).  key_grads / value_grads: from :func:`sequence_keys` and
+    :meth:`AdditiveAttention.sequence_values`, with the keys and values they returned."""
+    return _FusedAttention.apply(kernels, key_grads, value_grads, rows_per_source, q, keys, v,
+                                 values, padding_mask)

@@ -512,9 +512,23 @@ def test_every_parameter_gets_a_gradient(case):
     assert all(torch.isfinite(p.grad).all() for p in params.values())
 
 
-def test_attention_matches_bahdanau_with_gradients():
-    """The sigmoid form of the energies gives Bahdanau's weights, context and gradients:
-    compared with the literal e_ij = v^T tanh(W s + U h_j) in float64, with padding."""
+@pytest.fixture(params=["ops", "fused"])
+def cpu_attention_path(request, monkeypatch):
+    """Both CPU paths of the attention: PyTorch's ops (GRNN_CPU_ATTENTION=0) and the C++
+    kernels (kernels/attention_cpu.cpp, the default)."""
+    from grnn_fairseq.attention import fused
+    from grnn_fairseq.kernels import cpu_attention
+
+    monkeypatch.delenv("GRNN_BACKEND", raising=False)
+    monkeypatch.setitem(cpu_attention.VARIANT, "attention", str(int(request.param == "fused")))
+    assert (fused(torch.zeros(1, 1, 1)) is cpu_attention) == (request.param == "fused")
+    return request.param
+
+
+def test_attention_matches_bahdanau_with_gradients(cpu_attention_path):
+    """The sigmoid form of the energies (or the C++ kernels) gives Bahdanau's weights,
+    context and gradients: compared with the literal e_ij = v^T tanh(W s + U h_j) in
+    float64, with padding."""
     torch.manual_seed(0)
     att = AdditiveAttention(7, 6, 5).double()
     keys = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -543,7 +557,7 @@ def test_attention_matches_bahdanau_with_gradients():
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-def test_attention_sequence_values_give_the_same_gradients(rows):
+def test_attention_sequence_values_give_the_same_gradients(rows, cpu_attention_path):
     """Attention at several positions over the same values (RNNSearch's decoder in
     training), with ``sequence_values``: the values' gradient, computed once for all
     positions, is that of attending at each position separately (float64, padding,
@@ -578,7 +592,8 @@ def test_attention_sequence_values_give_the_same_gradients(rows):
         assert max_diff(a, b) < 1e-12 and max_diff(a, c) < 1e-12
 
 
-def test_attention_sequence_projection_gives_the_same_gradients(monkeypatch):
+def test_attention_sequence_projection_gives_the_same_gradients(monkeypatch,
+                                                                cpu_attention_path):
     """The query projection at several positions with ``sequence_projection`` (dW and db
     once for all positions): the gradients of W, b and the queries are those of projecting
     at each position apart (float64, a gradient of W and b from elsewhere too, every
@@ -650,9 +665,12 @@ def test_attention_sequence_projection_under_autocast():
 def test_rnnsearch_trains_with_sequence_values(monkeypatch):
     """RNNSearch's decoder in training hands every position's attention to
     ``sequence_values`` and its query projection to ``sequence_projection``, and gets the
-    gradients of attending at each position apart."""
+    gradients of attending at each position apart.  PyTorch's ops (GRNN_CPU_ATTENTION=0):
+    the C++ kernels hand over on their own (tests/test_attention_cpu.py)."""
     import grnn_fairseq.attention as attention
+    from grnn_fairseq.kernels import cpu_attention
 
+    monkeypatch.setitem(cpu_attention.VARIANT, "attention", "0")
     _, src, lengths = source_batch()
     prev = prev_tokens(src.shape[0], 6)
     calls, results = [], []

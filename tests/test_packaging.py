@@ -39,7 +39,8 @@ def test_installed_copy_works_as_user_dir(tmp_path):
         pytest.fail(f"pip install failed: {r.stderr[-2000:]}")
     installed = target / "grnn_fairseq"
     assert (installed / "models" / "rnnsearch.py").is_file()
-    assert (installed / "kernels" / "rnn_cpu.cpp").is_file()  # the fused CPU loops' source
+    for source in ("rnn_cpu.cpp", "attention_cpu.cpp", "cpu_math.h"):  # the C++ kernels
+        assert (installed / "kernels" / source).is_file(), source
     env = dict(os.environ, PYTHONPATH=str(target))
     r = run_check(installed, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -36,6 +36,8 @@ if not CUDA:
                     "module: run it with TRITON_INTERPRET=1 (or on its own)",
                     allow_module_level=True)
 
+from attention_cases import (  # noqa: E402
+    attention_inputs, attention_reference, check_sequence_of_positions, left_padding)
 from grnn_fairseq import engine  # noqa: E402
 from grnn_fairseq.cells import GATES  # noqa: E402
 from grnn_fairseq.recurrent import RecurrentStack  # noqa: E402
@@ -521,30 +523,11 @@ def _assert_same_training(want, got):
 
 # --------------------------------------------------------------------------- attention
 def _attention_inputs(s, n, e, a, v, dtype, seed=0):
-    """(q [n*e, a], keys [s, n, a], v [a], values [s, n, v]) with gradients."""
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
-                 for shape in ((n * e, a), (s, n, a), (a,), (s, n, v)))
-
-
-def _attention_reference(q, keys, v, values, mask, e):
-    """Bahdanau's attention written out in float64: (context [B, V], alpha [S, B])."""
-    s, n, a = keys.shape
-    energy = (torch.tanh(q.double().view(1, n, e, a) + keys.double().unsqueeze(2))
-              * v.double()).sum(-1)
-    if mask is not None:
-        energy = energy.masked_fill(mask.unsqueeze(-1), float("-inf"))
-    alpha = torch.softmax(energy, 0)
-    return (torch.einsum("sne,snv->nev", alpha, values.double()).reshape(n * e, -1),
-            alpha.reshape(s, -1))
+    return attention_inputs(s, n, e, a, v, dtype, DEVICE, seed)
 
 
 def _left_padding(s, n, lengths):
-    """[s, n] (True = pad) as fairseq's encoders make it: a transposed view."""
-    mask = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
-    for j, length in enumerate(lengths):
-        mask[j, :s - length] = True
-    return mask.t()
+    return left_padding(s, n, lengths, DEVICE)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
@@ -565,7 +548,7 @@ def test_fused_attention_matches_reference(s, n, e, lengths, dtype, tol):
         keys.requires_grad_(False)
     mask = _left_padding(s, n, lengths) if lengths else None
     context, alpha = attention_triton(q, keys, v, values, mask, e)
-    want_c, want_a = _attention_reference(q, keys, v, values, mask, e)
+    want_c, want_a = attention_reference(q, keys, v, values, mask, e)
     assert context.dtype == dtype and alpha.dtype == torch.float32
     torch.testing.assert_close(context.double(), want_c, atol=tol, rtol=tol)
     torch.testing.assert_close(alpha.double(), want_a, atol=tol, rtol=tol)
@@ -600,49 +583,9 @@ def test_fused_attention_sums_a_sequence_of_positions(monkeypatch):
     formula per position, with gradients of the keys, v and the values from elsewhere
     too; a backward of the queries only leaves nothing behind, and two full backwards
     through the retained graph give exactly twice one."""
-    from grnn_fairseq.attention import AdditiveAttention
     from grnn_fairseq.kernels import triton_attention
 
-    buffers = []
-    real = triton_attention.KeyGrads.buffers
-    monkeypatch.setattr(triton_attention.KeyGrads, "buffers",
-                        lambda self, *a: buffers.append(1) or real(self, *a))
-    s, n, t_len = 20, 3, 4
-    _, keys, v, values = _attention_inputs(s, n, 1, 9, 7, torch.float32)
-    queries = torch.randn(t_len, n, 9, device=DEVICE, requires_grad=True)
-    mask = _left_padding(s, n, (20, 3, 17))
-    inputs = [queries, keys, v, values]
-
-    def loss_of(fused):
-        k, h = keys, values
-        if fused:
-            k, key_grads = triton_attention.sequence_keys(keys, v)
-            h, value_grads = AdditiveAttention.sequence_values(values)
-        total = 0.1 * (k.pow(2).sum() + h.sum() + v.exp().sum())  # gradients from elsewhere
-        for i in range(t_len):
-            if fused:
-                c, a = triton_attention.attention_triton(queries[i], k, v, h, mask, 1,
-                                                         key_grads, value_grads)
-            else:
-                c, a = _attention_reference(queries[i], keys, v, values, mask, 1)
-            total = total + (c.double() * (i + 1)).sin().sum() + a.double().pow(2).sum()
-        return total
-
-    want = torch.autograd.grad(loss_of(False), inputs)
-    loss = loss_of(True)
-    first = torch.autograd.grad(loss, [queries], retain_graph=True)[0]
-    torch.testing.assert_close(first.double(), want[0].double(), atol=1e-5, rtol=1e-5)
-    assert not buffers  # the keys' sum was not touched by a backward of the queries only
-    once = torch.autograd.grad(loss, inputs, retain_graph=True)
-    assert len(buffers) == t_len  # every position added its keys' and v's gradients in place
-    for name, got, w in zip("queries keys v values".split(), once, want):
-        torch.testing.assert_close(got.double(), w.double(), atol=1e-5, rtol=1e-5,
-                                   msg=lambda m: f"d {name}: {m}")
-    loss.backward(retain_graph=True)
-    loss.backward()
-    for name, x, g in zip("queries keys v values".split(), inputs, once):
-        torch.testing.assert_close(x.grad, 2 * g, atol=1e-6, rtol=1e-6,
-                                   msg=lambda m: f"d {name}: {m}")
+    check_sequence_of_positions(triton_attention, torch.float32, DEVICE, 1e-5, monkeypatch)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -652,15 +595,16 @@ def test_rnnsearch_trains_with_fused_attention(monkeypatch, cell):
     gradients summed once, and the same loss and gradients as PyTorch's attention."""
     from test_models import build_mt, prev_tokens, source_batch
 
+    from grnn_fairseq import attention
     from grnn_fairseq.kernels import triton_attention, triton_rnn
 
     monkeypatch.setenv("GRNN_BACKEND", "triton")
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
     calls = []
-    real = triton_attention._FusedAttention.apply
-    monkeypatch.setattr(triton_attention._FusedAttention, "apply",
-                        lambda *a: calls.append(a[0] is not None and a[1] is not None)
-                        or real(*a))
+    real = attention._FusedAttention.apply
+    monkeypatch.setattr(attention._FusedAttention, "apply",
+                        lambda *a: calls.append(a[0] is triton_attention and a[1] is not None
+                                                and a[2] is not None) or real(*a))
     _, src, lengths = source_batch()
     prev = prev_tokens(src.shape[0], 5)
     results = []
@@ -689,9 +633,8 @@ def test_beam_search_with_fused_attention(monkeypatch):
     model = _model_with_varied_lengths("lstm", 2, 0.0, src, lengths, 8).float()
     monkeypatch.setenv("GRNN_BACKEND", "triton")
     want = beam_search(model, src, lengths, 8, beam=3)
-    calls, real = [], triton_attention.attention_triton
-    monkeypatch.setattr(triton_attention, "attention_triton",
-                        lambda *a: calls.append(a[5]) or real(*a))
+    calls, real = [], triton_attention.forward
+    monkeypatch.setattr(triton_attention, "forward", lambda *a: calls.append(a[5]) or real(*a))
     monkeypatch.setitem(triton_attention.VARIANT, "attention", "1")
     assert_same_hypotheses(beam_search(model, src, lengths, 8, beam=3), want, 1e-4)
     assert 3 in calls  # beam search's rows: 3 per source

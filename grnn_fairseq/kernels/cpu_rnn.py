@@ -1,7 +1,8 @@
 """Loader of the fused CPU loops of the LSTM, GRU and Elman RNN (``rnn_cpu.cpp``, backend
-``cpp`` of the engine).
+``cpp`` of the engine), and of RNNSearch's fused attention on the CPU
+(``attention_cpu.cpp``, :mod:`grnn_fairseq.kernels.cpu_attention`): one library.
 
-The C++ source ships with the package and is compiled just in time, at first use (never
+The C++ sources ship with the package and are compiled just in time, at first use (never
 at import), by :func:`torch.utils.cpp_extension.load`: it needs a C++ compiler and
 ``ninja``.  The build lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) under a name that hashes the source, the flags and the
@@ -27,7 +28,11 @@ import warnings
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rnn_cpu.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "rnn_cpu.cpp")
+# compiled into the same library (and the header both include)
+OTHER_SOURCES = (os.path.join(_HERE, "attention_cpu.cpp"),)
+HEADERS = (os.path.join(_HERE, "cpu_math.h"),)
 CELL_IDS = {"lstm": 0, "gru": 1, "rnn": 2}  # the ``cell`` argument of the ops
 _LINUX = sys.platform.startswith("linux")
 # -fno-trapping-math lets the compiler vectorise the clamps of exp (results unchanged);
@@ -65,13 +70,19 @@ def _remove_stale_lock(name):
 
 
 def _name():
-    """The build's name: a hash of the source, the flags, torch's version and the source's
-    path.  The path keeps two checkouts (or an installed copy and a checkout) in separate
-    build folders: torch's build file names the source by path, so sharing one folder
-    would rebuild it every time the other copy runs, and make its processes wait."""
-    with open(SOURCE, "rb") as f:
-        key = f.read() + repr((CFLAGS, LDFLAGS, torch.__version__, SOURCE)).encode()
+    """The build's name: a hash of the sources and the header, the flags, torch's version
+    and the main source's path.  The path keeps two checkouts (or an installed copy and a
+    checkout) in separate build folders: torch's build file names the source by path, so
+    sharing one folder would rebuild it every time the other copy runs, and make its
+    processes wait."""
+    key = b"".join(_read(path) for path in (SOURCE,) + OTHER_SOURCES + HEADERS)
+    key += repr((CFLAGS, LDFLAGS, torch.__version__, SOURCE)).encode()
     return "grnn_rnn_cpu_" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load():
@@ -84,18 +95,20 @@ def load():
     if _error is not None:
         raise _error
     try:
-        if not os.path.isfile(SOURCE):
-            raise FileNotFoundError(f"{SOURCE} is missing: this installed copy of grnn_fairseq "
+        missing = [p for p in (SOURCE,) + OTHER_SOURCES + HEADERS if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is missing: this installed copy of grnn_fairseq "
                                     "lacks its C++ source (install from a source checkout, "
                                     "e.g. pip install -e .)")
         from torch.utils.cpp_extension import load as load_extension, verify_ninja_availability
 
         verify_ninja_availability()
         _remove_stale_lock(_name())
-        load_extension(name=_name(), sources=[SOURCE], extra_cflags=CFLAGS,
+        load_extension(name=_name(), sources=[SOURCE, *OTHER_SOURCES], extra_cflags=CFLAGS,
                        extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
         _ops = torch.ops.grnn_rnn_cpu
-        _ops.forward, _ops.backward  # noqa: B018  (fails here if registration failed)
+        # fails here if a registration failed
+        _ops.forward, _ops.backward, _ops.attention_forward  # noqa: B018
     except Exception as e:  # no compiler, no ninja, compile or load error
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         errors = [line for line in lines

@@ -18,7 +18,7 @@ projection, each a few microseconds of host time on a GPU, where the arithmetic 
   saved): dq_i = sum_j de_j v (1 - t^2), the keys' gradient de_j v (1 - t^2), and the
   row's share of dv = sum_j de_j t (summed over the rows on the host: deterministic, no
   atomics).
-* the gradients of the keys and of v of a sequence of positions (:func:`sequence_keys`,
+* the gradients of the keys and of v of a sequence of positions (``attention.sequence_keys``,
   training) are added in place into fp32 buffers by every position's backward kernel,
   instead of autograd making and adding an [S, B, A] tensor per position; the values'
   gradient is handed to the attention's ``ValueGrads`` (``attention.py``) as the PyTorch
@@ -32,6 +32,7 @@ keys and values (``rows_per_source``); with a gradient of the keys (training) th
 must be one per source, since each program then owns its source's keys' gradient.
 """
 import os
+import sys
 
 import torch
 import triton
@@ -189,136 +190,62 @@ def _attention_bwd(dctx_ptr, dw_ptr, w_ptr, q_ptr, k_ptr, v_ptr, val_ptr, da_ptr
         tl.store(dv_ptr + r64 * A + offs_a, dv, mask=ma)
 
 
-class KeyGrads:
-    """The gradients of the keys [S, N, A] and of v, per query row [B, A] (both fp32), of
-    the positions of one sequence, added in place by each position's backward kernel, for
-    :class:`_SequenceKeys`."""
-
-    __slots__ = ("sums",)
-
-    def __init__(self):
-        self.sums = None
-
-    def buffers(self, keys, rows):
-        """-> (dk, dv) to add into: zeros at the first position of a backward."""
-        if self.sums is None:
-            self.sums = tuple(torch.zeros(shape, dtype=torch.float32, device=keys.device)
-                              for shape in (keys.shape, (rows, keys.shape[2])))
-        return self.sums
+def sum_dtype(dtype):
+    """The dtype in which a sequence's keys' and v's gradients are summed: fp32."""
+    return torch.float32
 
 
-class _SequenceKeys(torch.autograd.Function):
-    """The keys of one sequence's attention: forward as they are; backward, which autograd
-    runs after every position's :class:`_FusedAttention`, the keys' summed gradient plus
-    any that reached them some other way, and v's (the positions return none for v: it
-    is an input here for this gradient only)."""
-
-    @staticmethod
-    def forward(ctx, grads, keys, v):
-        ctx.grads = grads
-        ctx.set_materialize_grads(False)
-        return keys.view_as(keys)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, given):
-        sums, ctx.grads.sums = ctx.grads.sums, None
-        if sums is None:
-            return None, given, None
-        return None, sums[0] if given is None else given + sums[0], sums[1].sum(0)
+def forward(q, keys, v, values, mask, rows):
+    """q [B, A], keys [S, N, A], v [A], values [S, N, V] (contiguous), mask [S, N] or None
+    (True = pad) -> (context [B, V] in the values' dtype, alpha [S, B] fp32)."""
+    s, n, a = keys.shape
+    b, vdim = q.shape[0], values.shape[2]
+    weights = torch.empty(s, b, dtype=torch.float32, device=q.device)
+    context = torch.empty(b, vdim, dtype=values.dtype, device=q.device)
+    # the mask is read through its strides (fairseq's is a transposed view)
+    pad = mask.view(torch.uint8) if mask is not None else weights
+    _attention_fwd[(b,)](q, keys, v, values, pad, torch.empty_like(weights), weights,
+                         context, b, s, n, rows, a, vdim,
+                         *(pad.stride() if mask is not None else (0, 0)),
+                         HAS_MASK=mask is not None, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
+                         BLOCK_V=BLOCK_V)
+    return context, weights
 
 
-def sequence_keys(keys, v):
-    """keys [S, N, A] and v [A] for the positions of one target sequence -> (keys, grads):
-    pass both to every position's :func:`attention_triton`, and the gradients of the keys
-    and of v are summed in place, once for all positions.  Without autograd: (keys,
-    None)."""
-    if not (keys.requires_grad and torch.is_grad_enabled()):
-        return keys, None
-    grads = KeyGrads()
-    return _SequenceKeys.apply(grads, keys, v), grads
-
-
-class _FusedAttention(torch.autograd.Function):
-    """One position's attention (:func:`attention_triton`): one launch each way, plus in
-    the backward the values' hand-over (or their gradient) and, outside a sequence, the
-    sum of the rows' shares of dv."""
-
-    @staticmethod
-    def forward(ctx, key_grads, value_grads, rows, q, keys, v, values, mask):
-        s, n, a = keys.shape
-        b, vdim = q.shape[0], values.shape[2]
-        # the sequence's nodes (before any copy, which would have none)
-        ctx.keys_node = keys.grad_fn if key_grads is not None else None
-        ctx.values_node = values.grad_fn if value_grads is not None else None
-        q, keys, v, values = (t.contiguous() for t in (q, keys, v, values))
-        weights = torch.empty(s, b, dtype=torch.float32, device=q.device)
-        context = torch.empty(b, vdim, dtype=values.dtype, device=q.device)
-        # the mask is read through its strides (fairseq's is a transposed view)
-        pad = mask.view(torch.uint8) if mask is not None else weights
-        _attention_fwd[(b,)](q, keys, v, values, pad, torch.empty_like(weights), weights,
-                             context, b, s, n, rows, a, vdim,
-                             *(pad.stride() if mask is not None else (0, 0)),
-                             HAS_MASK=mask is not None, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
-                             BLOCK_V=BLOCK_V)
-        ctx.rows, ctx.key_grads, ctx.value_grads = rows, key_grads, value_grads
-        ctx.save_for_backward(q, keys, v, values, weights)
-        ctx.set_materialize_grads(False)
-        return context, weights
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_context, d_weights):
-        q, keys, v, values, weights = ctx.saved_tensors
-        s, n, a = keys.shape
-        b, vdim = q.shape[0], values.shape[2]
-        need_q, need_k, need_v, need_values = ctx.needs_input_grad[3:7]
-        if d_context is None:
-            d_context = torch.zeros(b, vdim, dtype=values.dtype, device=q.device)
-        d_context = d_context.contiguous()
-        keys_mode, d_keys, dv_rows = 0, None, None
-        if ctx.key_grads is not None:
-            if torch._C._will_engine_execute_node(ctx.keys_node):
-                keys_mode = 2  # added into the sequence's sums, dv too
-                d_keys, dv_rows = ctx.key_grads.buffers(keys, b)
-        elif need_k:
-            keys_mode = 1
-            d_keys = torch.empty(s, n, a, dtype=torch.float32, device=q.device)
-        if keys_mode and ctx.rows != 1:
-            raise ValueError("fused attention: the keys' gradient needs one query row per "
-                             f"source, got {ctx.rows}")
-        scratch = torch.empty_like(weights)
-        d_q = torch.empty_like(q)
-        if dv_rows is None:
-            dv_rows = torch.empty(b, a, dtype=torch.float32, device=q.device)
-        dw = d_weights.contiguous() if d_weights is not None else weights
-        _attention_bwd[(b,)](d_context, dw, weights, q, keys, v, values, scratch, d_q,
-                             d_keys if d_keys is not None else weights, dv_rows,
-                             b, s, n, ctx.rows, a, vdim, HAS_DW=d_weights is not None,
-                             KEYS=keys_mode, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A,
-                             BLOCK_V=BLOCK_V)
-        d_values = None
-        alpha = weights.view(s, n, ctx.rows).to(values.dtype)
-        d_ctx = d_context.view(n, ctx.rows, vdim)
-        if ctx.value_grads is not None:
-            if torch._C._will_engine_execute_node(ctx.values_node):
-                ctx.value_grads.weights.append(alpha)
-                ctx.value_grads.d_context.append(d_ctx)
-        elif need_values:
-            d_values = torch.einsum("sne,nev->snv", alpha, d_ctx.to(alpha.dtype))
-        return (None, None, None, d_q if need_q else None,
-                d_keys if keys_mode == 1 else None,
-                dv_rows.sum(0) if need_v and keys_mode != 2 else None, d_values, None)
+def backward(d_context, d_weights, weights, q, keys, v, values, rows, keys_mode, d_keys,
+             dv_rows):
+    """-> (dq [B, A], d_keys, dv_rows [B, A] fp32).  keys_mode 0: no keys' gradient; 1: a
+    new one; 2: added into ``d_keys``, and the rows' shares of dv into ``dv_rows`` (a
+    sequence's sums).  A keys' gradient needs one query row per source."""
+    s, n, a = keys.shape
+    b, vdim = q.shape[0], values.shape[2]
+    if keys_mode and rows != 1:
+        raise ValueError("fused attention: the keys' gradient needs one query row per "
+                         f"source, got {rows}")
+    if keys_mode == 1:
+        d_keys = torch.empty(s, n, a, dtype=torch.float32, device=q.device)
+    if dv_rows is None:
+        dv_rows = torch.empty(b, a, dtype=torch.float32, device=q.device)
+    d_q = torch.empty_like(q)
+    dw = d_weights.contiguous() if d_weights is not None else weights
+    _attention_bwd[(b,)](d_context.contiguous(), dw, weights, q, keys, v, values,
+                         torch.empty_like(weights), d_q,
+                         d_keys if d_keys is not None else weights, dv_rows,
+                         b, s, n, rows, a, vdim, HAS_DW=d_weights is not None,
+                         KEYS=keys_mode, BLOCK_S=BLOCK_S, BLOCK_A=BLOCK_A, BLOCK_V=BLOCK_V)
+    return d_q, d_keys, dv_rows
 
 
 def attention_triton(q, keys, v, values, padding_mask=None, rows_per_source=1,
                      key_grads=None, value_grads=None):
     """q [B, A] (W s + b), keys [S, N, A], v [A], values [S, N, V], padding_mask [S, N]
     (True = pad), B = N * rows_per_source -> (context [B, V] in the values' dtype, alpha
-    [S, B] fp32).  key_grads / value_grads: from :func:`sequence_keys` and
+    [S, B] fp32).  key_grads / value_grads: from ``attention.sequence_keys`` and
     ``AdditiveAttention.sequence_values``, with the keys and values they returned."""
-    return _FusedAttention.apply(key_grads, value_grads, rows_per_source, q, keys, v, values,
-                                 padding_mask)
+    from ..attention import fused_attention
+
+    return fused_attention(sys.modules[__name__], q, keys, v, values, padding_mask,
+                           rows_per_source, key_grads, value_grads)
 
 
 def compile_check(arch=90, dtypes=("bf16", "fp32")):
