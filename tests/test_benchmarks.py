@@ -168,6 +168,18 @@ def test_fixed_length_generation_bench_refuses_a_bad_rounds(rounds, tmp_path):
     assert not proc.stdout
 
 
+@pytest.mark.parametrize("attention", ["2", "0,1", "yes", "1 "])
+def test_fixed_length_generation_bench_refuses_a_bad_attention(attention, tmp_path):
+    """ATTENTION (values of GRNN_CPU_ATTENTION for the A/B) other than 0s and 1s separated
+    by spaces: exit 2 with a message naming the value, before anything runs."""
+    proc = subprocess.run(["bash", "results/bench_fairseq_cpu_fixed_length.sh", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, ATTENTION=attention))
+    assert proc.returncode == 2, proc.stderr
+    assert f"ATTENTION={attention}: give values of GRNN_CPU_ATTENTION, 0 or 1" in proc.stderr
+    assert not proc.stdout
+
+
 def test_bench_layer_decode_graph_cases(monkeypatch):
     """``--graph``: every decode case twice, eagerly and as a graph (recorded at its first
     call, replayed after: the recorder runs it for its warm-up and its recording only);
