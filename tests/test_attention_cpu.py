@@ -51,6 +51,31 @@ def test_cpu_attention_matches_reference(s, n, e, lengths, dtype, tol):
                                    msg=lambda m: f"d {name}: {m}")
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 60.0), (torch.float64, 400.0)])
+def test_cpu_attention_with_saturated_units(dtype, scale):
+    """Pre-activations q + k far into tanh's flat tails (|q + k| up to about 3 x scale, past
+    where 4 exp(-2x) overflows the dtype): finite gradients, equal to the float64
+    formula's.  Training reaches such keys: a quickstart run stopped with NaN gradients in
+    its fifth epoch when the slope was formed as (4 e r) r."""
+    q, keys, v, values = (t.detach() for t in attention_inputs(9, 4, 1, 33, 6, dtype))
+    q, keys = q * scale, keys * scale
+    for t in (q, keys, v, values):
+        t.requires_grad_()
+    mask = left_padding(9, 4, (9, 2, 5, 7))
+    context, alpha = fused_attention(cpu_attention, q, keys, v, values, mask, 1)
+    want_c, want_a = attention_reference(q, keys, v, values, mask, 1)
+    d_c = torch.randn(want_c.shape, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+    got = torch.autograd.grad((context.double() * d_c).sum(), (q, keys, v, values))
+    want = torch.autograd.grad((want_c * d_c).sum(), (q, keys, v, values))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(context.double(), want_c, atol=tol, rtol=tol)
+    for name, g, w in zip(("q", "keys", "v", "values"), got, want):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w.double(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"d {name}: {m}")
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_cpu_attention_sums_a_sequence_of_positions(monkeypatch, dtype, tol):
     """A sequence's keys' and v's gradients added in place, the values' handed over

@@ -55,13 +55,14 @@ GRNN_INLINE T energy(const T* q, const T* k, const T* v, int64_t A) {
 }
 
 // t = tanh(x) and its slope 1 - t^2, the slope as 4 e / (1 + e)^2 with e = exp(-2x): no
-// cancellation where the unit saturates (1 - t^2 from a rounded t loses its digits there)
+// cancellation where the unit saturates (1 - t^2 from a rounded t loses its digits there).
+// e r = e / (1 + e) <= 1 is formed first: 4 e alone overflows for x below about -44 (float).
 template <typename T>
 GRNN_INLINE void tanh_and_slope(T x, T& t, T& slope) {
   const T e = exp_(T(-2) * x);
   const T r = T(1) / (T(1) + e);
   t = T(2) * r - T(1);
-  slope = (T(4) * e * r) * r;
+  slope = T(4) * ((e * r) * r);
 }
 
 template <typename T>
