@@ -1,5 +1,6 @@
-"""Inputs and the float64 reference of RNNSearch's attention of one position, and a check
-of a sequence of positions, for the tests of the fused kernels (C++ on the CPU, Triton)."""
+"""Inputs and the float64 reference of RNNSearch's attention of one position, a check of a
+sequence of positions, and RNNSearch's training with and without the fused kernels, for
+the tests of those kernels (C++ on the CPU, Triton)."""
 import torch
 
 
@@ -79,3 +80,31 @@ def check_sequence_of_positions(kernels, dtype, device, tol, monkeypatch):
     for name, x, g in zip("queries keys v values".split(), inputs, once):
         torch.testing.assert_close(x.grad, 2 * g, atol=tol / 10, rtol=tol / 10,
                                    msg=lambda m: f"d {name}: {m}")
+
+
+def rnnsearch_training_both_ways(kernels, model_of, monkeypatch, device="cpu"):
+    """RNNSearch's training step (a loss on the log-probabilities and on the attention
+    weights) with ``kernels.VARIANT['attention']`` '0' (PyTorch's ops), then '1' ->
+    (calls, [(loss, {parameter name: gradient})] for each): one call per position that ran
+    fused, True where ``kernels`` ran it with both sequence sums.  model_of() builds the
+    model, the same weights each time."""
+    from test_models import prev_tokens, source_batch
+
+    from grnn_fairseq import attention
+
+    calls = []
+    real = attention._FusedAttention.apply
+    monkeypatch.setattr(attention._FusedAttention, "apply",
+                        lambda *a: calls.append(a[0] is kernels and a[1] is not None
+                                                and a[2] is not None) or real(*a))
+    _, src, lengths = source_batch()
+    prev = prev_tokens(src.shape[0], 5)
+    results = []
+    for on in ("0", "1"):
+        monkeypatch.setitem(kernels.VARIANT, "attention", on)
+        model = model_of()
+        logits, attn = model(src.to(device), lengths.to(device), prev.to(device))
+        loss = torch.log_softmax(logits, -1).sum() + attn["attn"][0].pow(2).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    return calls, results

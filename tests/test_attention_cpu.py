@@ -4,7 +4,8 @@ and against PyTorch's ops (``GRNN_CPU_ATTENTION=0``) through RNNSearch's trainin
 import pytest
 import torch
 from attention_cases import (
-    attention_inputs, attention_reference, check_sequence_of_positions, left_padding)
+    attention_inputs, attention_reference, check_sequence_of_positions, left_padding,
+    rnnsearch_training_both_ways)
 
 from grnn_fairseq import attention
 from grnn_fairseq.attention import fused, fused_attention
@@ -87,23 +88,11 @@ def test_cpu_attention_sums_a_sequence_of_positions(monkeypatch, dtype, tol):
 def test_rnnsearch_trains_with_the_cpu_attention(monkeypatch, cell, groups, rate):
     """RNNSearch's training step in float64 with the C++ attention at every target position
     (both sequence sums in use) gives the loss and gradients of PyTorch's ops."""
-    from test_models import build_mt, max_diff, prev_tokens, source_batch
+    from test_models import build_mt, max_diff
 
-    calls = []
-    real = attention._FusedAttention.apply
-    monkeypatch.setattr(attention._FusedAttention, "apply",
-                        lambda *a: calls.append(a[0] is cpu_attention and a[1] is not None
-                                                and a[2] is not None) or real(*a))
-    _, src, lengths = source_batch()
-    prev = prev_tokens(src.shape[0], 5)
-    results = []
-    for on in ("0", "1"):
-        monkeypatch.setitem(cpu_attention.VARIANT, "attention", on)
-        model = build_mt(cell=cell, groups=groups, rate=rate).double()
-        logits, attn = model(src, lengths, prev)
-        loss = torch.log_softmax(logits, -1).sum() + attn["attn"][0].pow(2).sum()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    calls, results = rnnsearch_training_both_ways(
+        cpu_attention, lambda: build_mt(cell=cell, groups=groups, rate=rate).double(),
+        monkeypatch)
     assert calls == [True] * 5  # every target position, with the fused kernels
     (loss_ops, ops), (loss_fused, got) = results
     assert max_diff(loss_ops, loss_fused) < 1e-10

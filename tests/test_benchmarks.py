@@ -155,28 +155,22 @@ def test_bench_fairseq_rejects_a_bad_number(option):
     assert f"{option} ten: expected a whole number" in proc.stderr
 
 
-@pytest.mark.parametrize("rounds", ["0", "three", "-1"])
-def test_fixed_length_generation_bench_refuses_a_bad_rounds(rounds, tmp_path):
+@pytest.mark.parametrize("name,value,message", [
+    *[("ROUNDS", v, "give a whole number of rounds, at least 1") for v in ("0", "three", "-1")],
+    *[("ATTENTION", v, "give values of GRNN_CPU_ATTENTION, 0 or 1")
+      for v in ("2", "0,1", "yes", "1 ")],
+])
+def test_fixed_length_generation_bench_refuses_bad_settings(name, value, message, tmp_path):
     """results/bench_fairseq_cpu_fixed_length.sh with ROUNDS that is not a whole number of
-    at least 1: exit 2 with a message naming the value, before any python or fairseq runs
-    (an empty folder of checkpoints would otherwise fail later, with another message)."""
+    at least 1, or ATTENTION (values of GRNN_CPU_ATTENTION for its A/B) other than 0s and
+    1s separated by spaces: exit 2 with a message naming the value, before any python or
+    fairseq runs (an empty folder of checkpoints would otherwise fail later, with another
+    message)."""
     proc = subprocess.run(["bash", "results/bench_fairseq_cpu_fixed_length.sh", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, ROUNDS=rounds))
+                          env=dict(os.environ, **{name: value}))
     assert proc.returncode == 2, proc.stderr
-    assert f"ROUNDS={rounds}: give a whole number of rounds, at least 1" in proc.stderr
-    assert not proc.stdout
-
-
-@pytest.mark.parametrize("attention", ["2", "0,1", "yes", "1 "])
-def test_fixed_length_generation_bench_refuses_a_bad_attention(attention, tmp_path):
-    """ATTENTION (values of GRNN_CPU_ATTENTION for the A/B) other than 0s and 1s separated
-    by spaces: exit 2 with a message naming the value, before anything runs."""
-    proc = subprocess.run(["bash", "results/bench_fairseq_cpu_fixed_length.sh", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, ATTENTION=attention))
-    assert proc.returncode == 2, proc.stderr
-    assert f"ATTENTION={attention}: give values of GRNN_CPU_ATTENTION, 0 or 1" in proc.stderr
+    assert f"{name}={value}: {message}" in proc.stderr
     assert not proc.stdout
 
 

@@ -37,7 +37,8 @@ if not CUDA:
                     allow_module_level=True)
 
 from attention_cases import (  # noqa: E402
-    attention_inputs, attention_reference, check_sequence_of_positions, left_padding)
+    attention_inputs, attention_reference, check_sequence_of_positions, left_padding,
+    rnnsearch_training_both_ways)
 from grnn_fairseq import engine  # noqa: E402
 from grnn_fairseq.cells import GATES  # noqa: E402
 from grnn_fairseq.recurrent import RecurrentStack  # noqa: E402
@@ -593,28 +594,14 @@ def test_rnnsearch_trains_with_fused_attention(monkeypatch, cell):
     """RNNSearch on the triton backend with GRNN_TRITON_ATTENTION=1 (and the fused
     training step): the fused attention at every target position, its keys' and values'
     gradients summed once, and the same loss and gradients as PyTorch's attention."""
-    from test_models import build_mt, prev_tokens, source_batch
+    from test_models import build_mt
 
-    from grnn_fairseq import attention
     from grnn_fairseq.kernels import triton_attention, triton_rnn
 
     monkeypatch.setenv("GRNN_BACKEND", "triton")
     monkeypatch.setitem(triton_rnn.VARIANT, "train_step", "1")
-    calls = []
-    real = attention._FusedAttention.apply
-    monkeypatch.setattr(attention._FusedAttention, "apply",
-                        lambda *a: calls.append(a[0] is triton_attention and a[1] is not None
-                                                and a[2] is not None) or real(*a))
-    _, src, lengths = source_batch()
-    prev = prev_tokens(src.shape[0], 5)
-    results = []
-    for fused in ("0", "1"):
-        monkeypatch.setitem(triton_attention.VARIANT, "attention", fused)
-        model = build_mt(cell=cell, groups=2).to(DEVICE)
-        logits, attn = model(src.to(DEVICE), lengths.to(DEVICE), prev.to(DEVICE))
-        loss = torch.log_softmax(logits, -1).sum() + attn["attn"][0].pow(2).sum()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    calls, results = rnnsearch_training_both_ways(
+        triton_attention, lambda: build_mt(cell=cell, groups=2).to(DEVICE), monkeypatch, DEVICE)
     assert calls == [True] * 5  # every target position, with both sums
     _assert_same_training(*results)
 

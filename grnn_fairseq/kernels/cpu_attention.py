@@ -53,6 +53,6 @@ def backward(d_context, d_weights, weights, q, keys, v, values, rows, keys_mode,
     if dv_rows is None:
         dv_rows = torch.zeros_like(q)
     d_q = cpu_rnn.load().attention_backward(
-        d_context.contiguous(), d_weights, weights, q, keys, v, values,
+        d_context, d_weights, weights, q, keys, v, values,
         d_keys if keys_mode else None, dv_rows, rows)
     return d_q, d_keys, dv_rows
