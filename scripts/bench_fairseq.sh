@@ -60,7 +60,12 @@ for name in preprocess train generate; do
   if [[ -x "$bindir/fairseq-$name" ]]; then eval "cmd_$name=(\"\$bindir/fairseq-$name\")"
   else eval "cmd_$name=(\"\$py\" -m fairseq_cli.$name)"; fi
 done
-command_line="$0 $*"
+# the command as typed, each argument quoted where the shell needs it (so it can be rerun)
+command_line="$0"
+for arg in "$@"; do
+  if [[ "$arg" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then command_line+=" $arg"
+  else command_line+=" '${arg//\'/\'\\\'\'}'"; fi
+done
 
 data="" src="" tgt="" updates="" max_tokens=4096 quick=0 cpu=0 workdir="" keep=0
 models="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
@@ -266,5 +271,9 @@ while IFS=$'\t' read -r tag wps wpb gtok gsent; do
   printf '%-40s %14s %10s %14s %12s\n' "$tag" "$wps" "$wpb" "$gtok" "$gsent"
 done < "$results"
 echo "(train tok/s: median of the log's wps over the intervals after the first)"
+echo "(each model's log intervals, wps; the first is left out of the median)"
+while IFS=$'\t' read -r tag _; do
+  echo "  $tag: $(grep -o '\bwps=[0-9.]*' "$workdir/train.$tag.log" | cut -d= -f2 | tr '\n' ' ')"
+done < "$results"
 [[ $keep -eq 1 ]] && echo "(logs and checkpoints in $workdir)"
 [[ $keep -eq 1 ]] || echo "(temp dir removed at exit; pass --workdir DIR to keep logs and checkpoints)"

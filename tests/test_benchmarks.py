@@ -2,6 +2,7 @@
 CPU; the numbers themselves are meaningless there and not checked)."""
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,9 +106,13 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
     run happens (its log exists) and the timed run still reports its figures; every
     hypothesis has the asked length (7 tokens + EOS, from generate's own count)."""
     models = "group_rnnsearch_k4 lstm_wiseman_iwslt_de_en"
-    out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models", models,
-                "--warmup-updates", "2", "--gen-length", "7", "--workdir", str(tmp_path)])
+    args = ["--quick", "--models", models, "--warmup-updates", "2", "--gen-length", "7",
+            "--workdir", str(tmp_path)]
+    out = _run(["bash", "scripts/bench_fairseq.sh"] + args)
     assert "after 2 untimed" in out
+    # the command it prints reruns it: the list of models stays one argument
+    printed = re.search(r"^== command: (.*)$", out, re.M).group(1)
+    assert shlex.split(printed) == ["scripts/bench_fairseq.sh"] + args, printed
     for tag in ("group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"):
         log = (tmp_path / f"generate.{tag}.log").read_text()
         sents, toks = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\)", log).groups()
@@ -122,7 +127,11 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         assert all(v > 0 for v in figures)
     for tag in table:
         assert (tmp_path / f"warmup.{tag}.log").exists()
-        assert "done training" in (tmp_path / f"train.{tag}.log").read_text()
+        train_log = (tmp_path / f"train.{tag}.log").read_text()
+        assert "done training" in train_log
+        # every log interval's wps is listed, the first (left out of the median) included
+        intervals = re.search(rf"^  {re.escape(tag)}: (.*)$", out, re.M).group(1).split()
+        assert intervals == re.findall(r"\bwps=([\d.]+)", train_log) != [], out
 
 
 def test_bench_fairseq_variant_backends(tmp_path):
