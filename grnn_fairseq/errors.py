@@ -22,6 +22,14 @@ class ConfigError(ValueError):
     and what to do instead."""
 
 
+def switch(variable, value):
+    """A 0|1 switch (the value of the environment variable ``variable``, or what a test
+    put in its place), checked -> bool."""
+    if value not in ("0", "1"):
+        raise ConfigError(f"{variable}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def config_error_in(exc):
     """The ConfigError that caused ``exc`` (``exc`` itself, or one it was raised while
     handling: fairseq's trainer re-raises checkpoint errors as "Cannot load model

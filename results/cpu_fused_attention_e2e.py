@@ -5,16 +5,7 @@ real batches of the Debian De-En corpus (debian_training_setup.ab).
 
     OMP_NUM_THREADS=2 python results/cpu_fused_attention_e2e.py ARCH
 """
-import sys
-
-from debian_training_setup import ab
+from debian_training_setup import ab_switch
 from grnn_fairseq.kernels import cpu_attention
 
-
-def use(value):
-    def switch_on():
-        cpu_attention.VARIANT["attention"] = value
-    return switch_on
-
-
-ab(sys.argv[1], {"torch_ops": use("0"), "fused": use("1")})
+ab_switch(cpu_attention.VARIANT, "attention", "torch_ops", "fused")

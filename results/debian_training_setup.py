@@ -79,5 +79,16 @@ def ab(arch, versions, n_batches=35, warmup=5):
           f"median per-batch time ratio {name_a} / {name_b} {ratio:.3f}")
 
 
+def ab_switch(variant, key, off_name, on_name):
+    """:func:`ab` of the architecture named on the command line with a module's 0|1
+    switch ``variant[key]`` at "0" (called off_name) and at "1" (on_name)."""
+    def use(value):
+        def switch_on():
+            variant[key] = value
+        return switch_on
+
+    ab(sys.argv[1], {off_name: use("0"), on_name: use("1")})
+
+
 if __name__ == "__main__":
     sys.exit("a module for results/cpu_*.py, not a script")

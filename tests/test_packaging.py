@@ -39,7 +39,12 @@ def test_installed_copy_works_as_user_dir(tmp_path):
         pytest.fail(f"pip install failed: {r.stderr[-2000:]}")
     installed = target / "grnn_fairseq"
     assert (installed / "models" / "rnnsearch.py").is_file()
-    for source in ("rnn_cpu.cpp", "attention_cpu.cpp", "cpu_math.h"):  # the C++ kernels
+    from grnn_fairseq.kernels import cpu_rnn
+
+    # every file the C++ library is built from (the loader's list: 4 files)
+    sources = [os.path.basename(p) for p in (cpu_rnn.SOURCE,) + cpu_rnn.OTHER_SOURCES + cpu_rnn.HEADERS]
+    assert len(sources) == 4 and "dropout_cpu.cpp" in sources
+    for source in sources:
         assert (installed / "kernels" / source).is_file(), source
     env = dict(os.environ, PYTHONPATH=str(target))
     r = run_check(installed, cwd=tmp_path, env=env)

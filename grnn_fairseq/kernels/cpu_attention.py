@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import switch
 from . import cpu_rnn
 
 VARIANT = {"attention": os.environ.get("GRNN_CPU_ATTENTION", "1")}
@@ -26,10 +26,7 @@ DTYPES = (torch.float32, torch.float64)
 
 def attention_on():
     """Whether VARIANT['attention'] is on (GRNN_CPU_ATTENTION, checked)."""
-    value = VARIANT["attention"]
-    if value not in ("0", "1"):
-        raise ConfigError(f"GRNN_CPU_ATTENTION={value!r}: expected 0 or 1")
-    return value == "1"
+    return switch("GRNN_CPU_ATTENTION", VARIANT["attention"])
 
 
 def sum_dtype(dtype):

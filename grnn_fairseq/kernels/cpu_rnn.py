@@ -1,6 +1,7 @@
 """Loader of the fused CPU loops of the LSTM, GRU and Elman RNN (``rnn_cpu.cpp``, backend
-``cpp`` of the engine), and of RNNSearch's fused attention on the CPU
-(``attention_cpu.cpp``, :mod:`grnn_fairseq.kernels.cpu_attention`): one library.
+``cpp`` of the engine), of RNNSearch's fused attention on the CPU (``attention_cpu.cpp``,
+:mod:`grnn_fairseq.kernels.cpu_attention`) and of the models' dropout on the CPU
+(``dropout_cpu.cpp``, :mod:`grnn_fairseq.dropout`): one library.
 
 The C++ sources ship with the package and are compiled just in time, at first use (never
 at import), by :func:`torch.utils.cpp_extension.load`: it needs a C++ compiler and
@@ -30,8 +31,8 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "rnn_cpu.cpp")
-# compiled into the same library (and the header both include)
-OTHER_SOURCES = (os.path.join(_HERE, "attention_cpu.cpp"),)
+# compiled into the same library (and the header they include)
+OTHER_SOURCES = tuple(os.path.join(_HERE, f) for f in ("attention_cpu.cpp", "dropout_cpu.cpp"))
 HEADERS = (os.path.join(_HERE, "cpu_math.h"),)
 CELL_IDS = {"lstm": 0, "gru": 1, "rnn": 2}  # the ``cell`` argument of the ops
 _LINUX = sys.platform.startswith("linux")
@@ -108,7 +109,7 @@ def load():
                        extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
         _ops = torch.ops.grnn_rnn_cpu
         # fails here if a registration failed
-        _ops.forward, _ops.backward, _ops.attention_forward  # noqa: B018
+        _ops.forward, _ops.backward, _ops.attention_forward, _ops.seeded_dropout  # noqa: B018
     except Exception as e:  # no compiler, no ninja, compile or load error
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         errors = [line for line in lines

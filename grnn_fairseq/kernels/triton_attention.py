@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import ConfigError
+from ..errors import switch
 
 BLOCK_S, BLOCK_A, BLOCK_V = 16, 64, 64
 
@@ -49,10 +49,7 @@ VARIANT = {"attention": os.environ.get("GRNN_TRITON_ATTENTION", "0")}
 
 def attention_on():
     """Whether VARIANT['attention'] is on (GRNN_TRITON_ATTENTION, checked)."""
-    value = VARIANT["attention"]
-    if value not in ("0", "1"):
-        raise ConfigError(f"GRNN_TRITON_ATTENTION={value!r}: expected 0 or 1")
-    return value == "1"
+    return switch("GRNN_TRITON_ATTENTION", VARIANT["attention"])
 
 
 @triton.jit

@@ -70,7 +70,7 @@ import triton.language as tl
 
 from ..cells import GATES
 from ..engine import _interpreting
-from ..errors import ConfigError
+from ..errors import ConfigError, switch
 from ..sequence_weights import hand_over
 
 # spins of a barrier before it gives up (each spin is one atomic read of L2, ~1 us):
@@ -1029,9 +1029,7 @@ def _parse_variant(poll, resident, perm):
 
 def _switch(name, value):
     """A 0|1 variant switch GRNN_TRITON_<name>, checked -> bool."""
-    if value not in ("0", "1"):
-        raise ConfigError(f"GRNN_TRITON_{name}={value!r}: expected 0 or 1")
-    return value == "1"
+    return switch(f"GRNN_TRITON_{name}", value)
 
 
 def train_step_on():
