@@ -51,7 +51,7 @@ def fused(keys):
     if keys.device.type == "cpu":
         from .kernels import cpu_attention
 
-        if (cpu_attention.attention_on() and keys.dtype in cpu_attention.DTYPES
+        if (cpu_attention.attention_on() and keys.dtype in engine.CPP_DTYPES
                 and engine.autocast_dtype("cpu") is None
                 and engine.resolve_backend(None, "lstm", keys.device, keys.dtype) == "cpp"):
             return cpu_attention

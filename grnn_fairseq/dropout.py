@@ -23,10 +23,10 @@ import os
 import torch
 from fairseq.modules import FairseqDropout
 
+from .engine import CPP_DTYPES
 from .errors import ConfigError, switch
 
 VARIANT = {"dropout": os.environ.get("GRNN_CPU_DROPOUT", "1")}
-DTYPES = (torch.float32, torch.float64)
 
 
 def cpu_dropout_on():
@@ -38,7 +38,7 @@ def seeded(x):
     """Whether the dropout of ``x`` takes the seeded C++ path (see the module's text)."""
     from .kernels import cpu_rnn
 
-    return (x.device.type == "cpu" and x.dtype in DTYPES and cpu_dropout_on()
+    return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and cpu_dropout_on()
             and cpu_rnn.available())
 
 

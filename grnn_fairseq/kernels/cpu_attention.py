@@ -21,7 +21,6 @@ from ..errors import switch
 from . import cpu_rnn
 
 VARIANT = {"attention": os.environ.get("GRNN_CPU_ATTENTION", "1")}
-DTYPES = (torch.float32, torch.float64)
 
 
 def attention_on():
