@@ -662,6 +662,7 @@ def _cpp_forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, revers
     from .kernels import cpu_rnn
 
     lstm = cell == "lstm"
+    cpu_rnn.check_switches()
     out, h_t, c_t, fac, hs = cpu_rnn.load().forward(
         gx, state[0], state[1] if lstm else None, weight_hh, bias_hh, mask, time_shuffle,
         reverse, save, cpu_rnn.CELL_IDS[cell])

@@ -30,6 +30,23 @@ def training_setup(arch, extra_args, n_batches, max_tokens=1000, lr=1e-3):
     return task, model, opt, [next(batches) for _ in range(n_batches)]
 
 
+def training_step(task, model, opt, b, update=True):
+    """One training step on batch b (forward, label-smoothed loss, backward, and the
+    optimizer's step unless not ``update``), with the dropout masks of seed 1 -> seconds."""
+    ni = b["net_input"]
+    torch.manual_seed(1)  # the same dropout masks for every version timed
+    t = time.perf_counter()
+    out, _ = model(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"])
+    lp = torch.log_softmax(out.float(), -1)
+    loss, _ = label_smoothed_nll_loss(lp.view(-1, lp.size(-1)), b["target"].view(-1),
+                                      0.1, ignore_index=task.target_dictionary.pad())
+    opt.zero_grad()
+    loss.backward()
+    if update:
+        opt.step()
+    return time.perf_counter() - t
+
+
 def ab(arch, versions, n_batches=35, warmup=5):
     """Time whole training steps (forward, backward, Adam) of ARCH under two versions of
     the code, alternating batch by batch (the order swapped every batch) on the same real
@@ -42,18 +59,7 @@ def ab(arch, versions, n_batches=35, warmup=5):
 
     def step(b, switch_on, update=True):
         switch_on()
-        ni = b["net_input"]
-        torch.manual_seed(1)  # the same dropout masks for both versions
-        t = time.perf_counter()
-        out, _ = model(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"])
-        lp = torch.log_softmax(out.float(), -1)
-        loss, _ = label_smoothed_nll_loss(lp.view(-1, lp.size(-1)), b["target"].view(-1),
-                                          0.1, ignore_index=task.target_dictionary.pad())
-        opt.zero_grad()
-        loss.backward()
-        if update:
-            opt.step()
-        return time.perf_counter() - t
+        return training_step(task, model, opt, b, update)
 
     grads = []
     for switch_on in (on_a, on_b):  # no update in between

@@ -167,8 +167,16 @@ if [[ -n "$tgt" ]]; then lang_flags+=(--target-lang "$tgt"); fi
 
 echo "== command: $command_line"
 "$py" - <<'EOF'
-import platform, torch
+import platform, re, torch
 dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+if not torch.cuda.is_available():
+    try:  # the CPU's model, and the vector unit the C++ fused step is built for
+        with open("/proc/cpuinfo") as f:
+            dev = (re.findall(r"model name\s*:\s*(.*)", f.read()) or [dev])[0].strip()
+    except OSError:
+        pass
+    from grnn_fairseq.kernels import cpu_rnn
+    dev += f"; C++ fused step: {cpu_rnn.fused_step_unit() or 'not built'}"
 print(f"== device: {dev}; torch {torch.__version__}")
 EOF
 echo "== data: $data; updates: $updates (after $warmup untimed); max tokens: $max_tokens; gpu: $gpu"

@@ -23,6 +23,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py                                  # CPU, auto backend
   python scripts/bench_layer.py --backend reference,torch        # before / after
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
+  python scripts/bench_layer.py --backend cpp+avx2,cpp+avx512     # its tiles (AVX-512 CPU)
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto",
                    help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
                         "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0; "
+                        "cpp+avx2, cpp+generic, cpp+avx512: cpp with that vector unit's "
+                        "tile of the fused step, GRNN_CPU_ISA=...; "
                         "triton+load, triton+resident, triton+perm and their combinations, "
                         "e.g. triton+load+resident: triton with those variants of its "
                         "persistent scans, GRNN_TRITON_POLL=load, GRNN_TRITON_RESIDENT=1, "
@@ -124,7 +127,10 @@ def device_name(device):
                     break
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    from grnn_fairseq.kernels import cpu_rnn
+
+    unit = cpu_rnn.fused_step_unit()
+    return f"{name} ({torch.get_num_threads()} threads; C++ fused step: {unit or 'not built'})"
 
 
 class Timer:
@@ -261,17 +267,29 @@ TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
 
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
-    :func:`two_pass`; ``triton+load``, ``triton+resident``, ``triton+perm``,
+    :func:`two_pass`, ``cpp+avx2`` (``+generic``, ``+avx512``) ``cpp`` with that vector
+    unit's tile (GRNN_CPU_ISA); ``triton+load``, ``triton+resident``, ``triton+perm``,
     ``triton+trainstep`` and their combinations (``triton+load+resident``) are ``triton``
     run with those variants
     (:func:`triton_variant`); every other name is the engine itself, unwrapped."""
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
     name, *variants = backend.split("+")
+    if name == "cpp" and variants:
+        from grnn_fairseq.errors import ConfigError
+        from grnn_fairseq.kernels import cpu_rnn
+
+        unit = "+".join(variants)
+        try:
+            cpu_rnn.check_switches({"GRNN_CPU_ISA": unit})
+        except ConfigError as e:
+            sys.exit(f"bench_layer.py: error: --backend {backend}: {e}")
+        return name, lambda run: with_env(run, {"GRNN_CPU_ISA": unit})
     if variants:
         if name != "triton" or not set(variants) <= set(TRITON_VARIANTS):
             sys.exit(f"bench_layer.py: error: --backend {backend}: variants exist for triton "
-                     f"only: triton+{'|'.join(TRITON_VARIANTS)} (one or more, joined by +)")
+                     f"(triton+{'|'.join(TRITON_VARIANTS)}, one or more, joined by +) and cpp "
+                     f"(cpp+generic|avx2|avx512, one) only")
         return name, lambda run: triton_variant(run, variants)
     return backend, lambda run: run
 
@@ -306,20 +324,27 @@ def graphed(run):
     return run_graph
 
 
-def two_pass(run):
-    """``cpp-2pass``: the cpp backend with its fused fp32 step switched off
-    (GRNN_CPU_FUSED=0: one BLAS product per step, then the pointwise pass)."""
-    def run_two_pass():
-        old = os.environ.get("GRNN_CPU_FUSED")
-        os.environ["GRNN_CPU_FUSED"] = "0"
+def with_env(run, values):
+    """``run`` with the environment variables ``values`` set for the duration of each call
+    (the C++ library reads them at every call)."""
+    def run_with_env():
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
         try:
             run()
         finally:
-            if old is None:
-                del os.environ["GRNN_CPU_FUSED"]
-            else:
-                os.environ["GRNN_CPU_FUSED"] = old
-    return run_two_pass
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+    return run_with_env
+
+
+def two_pass(run):
+    """``cpp-2pass``: the cpp backend with its fused fp32 step switched off
+    (GRNN_CPU_FUSED=0: one BLAS product per step, then the pointwise pass)."""
+    return with_env(run, {"GRNN_CPU_FUSED": "0"})
 
 
 def bench_mode(args, mode, device, dtype):

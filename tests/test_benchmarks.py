@@ -237,6 +237,38 @@ def test_bench_layer_two_pass_backend(monkeypatch):
     assert seen == ["0", "0"] and os.environ["GRNN_CPU_FUSED"] == "1"
 
 
+def test_bench_layer_vector_unit_backends(monkeypatch):
+    """``cpp+generic`` (and every unit up to the CPU's widest) rows appear beside ``cpp``,
+    the device line names the unit the fused step uses, the wrapper sets GRNN_CPU_ISA for
+    the call only, and a unit that is no unit, or wider than the CPU's, is refused by name."""
+    from grnn_fairseq.kernels import cpu_rnn
+
+    widest = cpu_rnn.load().detected_isa()
+    units = cpu_rnn.UNITS[:cpu_rnn.UNITS.index(widest) + 1]
+    default = "off" if widest == "generic" else widest  # the generic tile: only when named
+    out = _run([sys.executable, "scripts/bench_layer.py", "--quick", "--modes", "infer",
+                "--groups", "4", "--backend", ",".join(f"cpp+{u}" for u in units) + ",cpp"])
+    backends = {line.split()[5] for line in out.splitlines()
+                if line.startswith("infer") and line.split()[1] == "group"}
+    assert backends == {f"cpp+{u}" for u in units} | {"cpp"}, out
+    assert f"C++ fused step: {default})" in out, out
+
+    bench = _bench_layer_module()
+    seen = []
+    _, wrap = bench.engine_of("cpp+generic")
+    run = wrap(lambda: seen.append(os.environ.get("GRNN_CPU_ISA")))
+    monkeypatch.delenv("GRNN_CPU_ISA", raising=False)
+    run()
+    assert seen == ["generic"] and "GRNN_CPU_ISA" not in os.environ
+    bad = ["cpp+sse"] + ([] if widest == "avx512" else ["cpp+avx512"])
+    for backend in bad:
+        proc = subprocess.run([sys.executable, "scripts/bench_layer.py", "--quick", "--backend",
+                               backend], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode != 0 and f"--backend {backend}: GRNN_CPU_ISA=" in proc.stderr, \
+            proc.stderr
+
+
 def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):
     """gpu-checks.sh stops a part with SIGINT at its time cap.  Each mode's table is printed
     when the mode ends.  An interrupt during the timing keeps the complete rounds, every
@@ -291,7 +323,8 @@ def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):
 def test_bench_layer_triton_variant_backends(monkeypatch):
     """``triton+load`` / ``triton+resident`` / ``triton+perm`` and their combinations run the
     triton engine with VARIANT set for the call only (restored afterwards); a variant of
-    another engine, or an unknown one, stops with a message naming the choices."""
+    another engine, or an unknown one, stops with a message naming the choices (cpp's
+    variants, vector units, are named by test_bench_layer_vector_unit_backends)."""
     pytest.importorskip("triton")
     bench = _bench_layer_module()
     from grnn_fairseq.kernels import triton_rnn
@@ -309,9 +342,11 @@ def test_bench_layer_triton_variant_backends(monkeypatch):
         assert engine == "triton"
         wrap(lambda: seen.append(dict(triton_rnn.VARIANT)))()
         assert seen[-1] == dict(default, **change) and triton_rnn.VARIANT == default
-    for bad in ("cpp+load", "triton+fast"):
-        with pytest.raises(SystemExit, match="variants exist for triton only"):
+    for bad in ("torch+load", "triton+fast"):
+        with pytest.raises(SystemExit, match=r"variants exist for triton \(triton\+load\|"):
             bench.engine_of(bad)
+    with pytest.raises(SystemExit, match="--backend cpp\\+load: GRNN_CPU_ISA='load' is not one"):
+        bench.engine_of("cpp+load")  # cpp's variants are vector units
 
 
 def test_kernel_resources_reports_every_variant():

@@ -108,40 +108,63 @@ def test_gru_and_rnn_match_reference(cell, k, m, shuffle, padding, reverse, dtyp
     _compare(p, mask, up, shuffle, reverse, dtype)
 
 
-@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
+# The fused step's vector units (narrowest first) and the two-pass step ("twopass")
+UNITS = list(cpu_rnn.UNITS)
+STEPS = UNITS + ["twopass"]
+
+
+def _use_step(step, monkeypatch, built):
+    """Switch to one forward step: a vector unit of the fused step (skipped where this CPU
+    lacks it) or the two-pass step.  -> the fused-call counter's value before."""
+    if step == "twopass":
+        monkeypatch.setenv("GRNN_CPU_FUSED", "0")
+        monkeypatch.delenv("GRNN_CPU_ISA", raising=False)
+    else:
+        if UNITS.index(step) > UNITS.index(built.detected_isa()):
+            pytest.skip(f"this CPU has no {step} (its widest unit: {built.detected_isa()})")
+        monkeypatch.setenv("GRNN_CPU_FUSED", "1")
+        monkeypatch.setenv("GRNN_CPU_ISA", step)
+    return built.fused_forward_calls()
+
+
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
 @pytest.mark.parametrize("k,m,b", [(1, 16, 4), (2, 32, 5), (4, 16, 7), (4, 32, 1), (8, 16, 6),
-                                   (2, 120, 3), (1, 250, 2)])  # last unit block partial
-def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, fused,
-                                           monkeypatch):
-    """fp32 over T >= 4 steps takes the fused step (product of each 16-unit block in
-    registers, the cell on it at once, the operand read through the shuffle's index; the
-    last block padded where 16 does not divide m);
-    GRNN_CPU_FUSED=0 the two-pass step.  Both against the reference, forward and every
-    gradient; batch sizes that leave 1, 2 or 3 rows after the blocks of 4."""
-    monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+                                   (2, 120, 3), (2, 100, 3), (1, 250, 2)])
+def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, step,
+                                           monkeypatch, built):
+    """fp32 over T >= 4 steps takes the fused step (product of each block of units in
+    registers, the cell on it at once, the operand read through the shuffle's index), with
+    the tile of each vector unit the CPU has (16, 8 or 4 lanes; the last block padded where
+    they do not divide m: 120 with 16 lanes, 100 with 16 and 8, 250 with all); the two-pass
+    step otherwise.  Each against the reference, forward and every gradient; batch sizes
+    that leave every count of rows after the tiles of 2 or 4 rows."""
+    before = _use_step(step, monkeypatch, built)
     p, mask, up = _problem(k, m, 6, b, torch.float32, padding)
     _compare_fp64(p, mask, up, shuffle, reverse)
+    assert (built.fused_forward_calls() > before) == (step != "twopass")
 
 
-@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
-@pytest.mark.parametrize("k,m,b", [(1, 16, 4), (4, 16, 7), (2, 32, 1), (2, 120, 3)])
+@pytest.mark.parametrize("k,m,b", [(1, 16, 4), (4, 16, 7), (2, 32, 1), (2, 100, 5)])
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_fp32_fused_step_gru_rnn(cell, k, m, b, shuffle, padding, reverse, fused,
-                                 monkeypatch):
+def test_fp32_fused_step_gru_rnn(cell, k, m, b, shuffle, padding, reverse, step,
+                                 monkeypatch, built):
     """The fused fp32 step of the GRU (3 gates in registers, the interpolation with each
-    unit's own h_{t-1}) and the RNN (1 gate), and their two-pass step, against the float64
-    reference; a partial last block (m = 120) and 1-3 leftover rows included.  W_hh at the
-    scale of PyTorch's initialisation (1/sqrt(m)): with larger weights the RNN is chaotic and
-    amplifies any fp32 rounding over the steps beyond fp32 tolerance, in either path."""
-    monkeypatch.setenv("GRNN_CPU_FUSED", fused)
+    unit's own h_{t-1}) and the RNN (1 gate) with each vector unit's tile, and their two-pass
+    step, against the float64 reference; a partial last block (m = 100) and leftover rows
+    included.  W_hh at the scale of PyTorch's initialisation (1/sqrt(m)): with larger weights
+    the RNN is chaotic and amplifies any fp32 rounding over the steps beyond fp32 tolerance,
+    in either path."""
+    before = _use_step(step, monkeypatch, built)
     p, mask, up = _problem(k, m, 6, b, torch.float32, padding, cell=cell, w_scale=m ** -0.5)
     _compare_fp64(p, mask, up, shuffle, reverse)
+    assert (built.fused_forward_calls() > before) == (step != "twopass")
 
 
 def _compare_fp64(p, mask, up, shuffle, reverse):
@@ -160,11 +183,12 @@ def _compare_fp64(p, mask, up, shuffle, reverse):
                                    msg=lambda text, name=name: f"{name}: {text}")
 
 
-def test_fused_step_selection_and_accuracy(monkeypatch, built):
+@pytest.mark.parametrize("unit", UNITS)
+def test_fused_step_selection_and_accuracy(unit, monkeypatch, built):
     """Which forward step runs (counted by the extension): fused for fp32 over >= 4 steps
-    with a last 16-unit block at most 1/8 padding, two-pass for fp64, single decoding
-    steps, a half-empty last block and GRNN_CPU_FUSED=0; both steps against a float64
-    reference to fp32 accuracy."""
+    with a last block (of the unit's lanes) at most 1/8 padding, two-pass for fp64, single
+    decoding steps, a half-empty last block and GRNN_CPU_FUSED=0; both steps against a
+    float64 reference to fp32 accuracy."""
     def takes_fused(k, m, t_len, dtype, cell="lstm"):
         p, _, _ = _problem(k, m, t_len, 2, dtype, cell=cell)
         before = built.fused_forward_calls()
@@ -172,10 +196,13 @@ def test_fused_step_selection_and_accuracy(monkeypatch, built):
             _run("cpp", p, None, None, True, False, grad=False)
         return built.fused_forward_calls() - before == 1
 
+    _use_step(unit, monkeypatch, built)
+    lanes = built.fused_lanes()
+    assert lanes == {"generic": 4, "avx2": 8, "avx512": 16}[unit] and built.fused_isa() == unit
     monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
     assert takes_fused(2, 32, 4, torch.float32)
     assert takes_fused(1, 250, 4, torch.float32)           # WMT widths: 1000 / 4 groups
-    assert not takes_fused(2, 24, 4, torch.float32)        # a half-empty last block
+    assert not takes_fused(2, lanes * 3 // 2, 4, torch.float32)  # a half-empty last block
     assert not takes_fused(2, 32, 4, torch.float64)
     assert not takes_fused(2, 32, 3, torch.float32)        # decoding steps: no packing
     assert takes_fused(2, 32, 4, torch.float32, "gru")
@@ -189,6 +216,28 @@ def test_fused_step_selection_and_accuracy(monkeypatch, built):
         before = built.fused_forward_calls()
         _compare_fp64(p, mask, up, True, False)
         assert (built.fused_forward_calls() > before) == (fused == "1")
+
+
+def test_cpu_switches_refused_by_name(monkeypatch, built):
+    """GRNN_CPU_ISA must name a vector unit this CPU has, GRNN_CPU_FUSED 0 or 1: anything
+    else is refused before the library runs, naming the values that work."""
+    p, _, _ = _problem(2, 16, 4, 2, torch.float32)
+    cases = [("GRNN_CPU_ISA", "sse", r"GRNN_CPU_ISA='sse' is not one of generic, avx2, avx512"),
+             ("GRNN_CPU_FUSED", "yes", r"GRNN_CPU_FUSED='yes': expected 0 or 1")]
+    widest = built.detected_isa()
+    if widest != "avx512":  # a unit wider than this CPU's
+        cases.append(("GRNN_CPU_ISA", "avx512", f"widest vector unit is {widest}; set one of "
+                      f"generic.*{widest}, or unset it"))
+    for variable, value, message in cases:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError, match=message):
+            _run("cpp", p, None, None, True, False)
+        monkeypatch.delenv(variable)
+    if widest != "avx512":  # the library's own check, for callers of the op
+        monkeypatch.setenv("GRNN_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match=f"widest vector unit is {widest}"):
+            built.forward(p["gx"].detach(), p["h0"].detach(), p["c0"].detach(),
+                          p["w_hh"].detach(), p["b_hh"].detach(), None, True, False, False, 0)
 
 
 @pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "twopass"])

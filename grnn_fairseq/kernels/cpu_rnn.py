@@ -11,11 +11,14 @@ torch version, so a changed source or torch gets its own build; torch's loader h
 file lock while it builds, so processes starting together (multi-process training) build
 once and the others wait and load the result.
 
-In fp32 over at least 4 steps, where padding a group's last block of 16 units adds at most
-1/8 to the product (widths 16, 32, ..., 100, 250, ...), the forward pass takes a fused step
-(the recurrent product of each 16-unit block accumulated in registers, the cell run on it
-at once), for every cell; ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS
-product per step, then the pointwise pass), for A/B measurements.
+In fp32 over at least 4 steps, on a CPU with AVX2 and FMA or with AVX-512, the forward pass
+takes a fused step (the recurrent product of each block of units accumulated in registers,
+the cell run on it at once), for every cell, where padding a group's last block adds at
+most 1/8 to the product (blocks of 16 units with AVX-512, 8 with AVX2: widths 16, 32, ...,
+100, 250, ...).  The register tile is the vector unit's (:func:`fused_step_unit`);
+``$GRNN_CPU_ISA=generic|avx2|avx512`` forces a narrower one (the generic 4-lane tile runs
+only so), and ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS product per
+step, then the pointwise pass), for A/B measurements.
 
 The library keeps its large per-call buffers (tens of MB) in a small pool instead of
 returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the
@@ -28,6 +31,8 @@ import time
 import warnings
 
 import torch
+
+from ..errors import ConfigError, switch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "rnn_cpu.cpp")
@@ -120,6 +125,48 @@ def load():
         _error.__cause__ = e
         raise _error
     return _ops
+
+
+UNITS = ("generic", "avx2", "avx512")  # the fused step's vector units, narrowest first
+_widest = None
+
+
+def check_switches(environ=os.environ):
+    """$GRNN_CPU_FUSED (0 | 1) and $GRNN_CPU_ISA (a unit this CPU has), which the library
+    reads at every call, checked here first: a bad value raises ConfigError naming the
+    fix (the library's own check would raise from inside the op)."""
+    fused = environ.get("GRNN_CPU_FUSED", "")
+    if fused:
+        switch("GRNN_CPU_FUSED", fused)
+    unit = environ.get("GRNN_CPU_ISA", "")
+    if unit:
+        global _widest
+        if unit not in UNITS:
+            raise ConfigError(f"GRNN_CPU_ISA={unit!r} is not one of {', '.join(UNITS)} (the "
+                              "vector unit of the C++ fused step); unset it to use the widest "
+                              "this CPU has")
+        if _widest is None:
+            _widest = load().detected_isa()
+        if UNITS.index(unit) > UNITS.index(_widest):
+            raise ConfigError(f"GRNN_CPU_ISA={unit}: this CPU's widest vector unit is "
+                              f"{_widest}; set one of "
+                              f"{', '.join(UNITS[:UNITS.index(_widest) + 1])}, or unset it")
+
+
+def fused_step_unit():
+    """What the fused fp32 step runs on here: "avx512", "avx2" or "generic" (the vector
+    unit whose tile it uses, as $GRNN_CPU_ISA leaves it), "off" (the two-pass step:
+    $GRNN_CPU_FUSED=0, or a CPU without AVX2 + FMA where $GRNN_CPU_ISA does not name
+    generic), or None where the library does not load.  Benchmarks print it: the same
+    model runs different code on an AVX2 and an AVX-512 machine."""
+    try:
+        unit = load().fused_isa()
+    except RuntimeError:
+        return None
+    if os.environ.get("GRNN_CPU_FUSED") == "0" or (unit == "generic"
+                                                   and not os.environ.get("GRNN_CPU_ISA")):
+        return "off"
+    return unit
 
 
 def available():

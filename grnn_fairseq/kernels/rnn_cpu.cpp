@@ -38,6 +38,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -194,12 +195,29 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
 // it at once: no product buffer and no second pass over it, and no per-call packing of the
 // weights inside a BLAS call.  The operand is read through a column index (with the time
 // shuffle, column q of the shuffled order is column (q % K) * m + q / K of the unit order),
-// so the shuffled copy of h is written only when the backward needs it.  GCC vector types:
-// one zmm per NU floats with AVX-512, two ymm with AVX2 (the clones below).
-constexpr int64_t NU = 16;
-constexpr int ROWS = 4;  // batch rows per register block: 4 x G accumulators
-typedef float vnu __attribute__((vector_size(NU * sizeof(float))));
-typedef float vnu_u __attribute__((vector_size(NU * sizeof(float)), aligned(4)));
+// so the shuffled copy of h is written only when the backward needs it.
+//
+// The register tile follows the vector unit (Isa below): NU = one register's floats, and R
+// rows such that the R x G accumulators, the G weight vectors and the broadcast operand fit
+// in its registers (R <= 4).  AVX-512: 32 registers of 16 floats, R = 4.  AVX2 + FMA: 16 of
+// 8, R = 2 for the LSTM (a tile of 16 floats x 4 rows, as AVX-512's, needs 40 ymm registers:
+// the spills made the step about 10x slower than the two-pass step on an AVX2 machine).
+// Anything else: NU = 4 (SSE2 / NEON), R as for AVX2; on x86 without AVX2 it took about 2x
+// the two-pass step's time, so it runs only where GRNN_CPU_ISA=generic names it.
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* ISA_NAMES[] = {"generic", "avx2", "avx512"};
+constexpr int64_t lanes_of(int isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 4; }
+constexpr int regs_of(int isa) { return isa == kAvx512 ? 32 : 16; }
+constexpr int rows_of(int isa, int64_t cell) {
+  const int g = int(gates_of(cell)), r = (regs_of(isa) - g - 1) / g;
+  return r < 1 ? 1 : r > 4 ? 4 : r;
+}
+
+template <int64_t NU>
+struct Lanes {  // GCC vector types of NU floats: aligned (accumulators), unaligned (loads)
+  typedef float v __attribute__((vector_size(NU * sizeof(float))));
+  typedef float u __attribute__((vector_size(NU * sizeof(float)), aligned(4)));
+};
 
 struct Fused {             // one step
   Fwd<float> f;            // the step's pointers and shapes (f.pre unused)
@@ -207,18 +225,20 @@ struct Fused {             // one step
   const int32_t* col;      // [H] unit-order column of each operand column
 };
 
-// blocks of NU units in a group of m
-inline int64_t blocks(int64_t m) { return (m + NU - 1) / NU; }
+// blocks of nu units in a group of m
+inline int64_t blocks(int64_t m, int64_t nu) { return (m + nu - 1) / nu; }
 
-// Rows [b0, b0 + R) of unit block u of group k, cell C.
-template <int64_t C, int R, bool SAVE>
+// Rows [b0, b0 + R) of unit block u of group k, cell C, NU lanes.
+template <int64_t C, int64_t NU, int R, bool SAVE>
 GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) {
+  using vnu = typename Lanes<NU>::v;
+  using vnu_u = typename Lanes<NU>::u;
   constexpr int NG = int(gates_of(C));
   const Fwd<float>& a = fz.f;
   const int64_t B = a.B, m = a.m, H = a.K * m, F = factors_of(C) * m;
   vnu acc[R][NG] = {};
   const int64_t n = std::min(NU, m - u * NU);  // units of the block (NU but in the last)
-  const float* __restrict w = fz.wp + (k * blocks(m) + u) * m * NG * NU;
+  const float* __restrict w = fz.wp + (k * blocks(m, NU) + u) * m * NG * NU;
   const int32_t* __restrict col = fz.col + k * m;
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.h_prev + (b0 + r) * H;
@@ -264,29 +284,98 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
   }
 }
 
-// Tasks [s, e): task = k * blocks(m) + u, all B rows of unit block u of group k.
-template <int64_t C, bool SAVE>
-GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
-  const int64_t nb = blocks(a.f.m), B = a.f.B;
-  for (int64_t task = s; task < e; ++task) {
-    const int64_t k = task / nb, u = task % nb;
-    int64_t b = 0;
-    for (; b + ROWS <= B; b += ROWS) fused_block<C, ROWS, SAVE>(a, k, u, b);
-    switch (B - b) {
-      case 3: fused_block<C, 3, SAVE>(a, k, u, b); break;
-      case 2: fused_block<C, 2, SAVE>(a, k, u, b); break;
-      case 1: fused_block<C, 1, SAVE>(a, k, u, b); break;
-      default: break;
-    }
+// The rows left after the tiles of R (fewer than R): one tile of that many.
+template <int64_t C, int64_t NU, int R, bool SAVE>
+GRNN_INLINE void fused_rest(const Fused& a, int64_t k, int64_t u, int64_t b, int64_t rest) {
+  if constexpr (R > 0) {
+    if (rest == R) fused_block<C, NU, R, SAVE>(a, k, u, b);
+    else fused_rest<C, NU, R - 1, SAVE>(a, k, u, b, rest);
   }
 }
 
-// [K, Gm, m] -> [K, blocks(m), m, G, NU]: for unit block u and input j, the G gates' NU
+// Tasks [s, e): task = k * blocks(m) + u, all B rows of unit block u of group k.
+template <int64_t C, int ISA, bool SAVE>
+GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
+  constexpr int64_t NU = lanes_of(ISA);
+  constexpr int R = rows_of(ISA, C);
+  const int64_t nb = blocks(a.f.m, NU), B = a.f.B;
+  for (int64_t task = s; task < e; ++task) {
+    const int64_t k = task / nb, u = task % nb;
+    int64_t b = 0;
+    for (; b + R <= B; b += R) fused_block<C, NU, R, SAVE>(a, k, u, b);
+    fused_rest<C, NU, R - 1, SAVE>(a, k, u, b, B - b);
+  }
+}
+
+template <int ISA>
+GRNN_INLINE void fused_cells(const Fused& a, int64_t cell, bool save, int64_t s, int64_t e) {
+  if (cell == kLSTM) save ? fused_tasks<kLSTM, ISA, true>(a, s, e) : fused_tasks<kLSTM, ISA, false>(a, s, e);
+  else if (cell == kGRU) save ? fused_tasks<kGRU, ISA, true>(a, s, e) : fused_tasks<kGRU, ISA, false>(a, s, e);
+  else save ? fused_tasks<kRNN, ISA, true>(a, s, e) : fused_tasks<kRNN, ISA, false>(a, s, e);
+}
+
+// One entry point per vector unit, compiled for it (not target_clones: each needs its own
+// tile, and the AVX2 one FMA, which GCC's "avx2" clone lacks); picked at run time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GRNN_NO_CLONES)
+#define GRNN_X86_ISAS 1
+__attribute__((target("avx512f"))) void fused_avx512(const Fused& a, int64_t cell, bool save,
+                                                     int64_t s, int64_t e) {
+  fused_cells<kAvx512>(a, cell, save, s, e);
+}
+__attribute__((target("avx2,fma"))) void fused_avx2(const Fused& a, int64_t cell, bool save,
+                                                    int64_t s, int64_t e) {
+  fused_cells<kAvx2>(a, cell, save, s, e);
+}
+#endif
+void fused_generic(const Fused& a, int64_t cell, bool save, int64_t s, int64_t e) {
+  fused_cells<kGeneric>(a, cell, save, s, e);
+}
+
+// The widest vector unit this CPU has (among those compiled)
+int detected_isa() {
+  static const int isa = [] {
+#ifdef GRNN_X86_ISAS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return int(kAvx512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int(kAvx2);
+#endif
+    return int(kGeneric);
+  }();
+  return isa;
+}
+
+// The fused step's vector unit: the detected one, or a narrower one named by GRNN_CPU_ISA
+// (generic | avx2 | avx512; for A/B runs and tests); *named: whether the variable names it
+int fused_isa(bool* named = nullptr) {
+  const char* env = std::getenv("GRNN_CPU_ISA");
+  if (named) *named = env && env[0];
+  if (!env || !env[0]) return detected_isa();
+  for (int isa = kGeneric; isa <= kAvx512; ++isa)
+    if (std::strcmp(env, ISA_NAMES[isa]) == 0) {
+      TORCH_CHECK(isa <= detected_isa(), "GRNN_CPU_ISA=", env, ": this CPU's widest vector ",
+                  "unit is ", ISA_NAMES[detected_isa()], "; set generic, ",
+                  ISA_NAMES[detected_isa()], " or a unit in between, or unset it");
+      return isa;
+    }
+  TORCH_CHECK(false, "GRNN_CPU_ISA=", env, " is not one of generic, avx2, avx512 (the fused ",
+              "CPU step's vector unit; unset: the widest this CPU has)");
+  return kGeneric;
+}
+
+inline void run_fused(const Fused& a, int isa, int64_t cell, bool save, int64_t s, int64_t e) {
+#ifdef GRNN_X86_ISAS
+  if (isa == kAvx512) return fused_avx512(a, cell, save, s, e);
+  if (isa == kAvx2) return fused_avx2(a, cell, save, s, e);
+#endif
+  fused_generic(a, cell, save, s, e);
+}
+
+// [K, Gm, m] -> [K, blocks(m), m, G, nu]: for unit block u and input j, the G gates' nu
 // weights (zeros for the units past m of the last block)
-Tensor pack_hh(const Tensor& w, int64_t K, int64_t G, int64_t m) {
-  const int64_t nb = blocks(m);
-  const Tensor units = at::constant_pad_nd(w.reshape({K, G, m, m}), {0, 0, 0, nb * NU - m});
-  return units.view({K, G, nb, NU, m}).permute({0, 2, 4, 1, 3}).contiguous();
+Tensor pack_hh(const Tensor& w, int64_t K, int64_t G, int64_t m, int64_t nu) {
+  const int64_t nb = blocks(m, nu);
+  const Tensor units = at::constant_pad_nd(w.reshape({K, G, m, m}), {0, 0, 0, nb * nu - m});
+  return units.view({K, G, nb, nu, m}).permute({0, 2, 4, 1, 3}).contiguous();
 }
 
 // operand column -> unit-order column (the time shuffle, or the identity)
@@ -299,15 +388,17 @@ Tensor operand_columns(int64_t K, int64_t m, bool shuffle) {
 
 // The fused step is used for float over at least FUSED_MIN_STEPS steps (packing W_hh costs
 // about one step's product: single decoding steps keep the BLAS product) where the padding
-// of the last unit block adds at most 1/8 to the product (m = 16, 32, ..., 100, 250, ...),
-// unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then
-// the pointwise pass; for A/B measurements and tests).
+// of the last unit block adds at most 1/8 to the product (with 16 lanes m = 16, 32, ...,
+// 100, 250, ...), with AVX2 or AVX-512 (the generic unit only where GRNN_CPU_ISA names it),
+// unless GRNN_CPU_FUSED=0 (the two-pass step: one batched BLAS product, then the pointwise
+// pass; for A/B measurements and tests).
 constexpr int64_t FUSED_MIN_STEPS = 4;
 std::atomic<int64_t> fused_calls{0};  // forward calls that took the fused step (for tests)
-inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps) {
+inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps, int isa, bool named) {
   const char* env = std::getenv("GRNN_CPU_FUSED");
-  return dtype == at::kFloat && blocks(m) * NU * 8 <= m * 9 && steps >= FUSED_MIN_STEPS &&
-         !(env && env[0] == '0');
+  const int64_t nu = lanes_of(isa);
+  return dtype == at::kFloat && blocks(m, nu) * nu * 8 <= m * 9 && steps >= FUSED_MIN_STEPS &&
+         (isa != kGeneric || named) && !(env && env[0] == '0');
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -478,25 +569,11 @@ GRNN_ROWS(double, d, kRNN, rnn)
 GRNN_DISPATCH(float, f)
 GRNN_DISPATCH(double, d)
 #undef GRNN_DISPATCH
-#define GRNN_FUSED(C, c)                                                                    \
-  GRNN_CLONES void fused_##c##_save(const Fused& a, int64_t s, int64_t e) {                 \
-    fused_tasks<C, true>(a, s, e);                                                          \
-  }                                                                                         \
-  GRNN_CLONES void fused_##c(const Fused& a, int64_t s, int64_t e) { fused_tasks<C, false>(a, s, e); }
-GRNN_FUSED(kLSTM, lstm)
-GRNN_FUSED(kGRU, gru)
-GRNN_FUSED(kRNN, rnn)
-#undef GRNN_FUSED
-inline void run_fused(const Fused& a, int64_t cell, bool save, int64_t s, int64_t e) {
-  if (cell == kLSTM) save ? fused_lstm_save(a, s, e) : fused_lstm(a, s, e);
-  else if (cell == kGRU) save ? fused_gru_save(a, s, e) : fused_gru(a, s, e);
-  else save ? fused_rnn_save(a, s, e) : fused_rnn(a, s, e);
-}
-
 // batch rows per parallel task: at least ~4k units, so that small problems stay serial
 inline int64_t grain(int64_t h) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(h, 1)); }
 
-struct FusedPlan {         // the fused step's cell, packed W_hh and operand index, or nulls
+struct FusedPlan {         // the fused step's vector unit, cell, packed W_hh and operand
+  int isa;                 // index, or nulls
   int64_t cell;
   const float* wp;
   const int32_t* col;
@@ -507,12 +584,13 @@ inline bool fused_step(const Fwd<double>&, const FusedPlan&, bool) { return fals
 inline bool fused_step(const Fwd<float>& a, const FusedPlan& plan, bool save) {
   if (!plan.wp) return false;
   const Fused fz{a, plan.wp, plan.col};
-  const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * blocks(m);
-  // 16-unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
+  const int64_t nu = lanes_of(plan.isa);
+  const int64_t K = a.K, B = a.B, m = a.m, H = K * m, tasks = K * blocks(m, nu);
+  // unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
   const int64_t grain_tasks =
-      std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * gates_of(plan.cell) * NU));
+      std::max<int64_t>(1, (int64_t(1) << 18) / (B * m * gates_of(plan.cell) * nu));
   at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
-    run_fused(fz, plan.cell, save, s, e);
+    run_fused(fz, plan.isa, plan.cell, save, s, e);
   });
   if (save && a.hs_new)  // the shuffled operands, for the backward's dW_hh
     at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) {
@@ -678,7 +756,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   const int64_t hs_slots = save ? slots : 2;   // inference: two alternating slots suffice
   Tensor hs = shuffle ? empty_buffer({hs_slots, B, H}, opt) : hu;
   Tensor cs = lstm ? empty_buffer({2, K, B, m}, opt) : Tensor();
-  const bool fused = use_fused(gx.scalar_type(), m, T);
+  bool named = false;
+  const int isa = fused_isa(&named);
+  const int64_t nu = lanes_of(isa);
+  const bool fused = use_fused(gx.scalar_type(), m, T, isa, named);
   if (fused) ++fused_calls;
   Tensor pre = fused ? Tensor() : empty_buffer({K, B, G}, opt);
   const int64_t F = factors_of(cell) * m;
@@ -690,9 +771,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   if (shuffle) hs_slot(first).view({B, m, K}).copy_(hu[first].view({B, K, m}).transpose(1, 2));
   if (lstm) cs[first % 2].copy_(*c0);
 
-  const Tensor wp = fused ? pack_hh(weight_hh, K, gates, m) : Tensor();
+  const Tensor wp = fused ? pack_hh(weight_hh, K, gates, m, nu) : Tensor();
   const Tensor col = fused ? operand_columns(K, m, shuffle) : Tensor();
-  const FusedPlan plan{cell, fused ? wp.data_ptr<float>() : nullptr,
+  const FusedPlan plan{isa, cell, fused ? wp.data_ptr<float>() : nullptr,
                        fused ? col.data_ptr<int32_t>() : nullptr};
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_rnn_forward", [&] {
@@ -817,6 +898,10 @@ TORCH_LIBRARY(grnn_rnn_cpu, lib) {
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &scan_forward);
   lib.def("fused_forward_calls() -> int", []() -> int64_t { return fused_calls.load(); });
+  // the fused step's vector unit and its lanes (floats per register) under GRNN_CPU_ISA
+  lib.def("fused_isa() -> str", []() -> std::string { return ISA_NAMES[fused_isa()]; });
+  lib.def("detected_isa() -> str", []() -> std::string { return ISA_NAMES[detected_isa()]; });
+  lib.def("fused_lanes() -> int", []() -> int64_t { return lanes_of(fused_isa()); });
   lib.def("backward(Tensor fac, Tensor hs, Tensor weight_hh, Tensor? mask, Tensor? d_out, "
           "Tensor? d_h, Tensor? d_c, bool shuffle, bool reverse, int cell=0, "
           "bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
