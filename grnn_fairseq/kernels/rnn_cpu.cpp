@@ -307,11 +307,17 @@ GRNN_INLINE void fused_tasks(const Fused& a, int64_t s, int64_t e) {
   }
 }
 
+template <int64_t C, int ISA>
+GRNN_INLINE void fused_saving(const Fused& a, bool save, int64_t s, int64_t e) {
+  if (save) fused_tasks<C, ISA, true>(a, s, e);
+  else fused_tasks<C, ISA, false>(a, s, e);
+}
+
 template <int ISA>
 GRNN_INLINE void fused_cells(const Fused& a, int64_t cell, bool save, int64_t s, int64_t e) {
-  if (cell == kLSTM) save ? fused_tasks<kLSTM, ISA, true>(a, s, e) : fused_tasks<kLSTM, ISA, false>(a, s, e);
-  else if (cell == kGRU) save ? fused_tasks<kGRU, ISA, true>(a, s, e) : fused_tasks<kGRU, ISA, false>(a, s, e);
-  else save ? fused_tasks<kRNN, ISA, true>(a, s, e) : fused_tasks<kRNN, ISA, false>(a, s, e);
+  if (cell == kLSTM) fused_saving<kLSTM, ISA>(a, save, s, e);
+  else if (cell == kGRU) fused_saving<kGRU, ISA>(a, save, s, e);
+  else fused_saving<kRNN, ISA>(a, save, s, e);
 }
 
 // One entry point per vector unit, compiled for it (not target_clones: each needs its own
