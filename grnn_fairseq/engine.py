@@ -49,6 +49,7 @@ import torch
 
 from .cells import POINTWISE
 from .errors import ConfigError
+from .kernels import onednn
 from .rearrangement import rearrange_grouped
 from .sequence_weights import hand_over, sequence_weights
 
@@ -67,8 +68,11 @@ def project_input(x, weight_ih, bias_ih):
     K = 1 with autograd also takes the batched product (of one): its weight gradient is
     [1, G*m, I] as it is, where selecting the matrix would zero-fill and copy the whole
     weight in the backward, once per target position of a decoder trained step by step
-    (results/cpu_projection_ab.txt).
+    (results/cpu_projection_ab.txt).  Large fp32 products on the CPU go through oneDNN
+    (:mod:`grnn_fairseq.kernels.onednn`, $GRNN_CPU_GEMM).
     """
+    if onednn.wanted(x, weight_ih):
+        return onednn.grouped_linear(x, weight_ih, bias_ih)
     k = weight_ih.shape[0]
     if k == 1 and not (weight_ih.requires_grad and torch.is_grad_enabled()):
         return torch.addmm(bias_ih[0], x, weight_ih[0].t()).unsqueeze(0)
@@ -194,7 +198,9 @@ class CppTrainStep(torch.autograd.Function):
             cpu_rnn.CELL_IDS[ctx.cell], False)
         dg = d_gx[0]  # [K, B, G*m]; the GRU's input side (dgh: its hidden side)
         d_x = None
-        if ctx.needs_input_grad[3]:  # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
+        if ctx.needs_input_grad[3] and onednn.wanted(x, w_ih):
+            d_x = onednn.input_grad(dg.contiguous(), w_ih)
+        elif ctx.needs_input_grad[3]:  # dx[:, k*mi + r] = sum_g dG[k, :, g] W_ih[k, g, r]
             d_x = torch.bmm(dg, w_ih).transpose(0, 1).reshape(b, k * mi)
         operand = hs[0].view(b, k, m).transpose(0, 1)  # h'_{t-1} as the product read it
         hand_over(ctx.grads, ctx.weights_node, dg, dgh if ctx.cell == "gru" else None, x,

@@ -175,8 +175,9 @@ if not torch.cuda.is_available():
             dev = (re.findall(r"model name\s*:\s*(.*)", f.read()) or [dev])[0].strip()
     except OSError:
         pass
-    from grnn_fairseq.kernels import cpu_rnn
-    dev += f"; C++ fused step: {cpu_rnn.fused_step_unit() or 'not built'}"
+    from grnn_fairseq.kernels import cpu_rnn, onednn
+    dev += (f"; C++ fused step: {cpu_rnn.fused_step_unit() or 'not built'}"
+            f"; input projection: {onednn.library()}")
 print(f"== device: {dev}; torch {torch.__version__}")
 EOF
 echo "== data: $data; updates: $updates (after $warmup untimed); max tokens: $max_tokens; gpu: $gpu"

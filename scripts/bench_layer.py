@@ -24,6 +24,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --backend reference,torch        # before / after
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --backend cpp+avx2,cpp+avx512     # its tiles (AVX-512 CPU)
+  python scripts/bench_layer.py --backend cpp-blas,cpp             # projection: MKL / oneDNN
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto",
                    help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
                         "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0; "
+                        "NAME-blas (e.g. cpp-blas, cpp-2pass-blas): the input projection by "
+                        "PyTorch's products instead of oneDNN, GRNN_CPU_GEMM=blas; "
                         "cpp+avx2, cpp+generic, cpp+avx512: cpp with that vector unit's "
                         "tile of the fused step, GRNN_CPU_ISA=...; "
                         "triton+load, triton+resident, triton+perm and their combinations, "
@@ -119,18 +122,20 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
-    try:
+    try:  # the model name, and the family and model numbers (which tell CPU generations
+        # apart where the name does not: "AMD EPYC" is Zen 3, 4 or 5)
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = f"{info['model name']}, family {info['cpu family']} model {info['model']}"
+    except (OSError, KeyError):
         pass
-    from grnn_fairseq.kernels import cpu_rnn
+    from grnn_fairseq.kernels import cpu_rnn, onednn
 
     unit = cpu_rnn.fused_step_unit()
-    return f"{name} ({torch.get_num_threads()} threads; C++ fused step: {unit or 'not built'})"
+    return (f"{name} ({torch.get_num_threads()} threads; C++ fused step: "
+            f"{unit or 'not built'}; input projection: {onednn.library()})")
 
 
 class Timer:
@@ -266,12 +271,16 @@ TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
 
 
 def engine_of(backend):
-    """-> (engine backend, wrapper of a timed call): ``cpp-2pass`` is ``cpp`` run under
+    """-> (engine backend, wrapper of a timed call): ``NAME-blas`` is NAME with the input
+    projection by PyTorch's products (GRNN_CPU_GEMM=blas); ``cpp-2pass`` is ``cpp`` run under
     :func:`two_pass`, ``cpp+avx2`` (``+generic``, ``+avx512``) ``cpp`` with that vector
     unit's tile (GRNN_CPU_ISA); ``triton+load``, ``triton+resident``, ``triton+perm``,
     ``triton+trainstep`` and their combinations (``triton+load+resident``) are ``triton``
     run with those variants
     (:func:`triton_variant`); every other name is the engine itself, unwrapped."""
+    if backend.endswith("-blas"):
+        inner, wrap = engine_of(backend.removesuffix("-blas"))
+        return inner, lambda run: with_env(wrap(run), {"GRNN_CPU_GEMM": "blas"})
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
     name, *variants = backend.split("+")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,7 +252,7 @@ def test_bench_layer_vector_unit_backends(monkeypatch):
     backends = {line.split()[5] for line in out.splitlines()
                 if line.startswith("infer") and line.split()[1] == "group"}
     assert backends == {f"cpp+{u}" for u in units} | {"cpp"}, out
-    assert f"C++ fused step: {default})" in out, out
+    assert f"C++ fused step: {default};" in out, out
 
     bench = _bench_layer_module()
     seen = []
@@ -267,6 +268,31 @@ def test_bench_layer_vector_unit_backends(monkeypatch):
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode != 0 and f"--backend {backend}: GRNN_CPU_ISA=" in proc.stderr, \
             proc.stderr
+
+
+def test_bench_layer_blas_variants(monkeypatch):
+    """``NAME-blas`` is NAME with GRNN_CPU_GEMM=blas for the call only, combined with the
+    other variants (``cpp-2pass-blas`` sets both switches); the device line names the
+    library of the input projection."""
+    bench = _bench_layer_module()
+    seen = []
+    for backend, want in (("cpp-blas", ("cpp", "blas", None)),
+                          ("cpp-2pass-blas", ("cpp", "blas", "0")),
+                          ("torch-blas", ("torch", "blas", None)),
+                          ("cpp", ("cpp", None, None))):
+        name, wrap = bench.engine_of(backend)
+        monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
+        monkeypatch.delenv("GRNN_CPU_FUSED", raising=False)
+        wrap(lambda: seen.append((os.environ.get("GRNN_CPU_GEMM"),
+                                  os.environ.get("GRNN_CPU_FUSED"))))()
+        assert (name, *seen[-1]) == want, backend
+        assert "GRNN_CPU_GEMM" not in os.environ and "GRNN_CPU_FUSED" not in os.environ
+    from grnn_fairseq.kernels import onednn
+
+    line = bench.device_name(torch.device("cpu"))
+    assert line.endswith(f"; input projection: {onednn.library()})"), line
+    monkeypatch.setenv("GRNN_CPU_GEMM", "blas")
+    assert bench.device_name(torch.device("cpu")).endswith("; input projection: blas)")
 
 
 def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):

@@ -1,0 +1,140 @@
+"""The input projection of the recurrent layers through oneDNN on the CPU.
+
+PyTorch's fp32 matrix products on the CPU (``mm``, ``bmm``, ``baddbmm``) call MKL's
+sgemm.  On AMD CPUs MKL runs its AVX2 code even where the CPU has AVX-512: on a 2-core
+AMD EPYC (Zen 5) it ran the products of a 4-group LSTM at about 200 GFLOP/s, while
+oneDNN, the other library PyTorch ships (``torch.nn.LSTM`` runs on it), ran the same
+products at 430-470.  PyTorch gives dense tensors oneDNN's fp32 inner product as
+``torch.ops.mkldnn._linear_pointwise`` (an op of TorchInductor's CPU backend; y = x W^T
++ b, W in ``nn.Linear``'s layout, read through its strides).
+
+:func:`grouped_linear` computes the projection of every group, gx[k] = x_k W_ih[k]^T +
+b_ih[k] (the block-diagonal input weights of Gao et al., NAACL 2018, Eq. 4-5), one
+oneDNN call per group, and in the backward the input gradient the same way (dx_k = dgx[k]
+W_ih[k]).  The weight gradient stays a batched MKL product: oneDNN's needs transposed
+copies of both operands, which cost more than they save.
+
+``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: oneDNN where this PyTorch
+has it and it passes a check at first use, else MKL), ``onednn`` (oneDNN, or a
+ConfigError saying why it cannot run) or ``blas`` (PyTorch's products, as before).
+oneDNN takes a product only when a group's multiply-adds reach :data:`MIN_MACS`: a call
+costs about 12 us more than MKL's, so decoding steps of small batches keep MKL.  Not
+under autocast (the products then run in autocast's dtype, as PyTorch's would).
+"""
+import os
+
+import torch
+
+from ..errors import ConfigError
+
+MODES = ("auto", "onednn", "blas")
+# a group's multiply-adds from which oneDNN takes the product: below it, the per-call
+# overhead (about 12 us) ate the gain on the Zen 5 machine (results/cpu_onednn_ab.txt)
+MIN_MACS = 1 << 24
+calls = 0  # products oneDNN has computed (forward and backward), for tests and benchmarks
+
+_probe = None  # None: not checked yet; else "" (works) or why it does not
+
+
+def mode(environ=os.environ):
+    """$GRNN_CPU_GEMM, checked: one of :data:`MODES` (unset or empty: auto)."""
+    value = environ.get("GRNN_CPU_GEMM", "") or "auto"
+    if value not in MODES:
+        raise ConfigError(f"GRNN_CPU_GEMM={value!r} is not one of {', '.join(MODES)} (the "
+                          "library of the recurrent layers' input projection on the CPU); "
+                          "unset it for auto")
+    return value
+
+
+def _linear(x, w, b=None):
+    global calls
+    calls += 1
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def unavailable():
+    """Why oneDNN's product cannot run here ("" when it can): PyTorch built without
+    oneDNN, no ``mkldnn::_linear_pointwise``, or a result that differs from ``torch.mm``
+    (checked once, on a small product)."""
+    global _probe
+    if _probe is None:
+        if not torch.backends.mkldnn.is_available():
+            _probe = "this PyTorch is built without oneDNN (torch.backends.mkldnn)"
+        elif not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            _probe = f"torch {torch.__version__} has no op mkldnn::_linear_pointwise"
+        else:
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(s, generator=g) for s in ((37, 2, 24), (40, 24), (40,)))
+            try:
+                got = _linear(x[:, 1], w, b)
+                want = torch.addmm(b.double(), x[:, 1].double(), w.t().double())
+                ok = got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-4)
+                _probe = "" if ok else "mkldnn::_linear_pointwise gave wrong results here"
+            except RuntimeError as e:
+                _probe = f"mkldnn::_linear_pointwise failed here: {e}"
+    return _probe
+
+
+def library(environ=os.environ):
+    """What computes the large fp32 projections here: "onednn" or "blas" (PyTorch's
+    products: $GRNN_CPU_GEMM=blas, or oneDNN unavailable).  Benchmarks print it."""
+    choice = mode(environ)
+    return "onednn" if choice != "blas" and not unavailable() else "blas"
+
+
+def wanted(x, weight):
+    """Whether :func:`grouped_linear` should compute x's projection by ``weight``
+    ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group,
+    and $GRNN_CPU_GEMM allowing it (``onednn`` where oneDNN cannot run: ConfigError)."""
+    choice = mode()
+    if choice == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    why = unavailable()
+    if why and choice == "onednn":
+        raise ConfigError(f"GRNN_CPU_GEMM=onednn: {why}; unset it (or set blas) to use "
+                          "PyTorch's products")
+    return not why and x.shape[0] * weight.shape[1] * weight.shape[2] >= MIN_MACS
+
+
+class GroupedLinear(torch.autograd.Function):
+    """x [N, K*I], weight [K, O, I], bias [K, O] -> [K, N, O]: group k's projection
+    x[:, k*I:(k+1)*I] weight[k]^T + bias[k], by oneDNN (forward and input gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        k, _, i = weight.shape
+        ctx.save_for_backward(x, weight)
+        if k == 1:
+            return _linear(x, weight[0], bias[0]).unsqueeze(0)
+        xk = x.view(x.shape[0], k, i)
+        return torch.stack([_linear(xk[:, g], weight[g], bias[g]) for g in range(k)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d):
+        x, weight = ctx.saved_tensors
+        k, _, i = weight.shape
+        d = d.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = input_grad(d, weight)
+        if ctx.needs_input_grad[1]:
+            dw = torch.bmm(d.transpose(1, 2), x.view(x.shape[0], k, i).transpose(0, 1))
+        if ctx.needs_input_grad[2]:
+            db = d.sum(1)
+        return dx, dw, db
+
+
+def input_grad(d, weight):
+    """d [K, N, O] (contiguous), weight [K, O, I] -> dx [N, K*I]: dx_k = d[k] weight[k]
+    (weight[k]^T as oneDNN's "weight", read through its strides)."""
+    if weight.shape[0] == 1:
+        return _linear(d[0], weight[0].t())
+    return torch.cat([_linear(d[g], weight[g].t()) for g in range(weight.shape[0])], 1)
+
+
+def grouped_linear(x, weight, bias):
+    """The projection of :class:`GroupedLinear` (autograd included)."""
+    return GroupedLinear.apply(x, weight, bias)

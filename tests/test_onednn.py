@@ -1,0 +1,172 @@
+"""The input projection through oneDNN (:mod:`grnn_fairseq.kernels.onednn`): its products
+and gradients against a float64 ``baddbmm`` reference, when ``project_input`` takes it
+and when not, a whole layer with it against the same layer on PyTorch's products, and
+the switch GRNN_CPU_GEMM refused by name."""
+import pytest
+import torch
+
+from grnn_fairseq import engine
+from grnn_fairseq.errors import ConfigError
+from grnn_fairseq.kernels import onednn
+from grnn_fairseq.recurrent import RecurrentStack
+
+needs_onednn = pytest.mark.skipif(bool(onednn.unavailable()),
+                                  reason=f"oneDNN cannot run here: {onednn.unavailable()}")
+
+
+def _reference(x, weight, bias):
+    """The grouped projection in float64, by PyTorch's batched product."""
+    k, _, i = weight.shape
+    xk = x.double().view(x.shape[0], k, i).transpose(0, 1)
+    return torch.baddbmm(bias.double().unsqueeze(1), xk, weight.double().transpose(1, 2))
+
+
+def _problem(n, k, i, o, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k * i, generator=g).requires_grad_()
+    weight = (torch.randn(k, o, i, generator=g) / i ** 0.5).requires_grad_()
+    bias = torch.randn(k, o, generator=g).requires_grad_()
+    return x, weight, bias
+
+
+@needs_onednn
+@pytest.mark.parametrize("n,k,i,o", [(37, 1, 24, 96), (37, 4, 24, 96), (200, 16, 8, 32),
+                                     (5, 2, 250, 1000)])
+def test_grouped_linear_matches_reference(n, k, i, o):
+    """Outputs and the three gradients of :class:`GroupedLinear` against float64, and one
+    oneDNN call per group in the forward and per group for the input gradient."""
+    x, weight, bias = _problem(n, k, i, o)
+    before = onednn.calls
+    y = onednn.grouped_linear(x, weight, bias)
+    assert onednn.calls - before == k
+    want = _reference(x, weight, bias)
+    assert y.shape == (k, n, o) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    d = torch.randn(k, n, o, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, (x, weight, bias), d)
+    assert onednn.calls - before == 2 * k
+    ref = [p.detach().double().requires_grad_() for p in (x, weight, bias)]
+    wants = torch.autograd.grad(_reference(*ref), ref, d.double())
+    for a, b, name in zip(got, wants, ("x", "weight", "bias")):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@needs_onednn
+def test_project_input_takes_onednn_where_it_pays(monkeypatch):
+    """fp32 CPU products of at least MIN_MACS per group go through oneDNN, with the
+    result of PyTorch's products; smaller ones, fp64, autocast and GRNN_CPU_GEMM=blas
+    keep PyTorch's."""
+    x, weight, bias = _problem(64, 4, 32, 128)
+    monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
+    monkeypatch.setattr(onednn, "MIN_MACS", 64 * 32 * 128)  # exactly this product
+
+    def calls(x_, w_, b_, gemm=None):
+        if gemm:
+            monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        before = onednn.calls
+        y = engine.project_input(x_, w_, b_)
+        monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
+        return y, onednn.calls - before
+
+    y, n = calls(x, weight, bias)
+    assert n == 4
+    y_blas, n_blas = calls(x, weight, bias, "blas")
+    assert n_blas == 0
+    torch.testing.assert_close(y, y_blas, rtol=1e-5, atol=1e-5)
+    assert calls(x, weight, bias, "onednn")[1] == 4
+    assert calls(x[:63], weight, bias)[1] == 0  # one row short of MIN_MACS
+    assert calls(*(t.double() for t in (x, weight, bias)))[1] == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp, n_amp = calls(x, weight, bias)
+    assert n_amp == 0 and y_amp.dtype == torch.bfloat16
+
+
+@needs_onednn
+@pytest.mark.parametrize("groups,bidirectional", [(1, False), (4, True)])
+def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional):
+    """A two-layer stack (cpp backend) trained one step: output, final states and every
+    weight gradient with the projection by oneDNN equal those with PyTorch's products."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    torch.manual_seed(0)
+    stack = RecurrentStack(48, 64, num_layers=2, groups=groups, bidirectional=bidirectional,
+                           backend="cpp")
+    x = torch.randn(9, 5, 48)
+    mask = torch.ones(9, 5, dtype=torch.bool)
+    mask[7:, 1] = False
+    runs = {}
+    for gemm in ("blas", "onednn"):
+        monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        stack.zero_grad()
+        before = onednn.calls
+        out, finals = stack(x, padding_mask=~mask)
+        (out.square().sum() + sum(s.sum() for s in finals)).backward()
+        runs[gemm] = [out, *finals] + [p.grad.clone() for p in stack.parameters()]
+        assert (onednn.calls > before) == (gemm == "onednn")
+    for a, b in zip(runs["onednn"], runs["blas"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_switch_refused_by_name(monkeypatch):
+    """GRNN_CPU_GEMM must be auto, onednn or blas; onednn where oneDNN cannot run says
+    why.  auto then falls back to PyTorch's products with the same result."""
+    x, weight, bias = _problem(8, 2, 4, 16)
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setenv("GRNN_CPU_GEMM", "mkl")
+    with pytest.raises(ConfigError, match="GRNN_CPU_GEMM='mkl' is not one of auto, onednn, blas"):
+        engine.project_input(x, weight, bias)
+    monkeypatch.setattr(onednn, "_probe", "this PyTorch is built without oneDNN (test)")
+    monkeypatch.setenv("GRNN_CPU_GEMM", "onednn")
+    with pytest.raises(ConfigError, match=r"GRNN_CPU_GEMM=onednn: this PyTorch is built "
+                                          r"without oneDNN \(test\); unset it"):
+        engine.project_input(x, weight, bias)
+    monkeypatch.setenv("GRNN_CPU_GEMM", "auto")
+    before = onednn.calls
+    y = engine.project_input(x, weight, bias)
+    assert onednn.calls == before and onednn.library() == "blas"
+    torch.testing.assert_close(y.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_rejects_wrong_results(monkeypatch):
+    """The first-use check compares oneDNN's product with PyTorch's: an op that computes
+    something else is not used."""
+    monkeypatch.setattr(onednn, "_probe", None)
+    if not torch.backends.mkldnn.is_available():
+        assert "without oneDNN" in onednn.unavailable()
+        return
+    monkeypatch.setattr(onednn, "_linear", lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0]))
+    assert onednn.unavailable() == "mkldnn::_linear_pointwise gave wrong results here"
+    monkeypatch.setattr(onednn, "_probe", None)
+    monkeypatch.setattr(onednn, "_linear", lambda x, w, b=None: x @ w.t() + b)
+    assert onednn.unavailable() == ""
+
+
+@needs_onednn
+@pytest.mark.parametrize("groups", [1, 4])
+def test_decoder_training_steps_with_onednn_match_blas(monkeypatch, groups):
+    """A decoder trained step by step (``step_weights()``, one ``CppTrainStep`` per layer
+    step): its projection and input gradient through oneDNN give the outputs and every
+    gradient of PyTorch's products."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    torch.manual_seed(2)
+    stack = RecurrentStack(16, 32, num_layers=2, groups=groups, rearrangement="both",
+                           backend="cpp")
+    xs = torch.randn(4, 3, 16)
+    up = torch.randn(4, 3, 32)
+    runs = {}
+    for gemm in ("blas", "onednn"):
+        monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        x = xs.clone().requires_grad_()
+        weights, loss = stack.step_weights(), 0
+        states = [s[0] for s in stack.zero_state(3, x)]  # per layer, its one direction
+        assert weights[0].engine == "cpp"
+        before = onednn.calls
+        for t in range(len(x)):
+            top, states = stack.step(x[t], states, weights)
+            loss = loss + (top * up[t]).sum()
+        grads = torch.autograd.grad(loss, [x] + list(stack.parameters()))
+        # forward and input gradient of 2 layers x 4 steps, one call per group each
+        assert onednn.calls - before == (2 * 2 * 4 * groups if gemm == "onednn" else 0)
+        runs[gemm] = [loss.detach(), *grads]
+    for a, b in zip(runs["onednn"], runs["blas"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
