@@ -127,6 +127,12 @@ def _use_step(step, monkeypatch, built):
     return built.fused_forward_calls()
 
 
+def _fused_product(step, m):
+    """Whether the backward's product of each step runs in registers (the fused forward's
+    unit, where its lanes divide m) rather than as a BLAS call."""
+    return step != "twopass" and m % {"generic": 4, "avx2": 8, "avx512": 16}[step] == 0
+
+
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
@@ -140,11 +146,15 @@ def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, s
     the tile of each vector unit the CPU has (16, 8 or 4 lanes; the last block padded where
     they do not divide m: 120 with 16 lanes, 100 with 16 and 8, 250 with all); the two-pass
     step otherwise.  Each against the reference, forward and every gradient; batch sizes
-    that leave every count of rows after the tiles of 2 or 4 rows."""
+    that leave every count of rows after the tiles of 2 or 4 rows.  The backward's product
+    of each step: in registers where the lanes divide m (16: 1 vector; 32 with 8 lanes: 4;
+    120 with 8 lanes: 15 = 3 blocks of 4 and one of 3), else BLAS."""
     before = _use_step(step, monkeypatch, built)
+    before_backward = built.fused_backward_calls()
     p, mask, up = _problem(k, m, 6, b, torch.float32, padding)
     _compare_fp64(p, mask, up, shuffle, reverse)
     assert (built.fused_forward_calls() > before) == (step != "twopass")
+    assert (built.fused_backward_calls() > before_backward) == _fused_product(step, m)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -162,9 +172,11 @@ def test_fp32_fused_step_gru_rnn(cell, k, m, b, shuffle, padding, reverse, step,
     the RNN is chaotic and amplifies any fp32 rounding over the steps beyond fp32 tolerance,
     in either path."""
     before = _use_step(step, monkeypatch, built)
+    before_backward = built.fused_backward_calls()
     p, mask, up = _problem(k, m, 6, b, torch.float32, padding, cell=cell, w_scale=m ** -0.5)
     _compare_fp64(p, mask, up, shuffle, reverse)
     assert (built.fused_forward_calls() > before) == (step != "twopass")
+    assert (built.fused_backward_calls() > before_backward) == _fused_product(step, m)
 
 
 def _compare_fp64(p, mask, up, shuffle, reverse):

@@ -407,6 +407,128 @@ inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps, int isa, 
          (isa != kGeneric || named) && !(env && env[0] == '0');
 }
 
+// ------------------------------------------------------------ backward product (fp32)
+// The backward's recurrent product of one step, mg[k] = dG_t[k] W_hh[k] ([B, G*m] x
+// [G*m, m] per group), in registers: for each block of NV vectors of NU units (NV <= 4) and
+// R batch rows, the sum over all G*m inputs accumulates in R x NV registers, from W_hh's
+// rows as they are (row j holds the m units' weights, contiguous: nothing to pack) and
+// the gate gradient broadcast.  The fused forward's tile (R = rows_of(ISA, 4 "gates")).
+// It replaces one BLAS call per step, which MKL ran at 160-180 GFLOP/s on an AMD Zen 5
+// (AVX2 code on AMD CPUs); used where the unit's lanes divide m (else BLAS), on the fused
+// forward's switches (GRNN_CPU_FUSED, GRNN_CPU_ISA).
+struct BwdProduct {
+  const float* dg;  // step t's gate gradients: row (k, b) at dg + k * dg_sk + b * Gm
+  int64_t dg_sk;
+  const float* w;   // [K, Gm, m] contiguous
+  float* mg;        // [K, B, m] contiguous
+  int64_t K, B, Gm, m;
+};
+constexpr int BWD_NV = 4;
+
+// Rows [b0, b0 + R) of the NV * NU units from u0 of group k.
+template <int64_t NU, int NV, int R>
+GRNN_INLINE void bwd_product_block(const BwdProduct& p, int64_t k, int64_t u0, int64_t b0) {
+  using vnu = typename Lanes<NU>::v;
+  using vnu_u = typename Lanes<NU>::u;
+  vnu acc[R][NV] = {};
+  const float* __restrict w = p.w + k * p.Gm * p.m + u0;
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.dg + k * p.dg_sk + (b0 + r) * p.Gm;
+  for (int64_t j = 0; j < p.Gm; ++j) {
+    const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * p.m);
+    vnu wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = wj[v];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float x = rows[r][j];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * wv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* out = p.mg + (k * p.B + b0 + r) * p.m + u0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) std::memcpy(out + v * NU, &acc[r][v], sizeof(vnu));
+  }
+}
+
+template <int64_t NU, int NV, int R>
+GRNN_INLINE void bwd_product_rest(const BwdProduct& p, int64_t k, int64_t u0, int64_t b,
+                                  int64_t rest) {
+  if constexpr (R > 0) {
+    if (rest == R) bwd_product_block<NU, NV, R>(p, k, u0, b);
+    else bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, rest);
+  }
+}
+
+template <int64_t NU, int NV, int R>
+GRNN_INLINE void bwd_product_rows(const BwdProduct& p, int64_t k, int64_t u0) {
+  int64_t b = 0;
+  for (; b + R <= p.B; b += R) bwd_product_block<NU, NV, R>(p, k, u0, b);
+  bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, p.B - b);
+}
+
+// blocks of BWD_NV vectors of nu units in a group of m (nu divides m)
+inline int64_t product_blocks(int64_t m, int64_t nu) { return blocks(m / nu, BWD_NV); }
+
+// Tasks [s, e): task = k * product_blocks + c, all B rows of unit block c of group k.
+template <int ISA>
+GRNN_INLINE void bwd_product_tasks(const BwdProduct& p, int64_t s, int64_t e) {
+  constexpr int64_t NU = lanes_of(ISA);
+  constexpr int R = rows_of(ISA, kLSTM);
+  const int64_t nv = p.m / NU, nb = product_blocks(p.m, NU);
+  for (int64_t task = s; task < e; ++task) {
+    const int64_t k = task / nb, c = task % nb, u0 = c * BWD_NV * NU;
+    switch (std::min<int64_t>(BWD_NV, nv - c * BWD_NV)) {
+      case 4: bwd_product_rows<NU, 4, R>(p, k, u0); break;
+      case 3: bwd_product_rows<NU, 3, R>(p, k, u0); break;
+      case 2: bwd_product_rows<NU, 2, R>(p, k, u0); break;
+      default: bwd_product_rows<NU, 1, R>(p, k, u0);
+    }
+  }
+}
+
+#ifdef GRNN_X86_ISAS
+__attribute__((target("avx512f"))) void bwd_product_avx512(const BwdProduct& p, int64_t s,
+                                                           int64_t e) {
+  bwd_product_tasks<kAvx512>(p, s, e);
+}
+__attribute__((target("avx2,fma"))) void bwd_product_avx2(const BwdProduct& p, int64_t s,
+                                                          int64_t e) {
+  bwd_product_tasks<kAvx2>(p, s, e);
+}
+#endif
+void bwd_product_generic(const BwdProduct& p, int64_t s, int64_t e) {
+  bwd_product_tasks<kGeneric>(p, s, e);
+}
+
+std::atomic<int64_t> fused_backward_calls{0};  // backward calls with this product (tests)
+// where the fused forward step's switches allow it, for float, where the lanes divide m
+inline bool use_fused_product(c10::ScalarType dtype, int64_t m, int isa, bool named) {
+  const char* env = std::getenv("GRNN_CPU_FUSED");
+  return dtype == at::kFloat && m % lanes_of(isa) == 0 && (isa != kGeneric || named) &&
+         !(env && env[0] == '0');
+}
+
+// mg = dg_t W_hh per group (dg_t: [K, B, Gm] with rows of Gm contiguous), on vector unit isa
+inline void fused_product(Tensor& mg, const Tensor& dg_t, const Tensor& w, int isa) {
+  const int64_t K = w.size(0), Gm = w.size(1), m = w.size(2), B = mg.size(1);
+  const BwdProduct p{dg_t.data_ptr<float>(), dg_t.stride(0), w.data_ptr<float>(),
+                     mg.data_ptr<float>(), K, B, Gm, m};
+  const int64_t nu = lanes_of(isa), tasks = K * product_blocks(m, nu);
+  // unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
+  const int64_t grain_tasks = std::max<int64_t>(1, (int64_t(1) << 18) / (B * Gm * BWD_NV * nu));
+  at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
+#ifdef GRNN_X86_ISAS
+    if (isa == kAvx512) return bwd_product_avx512(p, s, e);
+    if (isa == kAvx2) return bwd_product_avx2(p, s, e);
+#endif
+    bwd_product_generic(p, s, e);
+  });
+}
+
 // ---------------------------------------------------------------------------- backward
 template <typename T>
 struct Bwd {               // one step
@@ -857,6 +979,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
   const int64_t threads = at::get_num_threads();
   Tensor scratch = at::empty({shuffle ? threads : 0, H}, opt);
   Tensor dbias = at::zeros({threads, K, G}, opt.dtype(at::kDouble));
+  bool named = false;
+  const int isa = fused_isa(&named);
+  const bool fused = use_fused_product(fac.scalar_type(), m, isa, named);
+  if (fused) ++fused_backward_calls;
   AT_DISPATCH_FLOATING_TYPES(fac.scalar_type(), "grnn_rnn_backward", [&] {
     using T_ = scalar_t;
     Bwd<T_> a{};
@@ -880,7 +1006,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
       a.dx = cell == kGRU ? dx.data_ptr<T_>() + t * B * G : nullptr;
       a.keep = keep.defined() ? keep.data_ptr<bool>() + t * B : nullptr;
       at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
-      grouped_mm(mg, dg.select(1, t), w);
+      if (fused) fused_product(mg, dg.select(1, t), w, isa);
+      else grouped_mm(mg, dg.select(1, t), w);
     }
     a.fac = nullptr;  // d_h0 = ph + the gradient of the first step's operand
     at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
@@ -904,6 +1031,8 @@ TORCH_LIBRARY(grnn_rnn_cpu, lib) {
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &scan_forward);
   lib.def("fused_forward_calls() -> int", []() -> int64_t { return fused_calls.load(); });
+  lib.def("fused_backward_calls() -> int",
+          []() -> int64_t { return fused_backward_calls.load(); });
   // the fused step's vector unit and its lanes (floats per register) under GRNN_CPU_ISA
   lib.def("fused_isa() -> str", []() -> std::string { return ISA_NAMES[fused_isa()]; });
   lib.def("detected_isa() -> str", []() -> std::string { return ISA_NAMES[detected_isa()]; });
