@@ -16,6 +16,7 @@
 # scripts/prepare-debian.sh), the two versions in turn, ROUNDS times; ARCHS="" skips them.
 #   source .venv/bin/activate && bash results/cpu_fused_avx2_ab.sh [OLD_COMMIT] [ROUNDS]
 #   (OLD_COMMIT default 992e22f, the last commit before the change; ROUNDS default 2)
+# Any two commits compare so: results/cpu_backward_product_ab.txt is OLD_COMMIT 7620232.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 old="${1:-992e22f}"

@@ -18,7 +18,9 @@ most 1/8 to the product (blocks of 16 units with AVX-512, 8 with AVX2: widths 16
 100, 250, ...).  The register tile is the vector unit's (:func:`fused_step_unit`);
 ``$GRNN_CPU_ISA=generic|avx2|avx512`` forces a narrower one (the generic 4-lane tile runs
 only so), and ``$GRNN_CPU_FUSED=0`` switches to the two-pass step (one BLAS product per
-step, then the pointwise pass), for A/B measurements.
+step, then the pointwise pass), for A/B measurements.  The backward's product of each step
+(dG_t W_hh per group) runs in the same tile where the unit's lanes divide the group width,
+and as a BLAS call otherwise or with ``$GRNN_CPU_FUSED=0``.
 
 The library keeps its large per-call buffers (tens of MB) in a small pool instead of
 returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the
