@@ -425,16 +425,26 @@ struct BwdProduct {
 };
 constexpr int BWD_NV = 4;
 
-// Rows [b0, b0 + R) of the NV * NU units from u0 of group k.
+// Rows [b0, b0 + R) of the NV * NU units from u0 of group k, inputs [j0, j1): the sum
+// starts from zero at j0 = 0, else from what mg holds.
 template <int64_t NU, int NV, int R>
-GRNN_INLINE void bwd_product_block(const BwdProduct& p, int64_t k, int64_t u0, int64_t b0) {
+GRNN_INLINE void bwd_product_block(const BwdProduct& p, int64_t k, int64_t u0, int64_t b0,
+                                   int64_t j0, int64_t j1) {
   using vnu = typename Lanes<NU>::v;
   using vnu_u = typename Lanes<NU>::u;
   vnu acc[R][NV] = {};
+  if (j0 > 0) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* out = p.mg + (k * p.B + b0 + r) * p.m + u0;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], out + v * NU, sizeof(vnu));
+    }
+  }
   const float* __restrict w = p.w + k * p.Gm * p.m + u0;
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p.dg + k * p.dg_sk + (b0 + r) * p.Gm;
-  for (int64_t j = 0; j < p.Gm; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * p.m);
     vnu wv[NV];
 #pragma GCC unroll 4
@@ -456,18 +466,26 @@ GRNN_INLINE void bwd_product_block(const BwdProduct& p, int64_t k, int64_t u0, i
 
 template <int64_t NU, int NV, int R>
 GRNN_INLINE void bwd_product_rest(const BwdProduct& p, int64_t k, int64_t u0, int64_t b,
-                                  int64_t rest) {
+                                  int64_t rest, int64_t j0, int64_t j1) {
   if constexpr (R > 0) {
-    if (rest == R) bwd_product_block<NU, NV, R>(p, k, u0, b);
-    else bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, rest);
+    if (rest == R) bwd_product_block<NU, NV, R>(p, k, u0, b, j0, j1);
+    else bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, rest, j0, j1);
   }
 }
 
+// All B rows, over the inputs in chunks whose W_hh panel (chunk x NV * NU floats, about
+// 32 KiB) stays in cache for every tile of rows: without the chunks a wide group (m = 1024:
+// a 1 MiB panel per block of 64 units) was read from memory once per tile of R rows, and
+// the product took twice MKL's time.
 template <int64_t NU, int NV, int R>
 GRNN_INLINE void bwd_product_rows(const BwdProduct& p, int64_t k, int64_t u0) {
-  int64_t b = 0;
-  for (; b + R <= p.B; b += R) bwd_product_block<NU, NV, R>(p, k, u0, b);
-  bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, p.B - b);
+  constexpr int64_t chunk = 8192 / (NV * NU);
+  for (int64_t j0 = 0; j0 < p.Gm; j0 += chunk) {
+    const int64_t j1 = std::min(p.Gm, j0 + chunk);
+    int64_t b = 0;
+    for (; b + R <= p.B; b += R) bwd_product_block<NU, NV, R>(p, k, u0, b, j0, j1);
+    bwd_product_rest<NU, NV, R - 1>(p, k, u0, b, p.B - b, j0, j1);
+  }
 }
 
 // blocks of BWD_NV vectors of nu units in a group of m (nu divides m)
