@@ -695,9 +695,14 @@ class CppScan(torch.autograd.Function):
         from .kernels import cpu_rnn
 
         weight_hh, hs = ctx.saved_tensors
+        # the operand slots that dW_hh reads, [T*B, H]; its product by oneDNN where it pays
+        h_in = hs.narrow(0, 2 if ctx.reverse else 0, ctx.fac.shape[1]).flatten(0, 1)
+        by_onednn = ctx.needs_input_grad[2] and onednn.wanted(h_in, weight_hh)
         d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
             ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
-            cpu_rnn.CELL_IDS[ctx.cell])
+            cpu_rnn.CELL_IDS[ctx.cell], not by_onednn)
+        if by_onednn:  # the backward returned the hidden-side gate gradients dG [K, T*B, G]
+            d_w = onednn.weight_grad(d_w, h_in)
         d_state = (d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,)
         return (None, d_gx, d_w, d_b, None, None, None) + d_state
 

@@ -44,7 +44,7 @@ def test_grouped_linear_matches_reference(n, k, i, o):
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
     d = torch.randn(k, n, o, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(y, (x, weight, bias), d)
-    assert onednn.calls - before == 2 * k
+    assert onednn.calls - before == 3 * k  # and the input and weight gradients
     ref = [p.detach().double().requires_grad_() for p in (x, weight, bias)]
     wants = torch.autograd.grad(_reference(*ref), ref, d.double())
     for a, b, name in zip(got, wants, ("x", "weight", "bias")):
@@ -83,14 +83,30 @@ def test_project_input_takes_onednn_where_it_pays(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.parametrize("k,n,i,o", [(1, 37, 24, 96), (3, 50, 8, 24), (4, 300, 32, 128)])
+def test_weight_grad_matches_reference(k, n, i, o):
+    """dW[k] = d[k]^T x_k by oneDNN (one call per group) against float64."""
+    g = torch.Generator().manual_seed(3)
+    d, x = torch.randn(k, n, o, generator=g), torch.randn(n, k * i, generator=g)
+    before = onednn.calls
+    got = onednn.weight_grad(d, x)
+    assert onednn.calls - before == k and got.shape == (k, o, i)
+    want = torch.bmm(d.double().transpose(1, 2), x.double().view(n, k, i).transpose(0, 1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("groups,bidirectional", [(1, False), (4, True)])
-def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional):
+def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell):
     """A two-layer stack (cpp backend) trained one step: output, final states and every
-    weight gradient with the projection by oneDNN equal those with PyTorch's products."""
+    weight gradient with the projection, its gradients and the scan's dW_hh by oneDNN (the
+    C++ backward then returns the hidden-side gate gradients: the GRU's differ from the
+    input side's) equal those with PyTorch's products."""
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
     torch.manual_seed(0)
-    stack = RecurrentStack(48, 64, num_layers=2, groups=groups, bidirectional=bidirectional,
-                           backend="cpp")
+    stack = RecurrentStack(48, 64, num_layers=2, cell=cell, groups=groups,
+                           bidirectional=bidirectional, backend="cpp")
     x = torch.randn(9, 5, 48)
     mask = torch.ones(9, 5, dtype=torch.bool)
     mask[7:, 1] = False
@@ -102,7 +118,10 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional):
         out, finals = stack(x, padding_mask=~mask)
         (out.square().sum() + sum(s.sum() for s in finals)).backward()
         runs[gemm] = [out, *finals] + [p.grad.clone() for p in stack.parameters()]
-        assert (onednn.calls > before) == (gemm == "onednn")
+        # per direction and group: forward, dW_ih and dW_hh in both layers, dx in the second
+        # (x needs no gradient)
+        directions = 2 if bidirectional else 1
+        assert onednn.calls - before == (7 * groups * directions if gemm == "onednn" else 0)
     for a, b in zip(runs["onednn"], runs["blas"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -966,7 +966,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
 // empty), d_weight_hh, d_bias_hh).  d_out [T, B, H], d_h / d_c [K, B, m]: each optional.
 // weight_grad false (a training step whose caller computes the weight gradients of a
 // whole sequence at once): d_weight_hh's slot holds the hidden-side gate gradients
-// dG [K, T*B, Gm] instead (the GRU's differ from d_gx), and d_bias_hh is empty.
+// dG [K, T*B, Gm] instead (the GRU's differ from d_gx); d_bias_hh as always.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
     const Tensor& fac, const Tensor& hs, const Tensor& weight_hh,
     const std::optional<Tensor>& mask_in, const std::optional<Tensor>& d_out_in,
@@ -1030,13 +1030,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
     a.fac = nullptr;  // d_h0 = ph + the gradient of the first step's operand
     at::parallel_for(0, B, grain(H), [&](int64_t s, int64_t e) { run_rows(a, cell, s, e); });
   });
-  if (!weight_grad)
-    return {dx.transpose(0, 1), ph, gc, dg.view({K, T * B, G}), at::empty({0}, opt)};
+  Tensor d_b = dbias.sum(0).to(fac.scalar_type());
+  if (!weight_grad) return {dx.transpose(0, 1), ph, gc, dg.view({K, T * B, G}), d_b};
   // dW_hh[k] = sum_t dG_t[k]^T h_in_t[k]: the operand slots of consecutive steps are one
   // [T*B, H] matrix whose grouped view the product reads in place
   const Tensor h_in = hs.narrow(0, reverse ? 2 : 0, T).view({T * B, H});
   Tensor d_w = at::bmm(dg.view({K, T * B, G}).transpose(1, 2), grouped(h_in, K));
-  Tensor d_b = dbias.sum(0).to(fac.scalar_type());
   return {dx.transpose(0, 1), ph, gc, d_w, d_b};
 }
 
