@@ -60,6 +60,7 @@ def test_project_input_takes_onednn_where_it_pays(monkeypatch):
     x, weight, bias = _problem(64, 4, 32, 128)
     monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
     monkeypatch.setattr(onednn, "MIN_MACS", 64 * 32 * 128)  # exactly this product
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)  # no first call of a shape kept on MKL
 
     def calls(x_, w_, b_, gemm=None):
         if gemm:
@@ -104,6 +105,7 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell
     C++ backward then returns the hidden-side gate gradients: the GRU's differ from the
     input side's) equal those with PyTorch's products."""
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
     torch.manual_seed(0)
     stack = RecurrentStack(48, 64, num_layers=2, cell=cell, groups=groups,
                            bidirectional=bidirectional, backend="cpp")
@@ -126,11 +128,34 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@needs_onednn
+def test_first_product_of_a_shape_keeps_blas(monkeypatch):
+    """oneDNN compiles a kernel per shape: the first REUSE products of a shape (fairseq's
+    next batch, N rows it has not seen) stay on MKL unless all groups' multiply-adds reach
+    FIRST_MACS; later ones go to oneDNN; the oldest shapes are forgotten."""
+    monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "_seen", {})
+    monkeypatch.setattr(onednn, "SEEN_MAX", 2)
+    monkeypatch.setattr(onednn, "REUSE", 2)
+    weight = torch.zeros(4, 16, 8)
+
+    def takes(n):
+        return onednn.wanted(torch.zeros(n, 32), weight)
+
+    monkeypatch.setattr(onednn, "FIRST_MACS", 4 * 16 * 8 * 10)  # 10 rows and more: at once
+    assert takes(10) and takes(11)
+    assert [takes(9) for _ in range(4)] == [False, False, True, True]
+    assert not takes(5) and not takes(6)  # two new shapes: 9 rows is forgotten
+    assert not takes(9) and not takes(6) and takes(6) and not takes(9) and takes(9)
+
+
 def test_gemm_switch_refused_by_name(monkeypatch):
     """GRNN_CPU_GEMM must be auto, onednn or blas; onednn where oneDNN cannot run says
     why.  auto then falls back to PyTorch's products with the same result."""
     x, weight, bias = _problem(8, 2, 4, 16)
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
     monkeypatch.setenv("GRNN_CPU_GEMM", "mkl")
     with pytest.raises(ConfigError, match="GRNN_CPU_GEMM='mkl' is not one of auto, onednn, blas"):
         engine.project_input(x, weight, bias)
@@ -167,6 +192,7 @@ def test_decoder_training_steps_with_onednn_match_blas(monkeypatch, groups):
     step): its projection and input gradient through oneDNN give the outputs and every
     gradient of PyTorch's products."""
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
     torch.manual_seed(2)
     stack = RecurrentStack(16, 32, num_layers=2, groups=groups, rearrangement="both",
                            backend="cpp")

@@ -31,7 +31,18 @@ MODES = ("auto", "onednn", "blas")
 # a group's multiply-adds from which oneDNN takes the product: below it, the per-call
 # overhead (about 12 us) ate the gain on the Zen 5 machine (results/cpu_onednn_ab.txt)
 MIN_MACS = 1 << 24
+# oneDNN compiles a kernel for every new shape and caches it (about 0.3-1 ms for these).
+# fairseq's batches change the number of rows N from batch to batch, and a 4-group
+# IWSLT-sized encoder (N of about 1,000, 32M multiply-adds per group) uses each shape in
+# only two or four products per batch: through oneDNN it trained 3-7% slower.  So the
+# first REUSE products of a shape keep MKL unless all its groups' multiply-adds reach
+# FIRST_MACS (where the compile is small beside the gain); later ones (a decoder's steps
+# within a batch, a fixed-shape benchmark) go to oneDNN.
+FIRST_MACS = 1 << 28
+REUSE = 3
+SEEN_MAX = 256  # shapes counted (oneDNN's own cache holds 1,024 kernels)
 calls = 0  # products oneDNN has computed (forward and backward), for tests and benchmarks
+_seen = {}  # shape -> products so far, oldest first
 
 _probe = None  # None: not checked yet; else "" (works) or why it does not
 
@@ -84,8 +95,10 @@ def library(environ=os.environ):
 
 def wanted(x, weight):
     """Whether :func:`grouped_linear` should compute x's projection by ``weight``
-    ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group,
-    and $GRNN_CPU_GEMM allowing it (``onednn`` where oneDNN cannot run: ConfigError)."""
+    ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group, a
+    shape used :data:`REUSE` times before or :data:`FIRST_MACS` in all, and $GRNN_CPU_GEMM
+    allowing it
+    (``onednn`` where oneDNN cannot run: ConfigError)."""
     choice = mode()
     if choice == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
@@ -95,7 +108,19 @@ def wanted(x, weight):
     if why and choice == "onednn":
         raise ConfigError(f"GRNN_CPU_GEMM=onednn: {why}; unset it (or set blas) to use "
                           "PyTorch's products")
-    return not why and x.shape[0] * weight.shape[1] * weight.shape[2] >= MIN_MACS
+    macs = x.shape[0] * weight.shape[1] * weight.shape[2]
+    if why or macs < MIN_MACS:
+        return False
+    if macs * weight.shape[0] >= FIRST_MACS:
+        return True
+    shape = (x.shape[0],) + tuple(weight.shape)
+    seen = _seen.get(shape, 0)
+    if seen >= REUSE:
+        return True
+    _seen[shape] = seen + 1
+    if len(_seen) > SEEN_MAX:
+        del _seen[next(iter(_seen))]
+    return False
 
 
 class GroupedLinear(torch.autograd.Function):
