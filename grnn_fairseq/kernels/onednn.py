@@ -1,4 +1,5 @@
-"""The input projection of the recurrent layers through oneDNN on the CPU.
+"""The recurrent layers' large fp32 products on the CPU through oneDNN: the input
+projection, its gradients, and the C++ scan's dW_hh.
 
 PyTorch's fp32 matrix products on the CPU (``mm``, ``bmm``, ``baddbmm``) call MKL's
 sgemm.  On AMD CPUs MKL runs its AVX2 code even where the CPU has AVX-512: on a 2-core
@@ -17,9 +18,11 @@ W_ih[k]) and the weight gradient (:func:`weight_grad`, also the C++ scan's dW_hh
 ``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: oneDNN where this PyTorch
 has it and it passes a check at first use, else MKL), ``onednn`` (oneDNN, or a
 ConfigError saying why it cannot run) or ``blas`` (PyTorch's products, as before).
-oneDNN takes a product only when a group's multiply-adds reach :data:`MIN_MACS`: a call
-costs about 12 us more than MKL's, so decoding steps of small batches keep MKL.  Not
-under autocast (the products then run in autocast's dtype, as PyTorch's would).
+``onednn`` follows the same size rules as ``auto``.  oneDNN takes a product only when a
+group's multiply-adds reach :data:`MIN_MACS` (a call costs about 12 us more than MKL's, so
+decoding steps of small batches keep MKL), and a shape only after its first :data:`REUSE`
+products (on MKL) unless it is large (:data:`FIRST_MACS`).  Not under autocast (the products then
+run in autocast's dtype, as PyTorch's would).
 """
 import os
 
@@ -52,7 +55,7 @@ def mode(environ=os.environ):
     value = environ.get("GRNN_CPU_GEMM", "") or "auto"
     if value not in MODES:
         raise ConfigError(f"GRNN_CPU_GEMM={value!r} is not one of {', '.join(MODES)} (the "
-                          "library of the recurrent layers' input projection on the CPU); "
+                          "library of the recurrent layers' large fp32 products on the CPU); "
                           "unset it for auto")
     return value
 
@@ -97,8 +100,7 @@ def wanted(x, weight):
     """Whether :func:`grouped_linear` should compute x's projection by ``weight``
     ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group, a
     shape used :data:`REUSE` times before or :data:`FIRST_MACS` in all, and $GRNN_CPU_GEMM
-    allowing it
-    (``onednn`` where oneDNN cannot run: ConfigError)."""
+    allowing it (``onednn`` where oneDNN cannot run: ConfigError)."""
     choice = mode()
     if choice == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
@@ -125,7 +127,8 @@ def wanted(x, weight):
 
 class GroupedLinear(torch.autograd.Function):
     """x [N, K*I], weight [K, O, I], bias [K, O] -> [K, N, O]: group k's projection
-    x[:, k*I:(k+1)*I] weight[k]^T + bias[k], by oneDNN (forward and input gradient)."""
+    x[:, k*I:(k+1)*I] weight[k]^T + bias[k], by oneDNN (forward, input and weight
+    gradients; the bias gradient a sum)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
