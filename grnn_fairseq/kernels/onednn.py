@@ -37,7 +37,7 @@ MIN_MACS = 1 << 24
 # oneDNN compiles a kernel for every new shape and caches it (about 0.3-1 ms for these).
 # fairseq's batches change the number of rows N from batch to batch, and a 4-group
 # IWSLT-sized encoder (N of about 1,000, 32M multiply-adds per group) uses each shape in
-# only two or four products per batch: through oneDNN it trained 3-7% slower.  So the
+# only two or four products per batch: through oneDNN it trained 1-7% slower.  So the
 # first REUSE products of a shape keep MKL unless all its groups' multiply-adds reach
 # FIRST_MACS (where the compile is small beside the gain); later ones (a decoder's steps
 # within a batch, a fixed-shape benchmark) go to oneDNN.
