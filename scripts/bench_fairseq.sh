@@ -177,7 +177,7 @@ if not torch.cuda.is_available():
         pass
     from grnn_fairseq.kernels import cpu_rnn, onednn
     dev += (f"; C++ fused step: {cpu_rnn.fused_step_unit() or 'not built'}"
-            f"; input projection: {onednn.library()}")
+            f"; large products: {onednn.library()}")
 print(f"== device: {dev}; torch {torch.__version__}")
 EOF
 echo "== data: $data; updates: $updates (after $warmup untimed); max tokens: $max_tokens; gpu: $gpu"

@@ -273,7 +273,7 @@ def test_bench_layer_vector_unit_backends(monkeypatch):
 def test_bench_layer_blas_variants(monkeypatch):
     """``NAME-blas`` is NAME with GRNN_CPU_GEMM=blas for the call only, combined with the
     other variants (``cpp-2pass-blas`` sets both switches); the device line names the
-    library of the input projection."""
+    library of the large products."""
     bench = _bench_layer_module()
     seen = []
     for backend, want in (("cpp-blas", ("cpp", "blas", None)),
@@ -290,9 +290,9 @@ def test_bench_layer_blas_variants(monkeypatch):
     from grnn_fairseq.kernels import onednn
 
     line = bench.device_name(torch.device("cpu"))
-    assert line.endswith(f"; input projection: {onednn.library()})"), line
+    assert line.endswith(f"; large products: {onednn.library()})"), line
     monkeypatch.setenv("GRNN_CPU_GEMM", "blas")
-    assert bench.device_name(torch.device("cpu")).endswith("; input projection: blas)")
+    assert bench.device_name(torch.device("cpu")).endswith("; large products: blas)")
 
 
 def test_bench_layer_interrupt_keeps_the_complete_rounds(monkeypatch, capsys):

@@ -90,7 +90,7 @@ def unavailable():
 
 
 def library(environ=os.environ):
-    """What computes the large fp32 projections here: "onednn" or "blas" (PyTorch's
+    """What computes the large fp32 products here: "onednn" or "blas" (PyTorch's
     products: $GRNN_CPU_GEMM=blas, or oneDNN unavailable).  Benchmarks print it."""
     choice = mode(environ)
     return "onednn" if choice != "blas" and not unavailable() else "blas"

@@ -400,11 +400,16 @@ Tensor operand_columns(int64_t K, int64_t m, bool shuffle) {
 // pass; for A/B measurements and tests).
 constexpr int64_t FUSED_MIN_STEPS = 4;
 std::atomic<int64_t> fused_calls{0};  // forward calls that took the fused step (for tests)
-inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps, int isa, bool named) {
+// the switches of both register tiles (this step and the backward product): float, a
+// unit with a tile (generic only where named), GRNN_CPU_FUSED not 0
+inline bool tiles_on(c10::ScalarType dtype, int isa, bool named) {
   const char* env = std::getenv("GRNN_CPU_FUSED");
+  return dtype == at::kFloat && (isa != kGeneric || named) && !(env && env[0] == '0');
+}
+inline bool use_fused(c10::ScalarType dtype, int64_t m, int64_t steps, int isa, bool named) {
   const int64_t nu = lanes_of(isa);
-  return dtype == at::kFloat && blocks(m, nu) * nu * 8 <= m * 9 && steps >= FUSED_MIN_STEPS &&
-         (isa != kGeneric || named) && !(env && env[0] == '0');
+  return tiles_on(dtype, isa, named) && blocks(m, nu) * nu * 8 <= m * 9 &&
+         steps >= FUSED_MIN_STEPS;
 }
 
 // ------------------------------------------------------------ backward product (fp32)
@@ -523,11 +528,17 @@ void bwd_product_generic(const BwdProduct& p, int64_t s, int64_t e) {
 }
 
 std::atomic<int64_t> fused_backward_calls{0};  // backward calls with this product (tests)
-// where the fused forward step's switches allow it, for float, where the lanes divide m
+// where the fused forward step's switches allow it and the unit's lanes divide m
 inline bool use_fused_product(c10::ScalarType dtype, int64_t m, int isa, bool named) {
-  const char* env = std::getenv("GRNN_CPU_FUSED");
-  return dtype == at::kFloat && m % lanes_of(isa) == 0 && (isa != kGeneric || named) &&
-         !(env && env[0] == '0');
+  return tiles_on(dtype, isa, named) && m % lanes_of(isa) == 0;
+}
+
+inline void run_bwd_product(const BwdProduct& p, int isa, int64_t s, int64_t e) {
+#ifdef GRNN_X86_ISAS
+  if (isa == kAvx512) return bwd_product_avx512(p, s, e);
+  if (isa == kAvx2) return bwd_product_avx2(p, s, e);
+#endif
+  bwd_product_generic(p, s, e);
 }
 
 // mg = dg_t W_hh per group (dg_t: [K, B, Gm] with rows of Gm contiguous), on vector unit isa
@@ -538,13 +549,8 @@ inline void fused_product(Tensor& mg, const Tensor& dg_t, const Tensor& w, int i
   const int64_t nu = lanes_of(isa), tasks = K * product_blocks(m, nu);
   // unit blocks per thread: at least ~2^18 multiply-adds, so that small problems stay serial
   const int64_t grain_tasks = std::max<int64_t>(1, (int64_t(1) << 18) / (B * Gm * BWD_NV * nu));
-  at::parallel_for(0, tasks, grain_tasks, [&](int64_t s, int64_t e) {
-#ifdef GRNN_X86_ISAS
-    if (isa == kAvx512) return bwd_product_avx512(p, s, e);
-    if (isa == kAvx2) return bwd_product_avx2(p, s, e);
-#endif
-    bwd_product_generic(p, s, e);
-  });
+  at::parallel_for(0, tasks, grain_tasks,
+                   [&](int64_t s, int64_t e) { run_bwd_product(p, isa, s, e); });
 }
 
 // ---------------------------------------------------------------------------- backward
