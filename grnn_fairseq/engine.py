@@ -14,8 +14,9 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     just in time at first use; needs a C++ compiler and ``ninja``), for the LSTM, the GRU
     and the Elman RNN: per step one batched product and one fused, vectorised and threaded
     pointwise pass; in fp32 the forward step is one pass (product in registers, cell on
-    it at once).  fp32 and fp64 (other dtypes: ``torch`` for the LSTM,
-    ``reference`` for the others).  A decoder's training steps (weights from
+    it at once).  Where oneDNN computes a layer's input projection, projection and loop are
+    one node (:func:`project_scan`, :class:`CppProjectedScan`).  fp32 and fp64 (other
+    dtypes: ``torch`` for the LSTM, ``reference`` for the others).  A decoder's training steps (weights from
     :func:`step_weights`) are :class:`CppTrainStep`: the weight gradients once per
     sequence.  Default on CPU when it builds.
 ``triton``
@@ -664,11 +665,13 @@ def lstm_scan_torch(gx, h0, c0, weight_hh, bias_hh, mask=None, time_shuffle=Fals
 # --------------------------------------------------------------------------- cpp
 def _cpp_forward(cell, gx, state, weight_hh, bias_hh, mask, time_shuffle, reverse, save):
     """The C++ forward loop of any cell -> (out [T, B, H], final state tuple, the factors
-    and operand slots that the backward needs (empty unless ``save``))."""
+    and operand slots that the backward needs (empty unless ``save``)).  gx: [T, K, B, G*m],
+    or a list of the K groups' [T, B, G*m]."""
     from .kernels import cpu_rnn
 
     lstm = cell == "lstm"
     cpu_rnn.check_switches()
+    gx = list(gx) if isinstance(gx, (list, tuple)) else [gx]
     out, h_t, c_t, fac, hs = cpu_rnn.load().forward(
         gx, state[0], state[1] if lstm else None, weight_hh, bias_hh, mask, time_shuffle,
         reverse, save, cpu_rnn.CELL_IDS[cell])
@@ -692,19 +695,108 @@ class CppScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_h, d_c=None):
-        from .kernels import cpu_rnn
-
         weight_hh, hs = ctx.saved_tensors
-        # the operand slots that dW_hh reads, [T*B, H]; its product by oneDNN where it pays
-        h_in = hs.narrow(0, 2 if ctx.reverse else 0, ctx.fac.shape[1]).flatten(0, 1)
-        by_onednn = ctx.needs_input_grad[2] and onednn.wanted(h_in, weight_hh)
-        d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
-            ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
-            cpu_rnn.CELL_IDS[ctx.cell], not by_onednn)
-        if by_onednn:  # the backward returned the hidden-side gate gradients dG [K, T*B, G]
-            d_w = onednn.weight_grad(d_w, h_in)
-        d_state = (d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,)
+        d_gx, d_w, d_b, d_state = _cpp_backward(ctx, weight_hh, hs, ctx.needs_input_grad[2],
+                                                d_out, d_h, d_c)
         return (None, d_gx, d_w, d_b, None, None, None) + d_state
+
+
+def _cpp_backward(ctx, weight_hh, hs, weight_grad, d_out, d_h, d_c):
+    """The C++ backward of a scan saved in ``ctx`` (fac, cell, mask, time_shuffle,
+    reverse) -> (d_gx [T, K, B, G*m] (a view of [K, T, B, G*m]), dW_hh (None unless
+    ``weight_grad``), d_bias_hh, the state's gradients)."""
+    from .kernels import cpu_rnn
+
+    # the operand slots that dW_hh reads, [T*B, H]; its product by oneDNN where it pays
+    h_in = hs.narrow(0, 2 if ctx.reverse else 0, ctx.fac.shape[1]).flatten(0, 1)
+    by_onednn = weight_grad and onednn.wanted(h_in, weight_hh)
+    d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
+        ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
+        cpu_rnn.CELL_IDS[ctx.cell], weight_grad and not by_onednn)
+    if by_onednn:  # the backward returned the hidden-side gate gradients dG [K, T*B, G]
+        d_w = onednn.weight_grad(d_w, h_in)
+    elif not weight_grad:
+        d_w = None
+    return d_gx, d_w, d_b, ((d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,))
+
+
+def _cpp_projected_forward(cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask,
+                           time_shuffle, reverse, state, save):
+    """x [T, B, I]'s input projections by oneDNN, one tensor per group, handed to the C++
+    forward loop as they are -> (x as [T*B, I], then what :func:`_cpp_forward` returns)."""
+    t, b, _ = x.shape
+    flat = x.reshape(t * b, -1)
+    parts = [p.view(t, b, -1) for p in onednn.project_groups(flat, weight_ih, bias_ih)]
+    return (flat,) + _cpp_forward(cell, parts, state, weight_hh, bias_hh, mask, time_shuffle,
+                                  reverse, save)
+
+
+class CppProjectedScan(torch.autograd.Function):
+    """A layer direction's input projection by oneDNN (one product per group,
+    :mod:`grnn_fairseq.kernels.onednn`) and its C++ recurrence as one node.  The groups'
+    projections go to the C++ loop as oneDNN returns them, one tensor per group, instead of
+    being copied into one [T, K, B, G*m] tensor first (a copy of 26 MB per training step
+    of the issue's 4-group layer); the backward computes the projection's gradients from
+    the C++ loop's d_gx, and the LSTM's and RNN's input bias gradient is the recurrent
+    bias's, which the loop sums anyway (the GRU's differ: its candidate's recurrent term
+    is gated)."""
+
+    @staticmethod
+    def forward(ctx, cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
+                reverse, *state):
+        flat, out, final, fac, hs = _cpp_projected_forward(
+            cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle, reverse,
+            state, True)
+        ctx.fac, ctx.cell, ctx.x_shape = fac, cell, x.shape
+        ctx.save_for_backward(flat, weight_ih, weight_hh, hs)
+        ctx.mask, ctx.time_shuffle, ctx.reverse = mask, time_shuffle, reverse
+        return (out,) + final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_h, d_c=None):
+        flat, weight_ih, weight_hh, hs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gru = ctx.cell == "gru"
+        d_gx, d_w_hh, d_b_hh, d_state = _cpp_backward(ctx, weight_hh, hs, need[4], d_out,
+                                                      d_h, d_c)
+        d = d_gx.transpose(0, 1).flatten(1, 2)  # [K, T*B, G*m], contiguous
+        d_x = d_w_ih = d_b_ih = None
+        if need[1]:
+            d_x = onednn.input_grad(d, weight_ih).view(ctx.x_shape)
+        if need[2]:
+            d_w_ih = onednn.weight_grad(d, flat, need[3] and gru)
+            if need[3] and gru:
+                d_w_ih, d_b_ih = d_w_ih
+        if need[3] and d_b_ih is None:
+            d_b_ih = d.sum(1) if gru else d_b_hh
+        return ((None, d_x, d_w_ih, d_b_ih, d_w_hh, d_b_hh, None, None, None)
+                + tuple(d_state))
+
+
+def project_scan(x, weight_ih, bias_ih, state, weight_hh, bias_hh, cell, time_shuffle=False,
+                 mask=None, reverse=False, backend=None):
+    """:func:`project_input` of every position of x [T, B, I], then :func:`scan` (same
+    arguments and result).  On backend ``cpp`` with the projection by oneDNN, both in one
+    node (:class:`CppProjectedScan`; without autograd the same data flow): the groups'
+    projections are not copied into one tensor."""
+    t, b, _ = x.shape
+    k = weight_ih.shape[0]
+    flat = x.reshape(t * b, -1)
+    if (t and b and resolve_backend(backend, cell, x.device, x.dtype) == "cpp"
+            and onednn.wanted(flat, weight_ih)):
+        if torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih, weight_hh,
+                                                          bias_hh, *state):
+            out, *final = CppProjectedScan.apply(cell, x, weight_ih, bias_ih, weight_hh,
+                                                 bias_hh, mask, time_shuffle, reverse, *state)
+        else:
+            with torch.no_grad():
+                _, out, final, _, _ = _cpp_projected_forward(
+                    cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
+                    reverse, state, False)
+        return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
+    gx = project_input(flat, weight_ih, bias_ih).view(k, t, b, -1).transpose(0, 1)
+    return scan(gx, state, weight_hh, bias_hh, cell, time_shuffle, mask, reverse, backend)
 
 
 def scan_cpp(cell, gx, state, weight_hh, bias_hh, mask=None, time_shuffle=False,

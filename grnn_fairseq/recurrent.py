@@ -75,14 +75,13 @@ class RecurrentLayer(nn.Module):
     def forward(self, x, state, mask=None):
         """x: [T, B, I]; state: per direction a tuple of [K, B, m]; mask: [T, B] (True = token).
         -> out [T, B, D*H], final states (per direction a tuple of [K, B, m])."""
-        t, b, _ = x.shape
-        flat = x.reshape(t * b, -1)
+        x = x.contiguous()  # (fairseq's encoders give [T, B, I] transposed): one copy
         outs, finals = [], []
         for d, weights in enumerate(self.directions):
             w_ih, w_hh, b_ih, b_hh = weights()
-            gx = engine.project_input(flat, w_ih, b_ih).view(self.groups, t, b, -1).transpose(0, 1)
-            out, final = engine.scan(gx, state[d], w_hh, b_hh, self.cell,
-                                     self.time_shuffle, mask, reverse=d == 1, backend=self.backend)
+            out, final = engine.project_scan(x, w_ih, b_ih, state[d], w_hh, b_hh, self.cell,
+                                             self.time_shuffle, mask, reverse=d == 1,
+                                             backend=self.backend)
             outs.append(from_grouped(out))
             finals.append(final)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

@@ -250,7 +250,7 @@ def test_cpu_switches_refused_by_name(monkeypatch, built):
     if widest != "avx512":  # the library's own check, for callers of the op
         monkeypatch.setenv("GRNN_CPU_ISA", "avx512")
         with pytest.raises(RuntimeError, match=f"widest vector unit is {widest}"):
-            built.forward(p["gx"].detach(), p["h0"].detach(), p["c0"].detach(),
+            built.forward([p["gx"].detach()], p["h0"].detach(), p["c0"].detach(),
                           p["w_hh"].detach(), p["b_hh"].detach(), None, True, False, False, 0)
 
 
@@ -643,9 +643,34 @@ def test_two_copies_of_the_source_build_in_separate_folders(tmp_path, monkeypatc
     assert cpu_rnn._name() != there  # and on the content
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_forward_takes_the_groups_gx_apart(built, cell, dtype):
+    """The C++ forward given gx as the K groups' [T, B, Gm] tensors (how oneDNN returns the
+    projections) computes what it computes from one [T, K, B, Gm] tensor: views of one
+    tensor, separate tensors, and separate tensors with strides of their own (copied);
+    parts of different shapes are refused by name."""
+    p, mask, _ = _problem(4, 16, 5, 3, dtype, padding=True, cell=cell)
+    gx = p["gx"].detach()
+    rest = [p["h0"].detach(), p["c0"].detach() if cell == "lstm" else None,
+            p["w_hh"].detach(), p["b_hh"].detach(), mask, True, False, True,
+            cpu_rnn.CELL_IDS[cell]]
+    want = built.forward([gx], *rest)
+    odd = [g.transpose(0, 1).contiguous().transpose(0, 1) if i % 2 else g.contiguous()
+           for i, g in enumerate(gx.unbind(1))]  # [B, T, Gm] storage for odd groups
+    assert not odd[1].is_contiguous() and odd[0].is_contiguous()
+    for parts in (list(gx.unbind(1)), [g.contiguous() for g in gx.unbind(1)], odd):
+        got = built.forward(parts, *rest)
+        for a, b in zip(got[:3], want[:3], strict=True):  # out, h_T, c_T (fac, hs: buffers)
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"K tensors \[T, B, Gm\] of one shape"):
+        built.forward([g[:, :2] if i == 3 else g for i, g in enumerate(gx.unbind(1))],
+                      *rest)
+
+
 def test_bad_cell_id_is_refused(built):
     """The ops' ``cell`` argument outside 0-2 fails with a message naming the valid ones."""
     p, _, _ = _problem(2, 4, 3, 2, torch.float64)
     with pytest.raises(RuntimeError, match=r"cell 3 is not 0 \(LSTM\), 1 \(GRU\) or 2 \(RNN\)"):
-        built.forward(p["gx"].detach(), p["h0"].detach(), p["c0"].detach(),
+        built.forward([p["gx"].detach()], p["h0"].detach(), p["c0"].detach(),
                       p["w_hh"].detach(), p["b_hh"].detach(), None, True, False, False, 3)

@@ -84,16 +84,32 @@ def test_project_input_takes_onednn_where_it_pays(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.parametrize("route", ["weight_grad_op", "transposed"])
+@pytest.mark.parametrize("bias", [False, True], ids=["dW", "dW+db"])
 @pytest.mark.parametrize("k,n,i,o", [(1, 37, 24, 96), (3, 50, 8, 24), (4, 300, 32, 128)])
-def test_weight_grad_matches_reference(k, n, i, o):
-    """dW[k] = d[k]^T x_k by oneDNN (one call per group) against float64."""
+def test_weight_grad_matches_reference(monkeypatch, k, n, i, o, bias, route):
+    """dW[k] = d[k]^T x_k (and db[k], d[k]'s column sums) by oneDNN, one call per group,
+    against float64, on both routes: oneDNN's weight gradient op (any size with the bias;
+    from WEIGHT_GRAD_MACS without it) and x_k^T d[k] through the forward op."""
+    monkeypatch.setattr(onednn, "WEIGHT_GRAD_MACS", 1 if route == "weight_grad_op" else 1 << 60)
     g = torch.Generator().manual_seed(3)
     d, x = torch.randn(k, n, o, generator=g), torch.randn(n, k * i, generator=g)
+    ops = {"weight": 0, "forward": 0}
+    for name, attr in (("weight", "_linear_weight_grad"), ("forward", "_linear")):
+        def counted(*args, _f=getattr(onednn, attr), _name=name):
+            ops[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(onednn, attr, counted)
     before = onednn.calls
-    got = onednn.weight_grad(d, x)
-    assert onednn.calls - before == k and got.shape == (k, o, i)
+    got = onednn.weight_grad(d, x, bias)
+    dw, db = got if bias else (got, None)
+    assert onednn.calls - before == k and dw.shape == (k, o, i)
+    by_op = route == "weight_grad_op" or bias
+    assert ops == {"weight": k if by_op else 0, "forward": 0 if by_op else k}
     want = torch.bmm(d.double().transpose(1, 2), x.double().view(n, k, i).transpose(0, 1))
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(db.double(), d.double().sum(1), rtol=1e-5, atol=1e-4)
 
 
 @needs_onednn
@@ -113,18 +129,35 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell
     mask = torch.ones(9, 5, dtype=torch.bool)
     mask[7:, 1] = False
     runs = {}
+    # the autograd nodes of the recurrences, and the C++ loop given the groups' projections
+    # apart (in CppProjectedScan, and without autograd)
+    nodes = {"CppProjectedScan": 0, "CppScan": 0, "apart": 0}
+    for name in nodes:
+        owner, attr = (engine, "_cpp_projected_forward") if name == "apart" else (
+            getattr(engine, name), "apply")
+        def counted(*args, _f=getattr(owner, attr), _name=name):
+            nodes[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(owner, attr, counted)
+    directions = 2 if bidirectional else 1
     for gemm in ("blas", "onednn"):
         monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
         stack.zero_grad()
-        before = onednn.calls
+        before, seen = onednn.calls, dict(nodes)
         out, finals = stack(x, padding_mask=~mask)
         (out.square().sum() + sum(s.sum() for s in finals)).backward()
         runs[gemm] = [out, *finals] + [p.grad.clone() for p in stack.parameters()]
         # per direction and group: forward, dW_ih and dW_hh in both layers, dx in the second
         # (x needs no gradient)
-        directions = 2 if bidirectional else 1
         assert onednn.calls - before == (7 * groups * directions if gemm == "onednn" else 0)
-    for a, b in zip(runs["onednn"], runs["blas"]):
+        # oneDNN's projections go to the C++ loop one tensor per group, in one node
+        with torch.no_grad():  # and without autograd
+            runs[gemm].append(stack(x, padding_mask=~mask)[0])
+        layers = 2 * directions
+        assert {n: nodes[n] - seen[n] for n in nodes} == (
+            {"CppProjectedScan": layers, "CppScan": 0, "apart": 2 * layers}
+            if gemm == "onednn" else {"CppProjectedScan": 0, "CppScan": layers, "apart": 0})
+    for a, b in zip(runs["onednn"], runs["blas"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -182,6 +215,13 @@ def test_probe_rejects_wrong_results(monkeypatch):
     assert onednn.unavailable() == "mkldnn::_linear_pointwise gave wrong results here"
     monkeypatch.setattr(onednn, "_probe", None)
     monkeypatch.setattr(onednn, "_linear", lambda x, w, b=None: x @ w.t() + b)
+    assert onednn.unavailable() == ""
+    monkeypatch.setattr(onednn, "_probe", None)  # the weight gradient op is checked too
+    monkeypatch.setattr(onednn, "_linear_weight_grad",
+                        lambda d, x, bias: (d.t() @ x, d.sum(0) + 1))
+    assert onednn.unavailable() == "aten::mkldnn_linear_backward_weights gave wrong results here"
+    monkeypatch.setattr(onednn, "_probe", None)
+    monkeypatch.setattr(onednn, "_linear_weight_grad", lambda d, x, bias: (d.t() @ x, d.sum(0)))
     assert onednn.unavailable() == ""
 
 

@@ -9,11 +9,13 @@ products at 430-470.  PyTorch gives dense tensors oneDNN's fp32 inner product as
 ``torch.ops.mkldnn._linear_pointwise`` (an op of TorchInductor's CPU backend; y = x W^T
 + b, W in ``nn.Linear``'s layout, read through its strides).
 
-:func:`grouped_linear` computes the projection of every group, gx[k] = x_k W_ih[k]^T +
+:func:`project_groups` computes the projection of every group, gx[k] = x_k W_ih[k]^T +
 b_ih[k] (the block-diagonal input weights of Gao et al., NAACL 2018, Eq. 4-5), one
 oneDNN call per group, and in the backward the input gradient the same way (dx_k = dgx[k]
-W_ih[k]) and the weight gradient (:func:`weight_grad`, also the C++ scan's dW_hh, which
-:class:`grnn_fairseq.engine.CppScan` then asks the C++ backward not to compute).
+W_ih[k]) and the weight gradient (:func:`weight_grad`, by oneDNN's own weight-gradient op
+where it pays; also the C++ scan's dW_hh, which the C++ backward is then not asked for).
+:func:`grouped_linear` wraps them for autograd (one [K, N, O] result); the C++ scan takes
+the groups' results apart (:class:`grnn_fairseq.engine.CppProjectedScan`).
 
 ``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: oneDNN where this PyTorch
 has it and it passes a check at first use, else MKL), ``onednn`` (oneDNN, or a
@@ -43,6 +45,10 @@ MIN_MACS = 1 << 24
 # within a batch, a fixed-shape benchmark) go to oneDNN.
 FIRST_MACS = 1 << 28
 REUSE = 3
+# a group's multiply-adds from which weight_grad takes oneDNN's own weight gradient
+# without the bias gradient (its operands are copied into oneDNN's layout, which smaller
+# products did not repay: at 25M 5.7 ms against 4.9 at K=16 on the Zen 5)
+WEIGHT_GRAD_MACS = 1 << 25
 SEEN_MAX = 256  # shapes counted (oneDNN's own cache holds 1,024 kernels)
 calls = 0  # products oneDNN has computed (forward and backward), for tests and benchmarks
 _seen = {}  # shape -> products so far, oldest first
@@ -66,6 +72,17 @@ def _linear(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+def _linear_weight_grad(d, x, bias):
+    """oneDNN's inner-product weight gradient: d [N, O], x [N, I] (any strides) -> dW =
+    d^T x [O, I] and, where ``bias``, db = d's column sums [O].  ``aten::
+    mkldnn_linear_backward_weights`` takes its operands in oneDNN's layout (a copy each)
+    and returns dense results when its third argument (only read for that) is dense."""
+    global calls
+    calls += 1
+    return torch.ops.aten.mkldnn_linear_backward_weights(d.to_mkldnn(), x.to_mkldnn(),
+                                                         d.new_empty(0), bias)
+
+
 def unavailable():
     """Why oneDNN's product cannot run here ("" when it can): PyTorch built without
     oneDNN, no ``mkldnn::_linear_pointwise``, or a result that differs from ``torch.mm``
@@ -79,13 +96,22 @@ def unavailable():
         else:
             g = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(s, generator=g) for s in ((37, 2, 24), (40, 24), (40,)))
+            d = torch.randn(37, 40, generator=g)
+            op = "mkldnn::_linear_pointwise"
             try:
                 got = _linear(x[:, 1], w, b)
                 want = torch.addmm(b.double(), x[:, 1].double(), w.t().double())
                 ok = got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-4)
-                _probe = "" if ok else "mkldnn::_linear_pointwise gave wrong results here"
+                if ok:
+                    op = "aten::mkldnn_linear_backward_weights"
+                    dw, db = _linear_weight_grad(d, x[:, 1], True)
+                    want = d.double().t() @ x[:, 1].double()
+                    ok = (dw.shape == want.shape and db.shape == (40,)
+                          and torch.allclose(dw.double(), want, atol=1e-4)
+                          and torch.allclose(db.double(), d.double().sum(0), atol=1e-4))
+                _probe = "" if ok else f"{op} gave wrong results here"
             except RuntimeError as e:
-                _probe = f"mkldnn::_linear_pointwise failed here: {e}"
+                _probe = f"{op} failed here: {e}"
     return _probe
 
 
@@ -132,12 +158,9 @@ class GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        k, _, i = weight.shape
         ctx.save_for_backward(x, weight)
-        if k == 1:
-            return _linear(x, weight[0], bias[0]).unsqueeze(0)
-        xk = x.view(x.shape[0], k, i)
-        return torch.stack([_linear(xk[:, g], weight[g], bias[g]) for g in range(k)])
+        parts = project_groups(x, weight, bias)
+        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -149,10 +172,21 @@ class GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = input_grad(d, weight)
         if ctx.needs_input_grad[1]:
-            dw = weight_grad(d, x)
-        if ctx.needs_input_grad[2]:
+            dw, db = weight_grad(d, x, ctx.needs_input_grad[2])
+        elif ctx.needs_input_grad[2]:
             db = d.sum(1)
         return dx, dw, db
+
+
+def project_groups(x, weight, bias):
+    """x [N, K*I], weight [K, O, I], bias [K, O] -> the K groups' projections x_k
+    weight[k]^T + bias[k], each [N, O] (no autograd: :class:`GroupedLinear` and the C++
+    scan's :class:`~grnn_fairseq.engine.CppProjectedScan` wrap it)."""
+    k, _, i = weight.shape
+    if k == 1:
+        return [_linear(x, weight[0], bias[0])]
+    xk = x.view(x.shape[0], k, i)
+    return [_linear(xk[:, g], weight[g], bias[g]) for g in range(k)]
 
 
 def input_grad(d, weight):
@@ -163,15 +197,26 @@ def input_grad(d, weight):
     return torch.cat([_linear(d[g], weight[g].t()) for g in range(weight.shape[0])], 1)
 
 
-def weight_grad(d, x):
-    """d [K, N, O] (contiguous), x [N, K*I] -> dW [K, O, I]: dW[k] = d[k]^T x_k, as
-    dW[k]^T = x_k^T d[k] with both operands plain transposes of contiguous matrices (x's
-    groups copied apart first: oneDNN took seconds over a strided slice of x), then the
-    [I, O] results transposed into place.  On the Zen 5: 10 ms against MKL's 17 at K=4,
-    T*B = 1600, H = 1024."""
-    k = d.shape[0]
-    xk = x.view(x.shape[0], k, -1).transpose(0, 1).contiguous()
-    return torch.stack([_linear(xk[g].t(), d[g].t()).t() for g in range(k)])
+def weight_grad(d, x, bias=False):
+    """d [K, N, O] (contiguous), x [N, K*I] -> dW [K, O, I], dW[k] = d[k]^T x_k; with
+    ``bias`` -> (dW, db [K, O]), db[k] the column sums of d[k].
+
+    With ``bias``, or for groups of at least :data:`WEIGHT_GRAD_MACS` multiply-adds, oneDNN's
+    weight gradient (:func:`_linear_weight_grad`; db from the same pass); else dW[k]^T =
+    x_k^T d[k] through ``_linear_pointwise``, both operands plain transposes of contiguous
+    matrices (x's groups copied apart first: oneDNN took seconds over a strided slice of
+    x), the [I, O] results transposed into place, db a sum.  On the Zen 5 at T*B = 1600, H
+    = 1024, bias included: K=1 33 ms against 43 the second way (MKL: 61), K=4 8.8 against
+    11.5 (16.4), K=16 4.1 against 5.1."""
+    k, n, o = d.shape
+    if bias or n * o * x.shape[1] // k >= WEIGHT_GRAD_MACS:
+        xg = x.view(n, k, -1)
+        grads = [_linear_weight_grad(d[g], xg[:, g], bias) for g in range(k)]
+        dw = torch.stack([dw for dw, _ in grads])
+        return (dw, torch.stack([db for _, db in grads])) if bias else dw
+    xk = x.view(n, k, -1).transpose(0, 1).contiguous()
+    dw = torch.stack([_linear(xk[g].t(), d[g].t()).t() for g in range(k)])
+    return (dw, d.sum(1)) if bias else dw
 
 
 def grouped_linear(x, weight, bias):

@@ -11,7 +11,9 @@
 // AVX2 / AVX-512.  The fp32 forward has a one-pass step (below, "fused forward").
 //
 // Shapes (H = K*m, G gate rows per unit: LSTM 4, GRU 3, RNN 1):  gx [T, K, B, Gm] (any
-// strides, unit stride along the gates), h0 / c0 [K, B, m] (c0: LSTM only),
+// strides, unit stride along the gates) or the K groups' [T, B, Gm] apart (the input
+// projections as oneDNN returns them, one tensor per group: no copy into one tensor),
+// h0 / c0 [K, B, m] (c0: LSTM only),
 // weight_hh [K, Gm, m], bias_hh [K, Gm], mask [T, B] (true: token).
 // Hidden states are flat [B, H] rows: hu[s] in unit order (unit j of group k at column
 // k*m + j), hs[s] in the time-shuffled order that the next product reads (the same unit
@@ -58,8 +60,8 @@ constexpr int64_t factors_of(int64_t c) { return c == kLSTM ? 6 : c == kGRU ? 5 
 template <typename T>
 struct Fwd {               // one step
   const T* pre;            // [K, B, Gm] recurrent product of the step (no bias)
-  const T* gx;             // gx[t]: row (k, b) at k * gx_sk + b * gx_sb
-  int64_t gx_sk, gx_sb;
+  const T* const* gx;      // gx[t]: row (k, b) at gx[k] + b * gx_sb
+  int64_t gx_sb;
   const T* bias;           // [K, Gm]
   const T* c_prev;         // [K, B, m] (LSTM)
   T* c_new;                // [K, B, m] (LSTM)
@@ -170,7 +172,7 @@ GRNN_INLINE void fwd_rows(const Fwd<T>& a, int64_t b0, int64_t b1) {
     } else {
       for (int64_t k = 0; k < K; ++k) {
         const T* pr = a.pre + (k * B + b) * G;
-        const T* xr = a.gx + k * a.gx_sk + b * a.gx_sb;
+        const T* xr = a.gx[k] + b * a.gx_sb;
         const T* br = a.bias + k * G;
         T* fr = SAVE ? a.fac + k * a.fac_sk + b * F : nullptr;
         if constexpr (C == kLSTM)
@@ -270,7 +272,7 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
       if (a.out) std::fill(a.out + hb, a.out + hb + n, 0.0f);
       continue;
     }
-    const float* xr = a.gx + k * a.gx_sk + b * a.gx_sb + u * NU;
+    const float* xr = a.gx[k] + b * a.gx_sb + u * NU;
     const float* br = a.bias + k * NG * m + u * NU;
     float* fr = SAVE ? a.fac + k * a.fac_sk + b * F + u * NU : nullptr;
     if constexpr (C == kLSTM)
@@ -869,20 +871,46 @@ inline int64_t check_cell(int64_t cell) {
   return cell;
 }
 
+// gx as one tensor [T, K, B, Gm] or as the K groups' [T, B, Gm] -> the groups' [T, B, Gm]
+// (views where they can be) with unit stride along the gates and one stride over t and b
+std::vector<Tensor> groups_of_gx(at::TensorList gx) {
+  std::vector<Tensor> parts;
+  if (gx.size() == 1 && gx[0].dim() == 4) {
+    parts = (gx[0].stride(3) == 1 ? gx[0] : gx[0].contiguous()).unbind(1);
+  } else {
+    for (const Tensor& g : gx) {
+      TORCH_CHECK(g.dim() == 3 && g.sizes() == gx[0].sizes(),
+                  "gx must be [T, K, B, Gm] or K tensors [T, B, Gm] of one shape");
+      parts.push_back(g);
+    }
+  }
+  TORCH_CHECK(!parts.empty(), "gx must be [T, K, B, Gm] or K tensors [T, B, Gm]");
+  bool alike = true;
+  for (const Tensor& p : parts)
+    alike = alike && p.stride(2) == 1 && p.stride(0) == parts[0].stride(0) &&
+            p.stride(1) == parts[0].stride(1) && p.scalar_type() == parts[0].scalar_type() &&
+            p.device().is_cpu();
+  if (!alike)
+    for (Tensor& p : parts) p = p.contiguous();
+  return parts;
+}
+
 // -> (out [T, B, H], h_T [K, B, m], c_T [K, B, m] (LSTM; else empty), fac, hs); fac and hs
 // are empty tensors unless ``save``.  ``out`` is a view of hs when there is neither mask
 // nor shuffle.  c0: the LSTM's initial cell state (ignored for the other cells).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
-    const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0,
+    at::TensorList gx_in, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& weight_hh, const Tensor& bias_hh, const std::optional<Tensor>& mask_in,
     bool shuffle, bool reverse, bool save, int64_t cell) {
   at::NoGradGuard no_grad;
   const bool lstm = check_cell(cell) == kLSTM;
   const int64_t gates = gates_of(cell);
-  TORCH_CHECK(gx_in.dim() == 4 && gx_in.size(3) % gates == 0, "gx must be [T, K, B, Gm]");
-  TORCH_CHECK(gx_in.device().is_cpu(), "grnn rnn_cpu runs on CPU tensors");
-  const int64_t T = gx_in.size(0), K = gx_in.size(1), B = gx_in.size(2);
-  const int64_t m = gx_in.size(3) / gates, H = K * m, G = gates * m;
+  const std::vector<Tensor> parts = groups_of_gx(gx_in);
+  const Tensor& gx = parts[0];
+  TORCH_CHECK(gx.size(2) % gates == 0, "gx's last size must be gates * m");
+  TORCH_CHECK(gx.device().is_cpu(), "grnn rnn_cpu runs on CPU tensors");
+  const int64_t T = gx.size(0), K = static_cast<int64_t>(parts.size()), B = gx.size(1);
+  const int64_t m = gx.size(2) / gates, H = K * m, G = gates * m;
   TORCH_CHECK(T > 0 && B > 0 && m > 0, "empty input");
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == K && h0.size(1) == B && h0.size(2) == m,
               "h0 must be [K, B, m]");
@@ -891,9 +919,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
               weight_hh.size(2) == m, "weight_hh must be [K, Gm, m]");
   TORCH_CHECK(bias_hh.numel() == K * G, "bias_hh must be [K, Gm]");
   for (const Tensor* x : {&h0, &weight_hh, &bias_hh, lstm ? &*c0 : &h0})
-    TORCH_CHECK(x->scalar_type() == gx_in.scalar_type() && x->device().is_cpu(),
+    TORCH_CHECK(x->scalar_type() == gx.scalar_type() && x->device().is_cpu(),
                 "all tensors must be CPU tensors of gx's dtype");
-  const Tensor gx = gx_in.stride(3) == 1 ? gx_in : gx_in.contiguous();
   const Tensor w_t = weight_hh.transpose(1, 2);  // [K, m, Gm]
   const Tensor bias = bias_hh.contiguous();
   Tensor keep;
@@ -931,8 +958,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "grnn_rnn_forward", [&] {
     using T_ = scalar_t;
     Fwd<T_> a{};
-    a.gx_sk = gx.stride(1);
-    a.gx_sb = gx.stride(2);
+    std::vector<const T_*> gx_0(K), gx_t(K);  // the groups' rows of step 0 and of step t
+    for (int64_t k = 0; k < K; ++k) gx_0[k] = parts[k].data_ptr<T_>();
+    a.gx = gx_t.data();
+    a.gx_sb = gx.stride(1);
     a.bias = bias.data_ptr<T_>();
     a.pre = fused ? nullptr : pre.data_ptr<T_>();
     a.fac_sk = T * B * F;
@@ -943,11 +972,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
     T_* hs_p = shuffle ? hs.data_ptr<T_>() : nullptr;
     T_* cs_p = lstm ? cs.data_ptr<T_>() : nullptr;
     T_* out_p = keep.defined() ? out.data_ptr<T_>() : nullptr;
-    const T_* gx_p = gx.data_ptr<T_>();
     for (int64_t n = 0; n < T; ++n) {
       const int64_t t = reverse ? T - 1 - n : n;
       const int64_t s_in = reverse ? t + 2 : t, s_out = t + 1;
-      a.gx = gx_p + t * gx.stride(0);
+      for (int64_t k = 0; k < K; ++k) gx_t[k] = gx_0[k] + t * gx.stride(0);
       a.c_prev = lstm ? cs_p + (s_in % 2) * K * B * m : nullptr;
       a.c_new = lstm ? cs_p + (s_out % 2) * K * B * m : nullptr;
       a.h_prev = hu_p + s_in * B * H;
@@ -1049,7 +1077,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
 
 // cell: 0 LSTM (the default), 1 GRU, 2 Elman RNN (tanh)
 TORCH_LIBRARY(grnn_rnn_cpu, lib) {
-  lib.def("forward(Tensor gx, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor bias_hh, "
+  lib.def("forward(Tensor[] gx, Tensor h0, Tensor? c0, Tensor weight_hh, Tensor bias_hh, "
           "Tensor? mask, bool shuffle, bool reverse, bool save, int cell=0) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
           &scan_forward);
