@@ -649,7 +649,7 @@ def test_forward_takes_the_groups_gx_apart(built, cell, dtype):
     """The C++ forward given gx as the K groups' [T, B, Gm] tensors (how oneDNN returns the
     projections) computes what it computes from one [T, K, B, Gm] tensor: views of one
     tensor, separate tensors, and separate tensors with strides of their own (copied);
-    parts of different shapes are refused by name."""
+    parts of different shapes or dtypes are refused by name."""
     p, mask, _ = _problem(4, 16, 5, 3, dtype, padding=True, cell=cell)
     gx = p["gx"].detach()
     rest = [p["h0"].detach(), p["c0"].detach() if cell == "lstm" else None,
@@ -666,6 +666,8 @@ def test_forward_takes_the_groups_gx_apart(built, cell, dtype):
     with pytest.raises(RuntimeError, match=r"K tensors \[T, B, Gm\] of one shape"):
         built.forward([g[:, :2] if i == 3 else g for i, g in enumerate(gx.unbind(1))],
                       *rest)
+    with pytest.raises(RuntimeError, match="gx's groups must be CPU tensors of one dtype"):
+        built.forward([g.half() if i == 1 else g for i, g in enumerate(gx.unbind(1))], *rest)
 
 
 def test_bad_cell_id_is_refused(built):

@@ -886,10 +886,12 @@ std::vector<Tensor> groups_of_gx(at::TensorList gx) {
   }
   TORCH_CHECK(!parts.empty(), "gx must be [T, K, B, Gm] or K tensors [T, B, Gm]");
   bool alike = true;
-  for (const Tensor& p : parts)
+  for (const Tensor& p : parts) {
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == parts[0].scalar_type(),
+                "gx's groups must be CPU tensors of one dtype");
     alike = alike && p.stride(2) == 1 && p.stride(0) == parts[0].stride(0) &&
-            p.stride(1) == parts[0].stride(1) && p.scalar_type() == parts[0].scalar_type() &&
-            p.device().is_cpu();
+            p.stride(1) == parts[0].stride(1);
+  }
   if (!alike)
     for (Tensor& p : parts) p = p.contiguous();
   return parts;
