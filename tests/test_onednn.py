@@ -224,6 +224,12 @@ def test_probe_rejects_wrong_results(monkeypatch):
     monkeypatch.setattr(onednn, "_linear_weight_grad", lambda d, x, bias: (d.t() @ x, d.sum(0)))
     assert onednn.unavailable() == ""
 
+    def missing(d, x, bias):  # a PyTorch without the op
+        return torch.ops.aten.no_such_op_of_this_test(d)
+    monkeypatch.setattr(onednn, "_probe", None)
+    monkeypatch.setattr(onednn, "_linear_weight_grad", missing)
+    assert onednn.unavailable().startswith("aten::mkldnn_linear_backward_weights failed here")
+
 
 @needs_onednn
 @pytest.mark.parametrize("groups", [1, 4])

@@ -84,9 +84,10 @@ def _linear_weight_grad(d, x, bias):
 
 
 def unavailable():
-    """Why oneDNN's product cannot run here ("" when it can): PyTorch built without
-    oneDNN, no ``mkldnn::_linear_pointwise``, or a result that differs from ``torch.mm``
-    (checked once, on a small product)."""
+    """Why oneDNN's products cannot run here ("" when they can): PyTorch built without
+    oneDNN, no ``mkldnn::_linear_pointwise``, or a result of it or of the weight-gradient
+    op (:func:`_linear_weight_grad`) that differs from PyTorch's products (checked once, on
+    small products)."""
     global _probe
     if _probe is None:
         if not torch.backends.mkldnn.is_available():
@@ -110,7 +111,7 @@ def unavailable():
                           and torch.allclose(dw.double(), want, atol=1e-4)
                           and torch.allclose(db.double(), d.double().sum(0), atol=1e-4))
                 _probe = "" if ok else f"{op} gave wrong results here"
-            except RuntimeError as e:
+            except (RuntimeError, AttributeError) as e:  # AttributeError: no such op
                 _probe = f"{op} failed here: {e}"
     return _probe
 
