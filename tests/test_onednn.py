@@ -162,6 +162,34 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell
 
 
 @needs_onednn
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_frozen_weights_with_onednn_match_blas(monkeypatch, cell):
+    """With W_ih frozen (fine-tuning), the biases' and W_hh's gradients through
+    CppProjectedScan equal those with PyTorch's products: the GRU's input bias gradient is
+    then its own sum (its candidate's recurrent term is gated), the others' the recurrent
+    bias's."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
+    torch.manual_seed(1)
+    stack = RecurrentStack(16, 32, num_layers=1, cell=cell, groups=4, backend="cpp")
+    for name, p in stack.named_parameters():
+        p.requires_grad_("weight_ih" not in name)
+    x = torch.randn(6, 3, 16, requires_grad=True)
+    runs = {}
+    for gemm in ("blas", "onednn"):
+        monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        stack.zero_grad()
+        x.grad = None
+        out, _ = stack(x)
+        out.square().sum().backward()
+        runs[gemm] = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()
+                                         if p.requires_grad]
+    assert len(runs["onednn"]) == 4  # dx, dW_hh, db_ih, db_hh
+    for a, b in zip(runs["onednn"], runs["blas"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
 def test_first_product_of_a_shape_keeps_blas(monkeypatch):
     """oneDNN compiles a kernel per shape: the first REUSE products of a shape (fairseq's
     next batch, N rows it has not seen) stay on MKL unless all groups' multiply-adds reach
