@@ -74,6 +74,11 @@ def project_input(x, weight_ih, bias_ih):
     """
     if onednn.wanted(x, weight_ih):
         return onednn.grouped_linear(x, weight_ih, bias_ih)
+    return _project_blas(x, weight_ih, bias_ih)
+
+
+def _project_blas(x, weight_ih, bias_ih):
+    """:func:`project_input` by PyTorch's products (oneDNN already declined)."""
     k = weight_ih.shape[0]
     if k == 1 and not (weight_ih.requires_grad and torch.is_grad_enabled()):
         return torch.addmm(bias_ih[0], x, weight_ih[0].t()).unsqueeze(0)
@@ -783,19 +788,24 @@ def project_scan(x, weight_ih, bias_ih, state, weight_hh, bias_hh, cell, time_sh
     t, b, _ = x.shape
     k = weight_ih.shape[0]
     flat = x.reshape(t * b, -1)
-    if (t and b and resolve_backend(backend, cell, x.device, x.dtype) == "cpp"
-            and onednn.wanted(flat, weight_ih)):
-        if torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih, weight_hh,
-                                                          bias_hh, *state):
+    if t and b and resolve_backend(backend, cell, x.device, x.dtype) == "cpp":
+        # oneDNN is asked once per projection: it counts the products of each new shape
+        if not onednn.wanted(flat, weight_ih):
+            gx = _project_blas(flat, weight_ih, bias_ih)
+        elif torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih, weight_hh,
+                                                            bias_hh, *state):
             out, *final = CppProjectedScan.apply(cell, x, weight_ih, bias_ih, weight_hh,
                                                  bias_hh, mask, time_shuffle, reverse, *state)
+            return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
         else:
             with torch.no_grad():
                 _, out, final, _, _ = _cpp_projected_forward(
                     cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
                     reverse, state, False)
-        return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
-    gx = project_input(flat, weight_ih, bias_ih).view(k, t, b, -1).transpose(0, 1)
+            return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
+    else:
+        gx = project_input(flat, weight_ih, bias_ih)
+    gx = gx.view(k, t, b, -1).transpose(0, 1)
     return scan(gx, state, weight_hh, bias_hh, cell, time_shuffle, mask, reverse, backend)
 
 

@@ -211,6 +211,31 @@ def test_first_product_of_a_shape_keeps_blas(monkeypatch):
     assert not takes(9) and not takes(6) and takes(6) and not takes(9) and takes(9)
 
 
+@needs_onednn
+def test_layer_asks_onednn_once_per_projection(monkeypatch):
+    """A layer's projection counts once towards REUSE: the first REUSE forwards of a shape
+    run the projection by PyTorch's products and the stacked scan (CppScan), the next ones
+    oneDNN with the groups' projections apart (CppProjectedScan)."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1 << 60)
+    monkeypatch.setattr(onednn, "_seen", {})
+    stack = RecurrentStack(16, 32, num_layers=1, groups=4, backend="cpp")
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    nodes = []
+    for name in ("CppScan", "CppProjectedScan"):
+        def counted(*args, _f=getattr(engine, name).apply, _name=name):
+            nodes.append(_name)
+            return _f(*args)
+        monkeypatch.setattr(getattr(engine, name), "apply", counted)
+    before = onednn.calls
+    for _ in range(onednn.REUSE + 1):
+        stack(x)[0].sum().backward()
+    assert nodes == ["CppScan"] * onednn.REUSE + ["CppProjectedScan"]
+    # the last pass, per group: the projection, dx, dW_ih and dW_hh (whose product by
+    # oneDNN has its own shape, also seen REUSE times before)
+    assert onednn.calls - before == 4 * 4
+
+
 def test_gemm_switch_refused_by_name(monkeypatch):
     """GRNN_CPU_GEMM must be auto, onednn or blas; onednn where oneDNN cannot run says
     why.  auto then falls back to PyTorch's products with the same result."""
