@@ -277,9 +277,10 @@ def test_stack_step_matches_forward():
 
 
 def test_per_forward_work_is_outside_the_time_loop(monkeypatch):
-    """Restricted weights assembled and inputs projected once per layer and direction."""
+    """Restricted weights assembled and inputs projected once per layer and direction
+    (these small products by PyTorch's, ``engine._project_blas``, on every CPU backend)."""
     calls = {"weights": 0, "project": 0}
-    orig_w, orig_p = RestrictedWeights.forward, engine.project_input
+    orig_w, orig_p = RestrictedWeights.forward, engine._project_blas
 
     def counting_weights(self):
         calls["weights"] += 1
@@ -290,7 +291,7 @@ def test_per_forward_work_is_outside_the_time_loop(monkeypatch):
         return orig_p(*a)
 
     monkeypatch.setattr(RestrictedWeights, "forward", counting_weights)
-    monkeypatch.setattr(engine, "project_input", counting_project)
+    monkeypatch.setattr(engine, "_project_blas", counting_project)
     stack = RecurrentStack(6, 8, num_layers=2, sharing_rate=0.5, bidirectional=True)
     stack(torch.randn(20, 2, 6))
     assert calls == {"weights": 4, "project": 4}
