@@ -16,9 +16,9 @@ Four backends run :func:`scan` (chosen per call by :func:`resolve_backend`):
     pointwise pass; in fp32 the forward step is one pass (product in registers, cell on
     it at once).  Where oneDNN computes a layer's input projection, projection and loop are
     one node (:func:`project_scan`, :class:`CppProjectedScan`).  fp32 and fp64 (other
-    dtypes: ``torch`` for the LSTM, ``reference`` for the others).  A decoder's training steps (weights from
-    :func:`step_weights`) are :class:`CppTrainStep`: the weight gradients once per
-    sequence.  Default on CPU when it builds.
+    dtypes: ``torch`` for the LSTM, ``reference`` for the others).  A decoder's training
+    steps (weights from :func:`step_weights`) are :class:`CppTrainStep`: the weight
+    gradients once per sequence.  Default on CPU when it builds.
 ``triton``
     Fused Triton kernels for every cell (:mod:`grnn_fairseq.kernels.triton_rnn`):
     one persistent launch per sequence (a grid-wide barrier between time steps) that fuses
@@ -792,16 +792,17 @@ def project_scan(x, weight_ih, bias_ih, state, weight_hh, bias_hh, cell, time_sh
         # oneDNN is asked once per projection: it counts the products of each new shape
         if not onednn.wanted(flat, weight_ih):
             gx = _project_blas(flat, weight_ih, bias_ih)
-        elif torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih, weight_hh,
-                                                            bias_hh, *state):
-            out, *final = CppProjectedScan.apply(cell, x, weight_ih, bias_ih, weight_hh,
-                                                 bias_hh, mask, time_shuffle, reverse, *state)
-            return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
         else:
-            with torch.no_grad():
-                _, out, final, _, _ = _cpp_projected_forward(
-                    cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
-                    reverse, state, False)
+            if torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih,
+                                                              weight_hh, bias_hh, *state):
+                out, *final = CppProjectedScan.apply(cell, x, weight_ih, bias_ih, weight_hh,
+                                                     bias_hh, mask, time_shuffle, reverse,
+                                                     *state)
+            else:
+                with torch.no_grad():
+                    _, out, final, _, _ = _cpp_projected_forward(
+                        cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
+                        reverse, state, False)
             return out.view(t, b, k, -1).transpose(1, 2), tuple(final)
     else:
         gx = project_input(flat, weight_ih, bias_ih)

@@ -910,7 +910,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_forward(
   const std::vector<Tensor> parts = groups_of_gx(gx_in);
   const Tensor& gx = parts[0];
   TORCH_CHECK(gx.size(2) % gates == 0, "gx's last size must be gates * m");
-  TORCH_CHECK(gx.device().is_cpu(), "grnn rnn_cpu runs on CPU tensors");
   const int64_t T = gx.size(0), K = static_cast<int64_t>(parts.size()), B = gx.size(1);
   const int64_t m = gx.size(2) / gates, H = K * m, G = gates * m;
   TORCH_CHECK(T > 0 && B > 0 && m > 0, "empty input");
