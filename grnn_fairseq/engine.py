@@ -701,28 +701,41 @@ class CppScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_h, d_c=None):
         weight_hh, hs = ctx.saved_tensors
-        d_gx, d_w, d_b, d_state = _cpp_backward(ctx, weight_hh, hs, ctx.needs_input_grad[2],
-                                                d_out, d_h, d_c)
+        d_gx, d_w, d_b, d_state, _ = _cpp_backward(ctx, weight_hh, hs,
+                                                   ctx.needs_input_grad[2], d_out, d_h, d_c)
         return (None, d_gx, d_w, d_b, None, None, None) + d_state
 
 
-def _cpp_backward(ctx, weight_hh, hs, weight_grad, d_out, d_h, d_c):
+def _cpp_backward(ctx, weight_hh, hs, weight_grad, d_out, d_h, d_c, input_t=False):
     """The C++ backward of a scan saved in ``ctx`` (fac, cell, mask, time_shuffle,
     reverse) -> (d_gx [T, K, B, G*m] (a view of [K, T, B, G*m]), dW_hh (None unless
-    ``weight_grad``), d_bias_hh, the state's gradients)."""
+    ``weight_grad``), d_bias_hh, the state's gradients, the input-side gate gradients
+    transposed, [K, G*m, T*B] (None unless ``input_t``: for dW_ih by
+    :func:`onednn.weight_grad_t`)).  Where oneDNN computes dW_hh, or ``input_t``, the C++
+    backward writes the gate gradients transposed as well."""
     from .kernels import cpu_rnn
 
     # the operand slots that dW_hh reads, [T*B, H]; its product by oneDNN where it pays
     h_in = hs.narrow(0, 2 if ctx.reverse else 0, ctx.fac.shape[1]).flatten(0, 1)
     by_onednn = weight_grad and onednn.wanted(h_in, weight_hh)
+    transposed = by_onednn or input_t
     d_gx, d_h0, d_c0, d_w, d_b = cpu_rnn.load().backward(
         ctx.fac, hs, weight_hh, ctx.mask, d_out, d_h, d_c, ctx.time_shuffle, ctx.reverse,
-        cpu_rnn.CELL_IDS[ctx.cell], weight_grad and not by_onednn)
-    if by_onednn:  # the backward returned the hidden-side gate gradients dG [K, T*B, G]
-        d_w = onednn.weight_grad(d_w, h_in)
+        cpu_rnn.CELL_IDS[ctx.cell], weight_grad and not transposed, transposed)
+    d_t = None
+    if transposed:  # [S, K, G*m, T*B]: the hidden side, then (GRU) the input side
+        d_t = d_w
+        if by_onednn:
+            d_w = onednn.weight_grad_t(d_t[0], h_in)
+        elif weight_grad:  # dW_hh[k] = dG[k]^T h_k (PyTorch's product, as the C++ one)
+            k = weight_hh.shape[0]
+            d_w = torch.bmm(d_t[0], h_in.view(h_in.shape[0], k, -1).transpose(0, 1))
+        else:
+            d_w = None
     elif not weight_grad:
         d_w = None
-    return d_gx, d_w, d_b, ((d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,))
+    d_state = (d_h0, d_c0) if ctx.cell == "lstm" else (d_h0,)
+    return d_gx, d_w, d_b, d_state, (d_t[-1] if input_t else None)
 
 
 def _cpp_projected_forward(cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask,
@@ -742,9 +755,10 @@ class CppProjectedScan(torch.autograd.Function):
     projections go to the C++ loop as oneDNN returns them, one tensor per group, instead of
     being copied into one [T, K, B, G*m] tensor first (a copy of 26 MB per training step
     of the issue's 4-group layer); the backward computes the projection's gradients from
-    the C++ loop's d_gx, and the LSTM's and RNN's input bias gradient is the recurrent
-    bias's, which the loop sums anyway (the GRU's differ: its candidate's recurrent term
-    is gated)."""
+    the C++ loop's d_gx (dW_ih from its transpose, which the loop writes step by step:
+    :func:`onednn.weight_grad_t`), and the LSTM's and RNN's input bias gradient is the
+    recurrent bias's, which the loop sums anyway (the GRU's differ: its candidate's
+    recurrent term is gated)."""
 
     @staticmethod
     def forward(ctx, cell, x, weight_ih, bias_ih, weight_hh, bias_hh, mask, time_shuffle,
@@ -763,14 +777,14 @@ class CppProjectedScan(torch.autograd.Function):
         flat, weight_ih, weight_hh, hs = ctx.saved_tensors
         need = ctx.needs_input_grad
         gru = ctx.cell == "gru"
-        d_gx, d_w_hh, d_b_hh, d_state = _cpp_backward(ctx, weight_hh, hs, need[4], d_out,
-                                                      d_h, d_c)
+        d_gx, d_w_hh, d_b_hh, d_state, d_t = _cpp_backward(ctx, weight_hh, hs, need[4],
+                                                           d_out, d_h, d_c, need[2])
         d = d_gx.transpose(0, 1).flatten(1, 2)  # [K, T*B, G*m], contiguous
         d_x = d_w_ih = d_b_ih = None
         if need[1]:
             d_x = onednn.input_grad(d, weight_ih).view(ctx.x_shape)
         if need[2]:
-            d_w_ih = onednn.weight_grad(d, flat, need[3] and gru)
+            d_w_ih = onednn.weight_grad_t(d_t, flat, need[3] and gru)
             if need[3] and gru:
                 d_w_ih, d_b_ih = d_w_ih
         if need[3] and d_b_ih is None:

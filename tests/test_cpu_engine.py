@@ -670,6 +670,50 @@ def test_forward_takes_the_groups_gx_apart(built, cell, dtype):
         built.forward([g.half() if i == 1 else g for i, g in enumerate(gx.unbind(1))], *rest)
 
 
+@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_backward_writes_the_gate_gradients_transposed(built, cell, dtype, reverse, unit,
+                                                       monkeypatch):
+    """With ``transposed`` the C++ backward returns, in dW_hh's place, the gate gradients
+    as [S, K, Gm, T*B] (column t*B + b: step t, row b): S = 1, the GRU 2 (hidden side, then
+    input side); every other output unchanged.  Against the transposes of what it returns
+    without (dG [K, T*B, Gm] and d_gx), for each vector unit's register tile: 37 rows and
+    Gm = 36, 27 or 9 (whole tiles and the rows and gate rows left over), padding and the
+    time shuffle on."""
+    if UNITS.index(unit) > UNITS.index(built.detected_isa()):
+        pytest.skip(f"this CPU has no {unit} (its widest unit: {built.detected_isa()})")
+    monkeypatch.setenv("GRNN_CPU_ISA", unit)
+    k, m, t_len, b = 3, 9, 4, 37
+    p, mask, _ = _problem(k, m, t_len, b, dtype, padding=True, cell=cell)
+    lstm = cell == "lstm"
+    _, _, _, fac, hs = built.forward(
+        [p["gx"].detach()], p["h0"].detach(), p["c0"].detach() if lstm else None,
+        p["w_hh"].detach(), p["b_hh"].detach(), mask, True, reverse, True,
+        cpu_rnn.CELL_IDS[cell])
+    g = torch.Generator().manual_seed(5)
+    d_out = torch.randn(t_len, b, k * m, generator=g, dtype=dtype)
+    d_h = torch.randn(k, b, m, generator=g, dtype=dtype)
+    args = [fac, hs, p["w_hh"].detach(), mask, d_out, d_h, d_h.flip(1) if lstm else None,
+            True, reverse, cpu_rnn.CELL_IDS[cell], False]
+    plain = built.backward(*args)
+    got = built.backward(*args, True)
+    gm, n = p["w_hh"].shape[1], t_len * b
+    sides = [plain[3].transpose(1, 2)]  # dG [K, T*B, Gm] -> [K, Gm, T*B]
+    if cell == "gru":  # d_gx [T, K, B, Gm] -> [K, Gm, T*B]
+        sides.append(plain[0].permute(1, 3, 0, 2).reshape(k, gm, n))
+    want = torch.stack(sides)
+    assert got[3].shape == (len(sides), k, gm, n) and got[3].is_contiguous()
+    # every step's columns hold gradients (padded rows: zeros)
+    assert want.view(-1, t_len, b).abs().amax(dim=(0, 2)).min() > 0
+    assert torch.equal(got[3], want)
+    for i in (0, 1, 2, 4):
+        assert torch.equal(got[i], plain[i]), i
+    with pytest.raises(RuntimeError, match="weight_grad and transposed exclude each other"):
+        built.backward(*args[:-1], True, True)
+
+
 def test_bad_cell_id_is_refused(built):
     """The ops' ``cell`` argument outside 0-2 fails with a message naming the valid ones."""
     p, _, _ = _problem(2, 4, 3, 2, torch.float64)

@@ -113,6 +113,25 @@ def test_weight_grad_matches_reference(monkeypatch, k, n, i, o, bias, route):
 
 
 @needs_onednn
+@pytest.mark.parametrize("bias", [False, True], ids=["dW", "dW+db"])
+@pytest.mark.parametrize("k,n,i,o", [(1, 37, 24, 96), (3, 50, 8, 24), (4, 300, 32, 128)])
+def test_weight_grad_t_matches_reference(k, n, i, o, bias):
+    """dW[k] = d_t[k] x_k from the transposed gate gradients d_t [K, O, N] (as the C++
+    backward writes them), one forward op per group, and db[k], d_t[k]'s row sums, against
+    float64."""
+    g = torch.Generator().manual_seed(4)
+    d_t, x = torch.randn(k, o, n, generator=g), torch.randn(n, k * i, generator=g)
+    before = onednn.calls
+    got = onednn.weight_grad_t(d_t, x, bias)
+    dw, db = got if bias else (got, None)
+    assert onednn.calls - before == k and dw.shape == (k, o, i)
+    want = torch.bmm(d_t.double(), x.double().view(n, k, i).transpose(0, 1))
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(db.double(), d_t.double().sum(2), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("groups,bidirectional", [(1, False), (4, True)])
 def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell):
@@ -125,8 +144,8 @@ def test_layer_with_onednn_matches_blas(monkeypatch, groups, bidirectional, cell
     torch.manual_seed(0)
     stack = RecurrentStack(48, 64, num_layers=2, cell=cell, groups=groups,
                            bidirectional=bidirectional, backend="cpp")
-    x = torch.randn(9, 5, 48)
-    mask = torch.ones(9, 5, dtype=torch.bool)
+    x = torch.randn(9, 17, 48)  # 17 rows: a tile of the C++ backward's transpose, and one
+    mask = torch.ones(9, 17, dtype=torch.bool)
     mask[7:, 1] = False
     runs = {}
     # the autograd nodes of the recurrences, and the C++ loop given the groups' projections
@@ -185,6 +204,40 @@ def test_frozen_weights_with_onednn_match_blas(monkeypatch, cell):
         runs[gemm] = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()
                                          if p.requires_grad]
     assert len(runs["onednn"]) == 4  # dx, dW_hh, db_ih, db_hh
+    for a, b in zip(runs["onednn"], runs["blas"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_weight_grad_by_blas_beside_onednn(monkeypatch, cell):
+    """Where oneDNN takes the projection but not dW_hh (their shapes differ, and each
+    product counts on its own towards REUSE), dW_hh comes from the transposed gate
+    gradients by PyTorch's product: every gradient equals that of PyTorch's products."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
+    torch.manual_seed(2)
+    stack = RecurrentStack(48, 64, num_layers=1, cell=cell, groups=4, backend="cpp")
+    x = torch.randn(7, 19, 48, requires_grad=True)
+    real, asked = onednn.wanted, []
+
+    def projection_only(x, weight):  # W_ih [4, Gm, 12], W_hh [4, Gm, 16]
+        asked.append(weight.shape[2])
+        return weight.shape[2] == 12 and real(x, weight)
+    monkeypatch.setattr(onednn, "wanted", projection_only)
+    runs = {}
+    for gemm in ("blas", "onednn"):
+        monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        stack.zero_grad()
+        x.grad = None
+        asked.clear()
+        before = onednn.calls
+        out, _ = stack(x)
+        out.square().sum().backward()
+        runs[gemm] = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
+        # oneDNN: the projection, dx and dW_ih per group; dW_hh asked for and refused
+        assert asked == [12, 16]
+        assert onednn.calls - before == (3 * 4 if gemm == "onednn" else 0)
     for a, b in zip(runs["onednn"], runs["blas"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
