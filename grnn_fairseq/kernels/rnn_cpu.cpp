@@ -575,21 +575,26 @@ constexpr int32_t swap_lane(int64_t nu, int64_t bs, bool high, int64_t p) {
   return int32_t(high ? (q < bs ? c + bs + q : nu + c + q) : (q < bs ? c + q : nu + c + q - bs));
 }
 
+// one shuffle of round bs with constant lanes: __builtin_shufflevector (clang, GCC >= 12),
+// or GCC's older __builtin_shuffle with a constant mask
 template <int64_t NU, int64_t BS, bool HIGH, size_t... P>
-constexpr typename Ints<NU>::v swap_mask(std::index_sequence<P...>) {
-  return typename Ints<NU>::v{swap_lane(NU, BS, HIGH, int64_t(P))...};
+GRNN_INLINE typename Lanes<NU>::v swap_pick(typename Lanes<NU>::v a, typename Lanes<NU>::v b,
+                                            std::index_sequence<P...>) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  return __builtin_shufflevector(a, b, swap_lane(NU, BS, HIGH, int64_t(P))...);
+#else
+  return __builtin_shuffle(a, b, typename Ints<NU>::v{swap_lane(NU, BS, HIGH, int64_t(P))...});
+#endif
 }
 
 template <int64_t NU, int64_t BS>
 GRNN_INLINE void swap_round(typename Lanes<NU>::v* r) {
-  constexpr auto lo = swap_mask<NU, BS, false>(std::make_index_sequence<NU>{});
-  constexpr auto hi = swap_mask<NU, BS, true>(std::make_index_sequence<NU>{});
 #pragma GCC unroll 16
   for (int64_t i = 0; i < NU; ++i) {
     if (i & BS) continue;
     const auto a = r[i], b = r[i + BS];
-    r[i] = __builtin_shuffle(a, b, lo);
-    r[i + BS] = __builtin_shuffle(a, b, hi);
+    r[i] = swap_pick<NU, BS, false>(a, b, std::make_index_sequence<NU>{});
+    r[i + BS] = swap_pick<NU, BS, true>(a, b, std::make_index_sequence<NU>{});
   }
   if constexpr (BS > 1) swap_round<NU, BS / 2>(r);
 }
