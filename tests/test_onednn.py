@@ -209,22 +209,26 @@ def test_frozen_weights_with_onednn_match_blas(monkeypatch, cell):
 
 
 @needs_onednn
+@pytest.mark.parametrize("by_onednn", ["projection", "recurrence"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_recurrent_weight_grad_by_blas_beside_onednn(monkeypatch, cell):
-    """Where oneDNN takes the projection but not dW_hh (their shapes differ, and each
-    product counts on its own towards REUSE), dW_hh comes from the transposed gate
-    gradients by PyTorch's product: every gradient equals that of PyTorch's products."""
+def test_one_product_by_onednn_beside_blas(monkeypatch, cell, by_onednn):
+    """Where oneDNN takes only the projection (the scan's dW_hh then comes from the
+    transposed gate gradients by PyTorch's product) or only dW_hh (CppScan: the projection
+    by PyTorch's products, dW_hh from the transposed gate gradients by oneDNN) -- their
+    shapes differ, and each product counts on its own towards REUSE -- every gradient equals
+    that of PyTorch's products."""
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
     monkeypatch.setattr(onednn, "FIRST_MACS", 1)
     torch.manual_seed(2)
     stack = RecurrentStack(48, 64, num_layers=1, cell=cell, groups=4, backend="cpp")
     x = torch.randn(7, 19, 48, requires_grad=True)
     real, asked = onednn.wanted, []
+    width = 12 if by_onednn == "projection" else 16  # W_ih [4, Gm, 12], W_hh [4, Gm, 16]
 
-    def projection_only(x, weight):  # W_ih [4, Gm, 12], W_hh [4, Gm, 16]
+    def only_one(x, weight):
         asked.append(weight.shape[2])
-        return weight.shape[2] == 12 and real(x, weight)
-    monkeypatch.setattr(onednn, "wanted", projection_only)
+        return weight.shape[2] == width and real(x, weight)
+    monkeypatch.setattr(onednn, "wanted", only_one)
     runs = {}
     for gemm in ("blas", "onednn"):
         monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
@@ -235,9 +239,10 @@ def test_recurrent_weight_grad_by_blas_beside_onednn(monkeypatch, cell):
         out, _ = stack(x)
         out.square().sum().backward()
         runs[gemm] = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
-        # oneDNN: the projection, dx and dW_ih per group; dW_hh asked for and refused
+        # oneDNN: the projection, dx and dW_ih per group, or dW_hh per group
         assert asked == [12, 16]
-        assert onednn.calls - before == (3 * 4 if gemm == "onednn" else 0)
+        assert onednn.calls - before == (0 if gemm == "blas" else
+                                         3 * 4 if by_onednn == "projection" else 4)
     for a, b in zip(runs["onednn"], runs["blas"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
