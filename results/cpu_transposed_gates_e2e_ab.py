@@ -6,12 +6,13 @@ untransposed gate gradients: oneDNN's weight-gradient op with its operands copie
 oneDNN's layout, or x_k^T dG through the forward op), rebuilt here and swapped in per
 step.  Each pass visits the same 30 real batches (at most 1,000 tokens) after 5 warm-up
 steps; per batch the variants run in turn (the order alternating), so the drifts of a
-shared machine hit all alike.  Then the issue's layer (T=50 B=32 H=1024, time shuffle,
-K=4 and 16, training) the same way, 15 iterations per variant and pass, medians.
+shared machine hit all alike.  Or the issue's layer alone (T=50 B=32 H=1024, time
+shuffle, K=4 and 16, training) the same way, 15 iterations per variant and pass, medians.
 
   PYTHONPATH=. python results/cpu_transposed_gates_e2e_ab.py ARCH [PASSES]
-  (ARCH "layer": the layer only; "products": the weight gradients' products alone and the
-  C++ backward with and without the transposes)"""
+  (ARCH "layer": the layer only, "layer:gru" / "layer:rnn" as a GRU / Elman RNN;
+  "products": the weight gradients' products alone and the C++ backward with and without
+  the transposes)"""
 import statistics
 import sys
 import time
@@ -87,12 +88,12 @@ def fairseq_steps(arch, passes):
               + "  ".join(f"{n} {tokens / seconds[n]:.0f} tok/s" for n in VARIANTS), flush=True)
 
 
-def layer(passes):
+def layer(passes, cell="lstm"):
     from grnn_fairseq.recurrent import RecurrentStack
 
     for k in (4, 16):
         torch.manual_seed(0)
-        stack = RecurrentStack(1024, 1024, 1, "lstm", groups=k, rearrangement="time",
+        stack = RecurrentStack(1024, 1024, 1, cell, groups=k, rearrangement="time",
                                backend="cpp")
         x = torch.randn(50, 32, 1024, requires_grad=True)
         up = torch.randn(50, 32, 1024)
@@ -105,7 +106,7 @@ def layer(passes):
                     stack(x)[0].backward(up)
                     if i:  # the first: warm-up
                         times[name].append(time.perf_counter() - start)
-            print(f"layer K={k} pass {p}: " + "  ".join(
+            print(f"{cell} layer K={k} pass {p}: " + "  ".join(
                 f"{n} {statistics.median(t) * 1e3:.2f} ms" for n, t in times.items()),
                 flush=True)
 
@@ -159,8 +160,8 @@ if __name__ == "__main__":
     which, passes = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3
     print(f"command: PYTHONPATH=. python results/cpu_transposed_gates_e2e_ab.py {which} "
           f"{passes}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if which == "layer":
-        layer(passes)
+    if which.startswith("layer"):
+        layer(passes, which.partition(":")[2] or "lstm")
     elif which == "products":
         products(passes)
     else:
