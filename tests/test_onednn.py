@@ -324,8 +324,16 @@ def test_probe_rejects_wrong_results(monkeypatch):
         return
     monkeypatch.setattr(onednn, "_linear", lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0]))
     assert onednn.unavailable() == "mkldnn::_linear_pointwise gave wrong results here"
+    monkeypatch.setattr(onednn, "_probe", None)  # wrong only with a transposed weight view
+
+    def wrong_transposed(x, w, b=None):
+        return x @ w.t() + (0 if b is None else b) + (0 if w.is_contiguous() else 1)
+    monkeypatch.setattr(onednn, "_linear", wrong_transposed)
+    assert onednn.unavailable() == ("mkldnn::_linear_pointwise (transposed weight) gave "
+                                    "wrong results here")
     monkeypatch.setattr(onednn, "_probe", None)
-    monkeypatch.setattr(onednn, "_linear", lambda x, w, b=None: x @ w.t() + b)
+    monkeypatch.setattr(onednn, "_linear",
+                        lambda x, w, b=None: x @ w.t() + (0 if b is None else b))
     assert onednn.unavailable() == ""
     monkeypatch.setattr(onednn, "_probe", None)  # the weight gradient op is checked too
     monkeypatch.setattr(onednn, "_linear_weight_grad",

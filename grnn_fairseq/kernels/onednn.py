@@ -87,8 +87,9 @@ def _linear_weight_grad(d, x, bias):
 
 def unavailable():
     """Why oneDNN's products cannot run here ("" when they can): PyTorch built without
-    oneDNN, no ``mkldnn::_linear_pointwise``, or a result of it or of the weight-gradient
-    op (:func:`_linear_weight_grad`) that differs from PyTorch's products (checked once, on
+    oneDNN, no ``mkldnn::_linear_pointwise``, or a result of it (also with a transposed
+    view as its weight, as :func:`weight_grad_t` calls it) or of the weight-gradient op
+    (:func:`_linear_weight_grad`) that differs from PyTorch's products (checked once, on
     small products)."""
     global _probe
     if _probe is None:
@@ -105,10 +106,15 @@ def unavailable():
                 got = _linear(x[:, 1], w, b)
                 want = torch.addmm(b.double(), x[:, 1].double(), w.t().double())
                 ok = got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-4)
+                want = d.double().t() @ x[:, 1].double()
+                if ok:  # weight_grad_t's form: a transposed view as the "weight"
+                    op = "mkldnn::_linear_pointwise (transposed weight)"
+                    got = _linear(d.t().contiguous(), x[:, 1].contiguous().t())
+                    ok = got.shape == want.shape and torch.allclose(got.double(), want,
+                                                                    atol=1e-4)
                 if ok:
                     op = "aten::mkldnn_linear_backward_weights"
                     dw, db = _linear_weight_grad(d, x[:, 1], True)
-                    want = d.double().t() @ x[:, 1].double()
                     ok = (dw.shape == want.shape and db.shape == (40,)
                           and torch.allclose(dw.double(), want, atol=1e-4)
                           and torch.allclose(db.double(), d.double().sum(0), atol=1e-4))
