@@ -238,7 +238,7 @@ def weight_grad_t(d_t, x, bias=False):
     is copied into oneDNN's layout, and the products come out in place.  On the Zen 5 at
     N = 1600, H = 1024, against :func:`weight_grad` of the untransposed gradients: K=1 about
     31 ms against 36, K=4 9 against 10.5, K=16 3 against 4.7; the C++ backward's
-    transposes cost about 1 ms (results/cpu_transposed_gates_ab.txt)."""
+    transposes cost 1-2 ms (results/cpu_transposed_gates_ab.txt)."""
     k, o, n = d_t.shape
     xk = x.view(n, k, -1).transpose(0, 1).contiguous()
     dw = torch.stack([_linear(d_t[g], xk[g].t()) for g in range(k)])
