@@ -3,8 +3,10 @@
 # 2026-12-07, session 27) against PyTorch's products (MKL's sgemm, GRNN_CPU_GEMM=blas), on
 # the same code, side by side.  MKL runs its AVX2 code on AMD CPUs with AVX-512, where
 # oneDNN (torch.nn.LSTM's library) runs AVX-512: see grnn_fairseq/kernels/onednn.py.
+# (On Intel CPUs MKL is the faster one, and the default since session 30:
+# results/cpu_gemm_intel.txt.)
 #
-# First bench_layer.py with both in one process (cpp-blas against cpp, each against
+# First bench_layer.py with both in one process (cpp-blas against cpp-onednn, each against
 # torch.nn), ROUNDS times.  Then whole fairseq training steps of the models in ARCHS
 # (default: the IWSLT-sized K=4, K=16 and K=1; results/cpu_training_tok_s.py on
 # data-bin/debian from scripts/prepare-debian.sh), blas and onednn in turn, ROUNDS times;
@@ -28,7 +30,7 @@ echo "command: ARCHS=\"$archs\" bash results/cpu_onednn_ab.sh $rounds ($(git rev
 for round in $(seq "$rounds"); do
   echo "== round $round"
   python scripts/bench_layer.py --groups 1,4,16 --rearrangement time --modes train,infer,decode \
-    --backend cpp-blas,cpp --reps 7 2>&1 | grep -E "^(device|mode|train|infer|decode)"
+    --backend cpp-blas,cpp-onednn --reps 7 2>&1 | grep -E "^(device|mode|train|infer|decode)"
 done
 for round in $(seq "$rounds"); do
   for arch in $archs; do

@@ -24,7 +24,7 @@ Defaults follow the issue: CPU fp32 T=50 B=32 H=1024; CUDA bf16 T=50 B=64 H=1024
   python scripts/bench_layer.py --backend reference,torch        # before / after
   python scripts/bench_layer.py --backend cpp-2pass,cpp           # fused C++ step on / off
   python scripts/bench_layer.py --backend cpp+avx2,cpp+avx512     # its tiles (AVX-512 CPU)
-  python scripts/bench_layer.py --backend cpp-blas,cpp             # products: MKL / oneDNN
+  python scripts/bench_layer.py --backend cpp-blas,cpp-onednn      # products: MKL / oneDNN
   python scripts/bench_layer.py --device cuda --backend triton,torch
   python scripts/bench_layer.py --device cuda --cell gru --backend triton,reference
   python scripts/bench_layer.py --device cuda --backend triton,triton+load,triton+resident,triton+perm
@@ -70,7 +70,8 @@ def parse_args(argv=None):
                    help="comma-separated engine backends (auto|reference|torch|cpp|triton; "
                         "cpp-2pass: cpp without its fused fp32 step, GRNN_CPU_FUSED=0; "
                         "NAME-blas (e.g. cpp-blas, cpp-2pass-blas): the layers' large products "
-                        "by PyTorch's (MKL) instead of oneDNN, GRNN_CPU_GEMM=blas; "
+                        "by PyTorch's (MKL), GRNN_CPU_GEMM=blas; NAME-onednn: by oneDNN, "
+                        "GRNN_CPU_GEMM=onednn (plain NAME: auto, MKL on Intel CPUs); "
                         "cpp+avx2, cpp+generic, cpp+avx512: cpp with that vector unit's "
                         "tile of the fused step, GRNN_CPU_ISA=...; "
                         "triton+load, triton+resident, triton+perm and their combinations, "
@@ -272,15 +273,17 @@ TRITON_VARIANTS = {"load": ("poll", "load"), "resident": ("resident", "1"),
 
 def engine_of(backend):
     """-> (engine backend, wrapper of a timed call): ``NAME-blas`` is NAME with the large
-    products by PyTorch's (GRNN_CPU_GEMM=blas); ``cpp-2pass`` is ``cpp`` run under
+    products by PyTorch's (GRNN_CPU_GEMM=blas), ``NAME-onednn`` by oneDNN
+    (GRNN_CPU_GEMM=onednn); ``cpp-2pass`` is ``cpp`` run under
     :func:`two_pass`, ``cpp+avx2`` (``+generic``, ``+avx512``) ``cpp`` with that vector
     unit's tile (GRNN_CPU_ISA); ``triton+load``, ``triton+resident``, ``triton+perm``,
     ``triton+trainstep`` and their combinations (``triton+load+resident``) are ``triton``
     run with those variants
     (:func:`triton_variant`); every other name is the engine itself, unwrapped."""
-    if backend.endswith("-blas"):
-        inner, wrap = engine_of(backend.removesuffix("-blas"))
-        return inner, lambda run: with_env(wrap(run), {"GRNN_CPU_GEMM": "blas"})
+    for gemm in ("blas", "onednn"):
+        if backend.endswith(f"-{gemm}"):
+            inner, wrap = engine_of(backend.removesuffix(f"-{gemm}"))
+            return inner, lambda run, g=gemm: with_env(wrap(run), {"GRNN_CPU_GEMM": g})
     if backend.endswith("-2pass"):
         return backend.removesuffix("-2pass"), two_pass
     name, *variants = backend.split("+")

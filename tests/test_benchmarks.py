@@ -271,12 +271,14 @@ def test_bench_layer_vector_unit_backends(monkeypatch):
 
 
 def test_bench_layer_blas_variants(monkeypatch):
-    """``NAME-blas`` is NAME with GRNN_CPU_GEMM=blas for the call only, combined with the
-    other variants (``cpp-2pass-blas`` sets both switches); the device line names the
-    library of the large products."""
+    """``NAME-blas`` is NAME with GRNN_CPU_GEMM=blas for the call only, ``NAME-onednn``
+    with GRNN_CPU_GEMM=onednn, combined with the other variants (``cpp-2pass-blas`` sets
+    both switches); the device line names the library of the large products."""
     bench = _bench_layer_module()
     seen = []
     for backend, want in (("cpp-blas", ("cpp", "blas", None)),
+                          ("cpp-onednn", ("cpp", "onednn", None)),
+                          ("cpp-2pass-onednn", ("cpp", "onednn", "0")),
                           ("cpp-2pass-blas", ("cpp", "blas", "0")),
                           ("torch-blas", ("torch", "blas", None)),
                           ("cpp", ("cpp", None, None))):

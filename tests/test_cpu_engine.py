@@ -343,6 +343,53 @@ def test_layer_with_non_contiguous_inputs_and_large_rows(cell):
         torch.testing.assert_close(b_, a, atol=1e-10, rtol=1e-10)
 
 
+def _tensors(nested):
+    """The tensors of nested lists / tuples, in order."""
+    if isinstance(nested, torch.Tensor):
+        return [nested]
+    return [t for item in nested for t in _tensors(item)]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_projection_by_blas_leaves_the_input_bias_to_the_loop(cell, monkeypatch):
+    """With PyTorch's products (GRNN_CPU_GEMM=blas) the LSTM's and RNN's projections are
+    unbiased and the C++ loop adds b_ih + b_hh (the GRU keeps the biased product): counted,
+    and the outputs, final states and every gradient (b_ih's and b_hh's apart) against the
+    reference engine in float64, with and without autograd."""
+    monkeypatch.setenv("GRNN_CPU_GEMM", "blas")
+    calls = []
+    for name in ("_project_blas", "_project_blas_unbiased"):
+        def counted(*a, _f=getattr(engine, name), _name=name):
+            calls.append(_name)
+            return _f(*a)
+        monkeypatch.setattr(engine, name, counted)
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 32, requires_grad=True)
+    results = []
+    for backend, dtype in (("reference", torch.float64), ("cpp", torch.float32)):
+        torch.manual_seed(1)
+        stack = RecurrentStack(32, 32, num_layers=1, cell=cell, groups=4, backend=backend,
+                               bidirectional=True)
+        for p_ in stack.parameters():
+            if p_.dim() == 2:  # the biases larger than PyTorch's init, so that they count
+                torch.nn.init.uniform_(p_, -1.0, 1.0)
+        stack.to(dtype)
+        xd = x.to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            out_ng, final_ng = stack(xd)[:2]
+        out, final = stack(xd)[:2]
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(),
+                                    [x] + list(stack.parameters()))
+        results.append([out_ng, out] + _tensors(final_ng) + _tensors(final) + list(grads))
+    biased = cell == "gru"
+    assert calls == ["_project_blas" if biased else "_project_blas_unbiased"] * 4
+    names = [n for n, _ in stack.named_parameters()]
+    assert sum("bias" in n for n in names) == 4  # b_ih and b_hh of each direction
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(b_.double(), a.double(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("cell,backend", [("lstm", "cpp"), ("gru", "cpp"), ("gru", None),
                                           ("rnn", None)])
 def test_decode_step_matches_reference(cell, backend, monkeypatch):

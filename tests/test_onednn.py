@@ -14,6 +14,13 @@ needs_onednn = pytest.mark.skipif(bool(onednn.unavailable()),
                                   reason=f"oneDNN cannot run here: {onednn.unavailable()}")
 
 
+@pytest.fixture(autouse=True)
+def not_intel(monkeypatch):
+    """Every test here runs as on a CPU where ``auto`` picks oneDNN (an AMD one): on Intel
+    CPUs it picks MKL (test_auto_picks_mkl_on_intel_cpus)."""
+    monkeypatch.setattr(onednn, "_vendor", "AuthenticAMD")
+
+
 def _reference(x, weight, bias):
     """The grouped projection in float64, by PyTorch's batched product."""
     k, _, i = weight.shape
@@ -380,3 +387,64 @@ def test_decoder_training_steps_with_onednn_match_blas(monkeypatch, groups):
         runs[gemm] = [loss.detach(), *grads]
     for a, b in zip(runs["onednn"], runs["blas"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu vme avx2 avx512f
+
+processor\t: 1
+vendor_id\t: {vendor}
+"""
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", None])
+def test_cpu_vendor_read_from_cpuinfo(vendor, tmp_path, monkeypatch):
+    """The vendor id of /proc/cpuinfo's first processor; "" without one (ARM's has none)
+    or without the file."""
+    info = tmp_path / "cpuinfo"
+    text = CPUINFO.format(vendor=vendor)
+    if vendor is None:
+        text = "\n".join(line for line in text.splitlines() if "vendor_id" not in line)
+    info.write_text(text)
+    monkeypatch.setattr(onednn, "CPUINFO", str(info))
+    monkeypatch.setattr(onednn, "_vendor", None)
+    assert onednn.cpu_vendor() == (vendor or "")
+    monkeypatch.setattr(onednn, "CPUINFO", str(tmp_path / "missing"))
+    monkeypatch.setattr(onednn, "_vendor", None)
+    assert onednn.cpu_vendor() == ""
+
+
+@needs_onednn
+def test_auto_picks_mkl_on_intel_cpus(monkeypatch):
+    """On an Intel CPU ``auto`` leaves every product to PyTorch's (MKL's) and says so, and a
+    whole layer's training step calls oneDNN nowhere; GRNN_CPU_GEMM=onednn still takes
+    oneDNN there, and ``auto`` on any other vendor does."""
+    monkeypatch.setattr(onednn, "MIN_MACS", 1)
+    monkeypatch.setattr(onednn, "FIRST_MACS", 1)
+    x, weight, bias = _problem(64, 4, 32, 128)
+
+    def calls(vendor, gemm):
+        monkeypatch.setattr(onednn, "_vendor", vendor)
+        if gemm is None:
+            monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("GRNN_CPU_GEMM", gemm)
+        before = onednn.calls
+        stack = RecurrentStack(32, 32, num_layers=1, groups=4, backend="cpp")
+        stack(torch.randn(5, 3, 32, requires_grad=True))[0].sum().backward()
+        y = engine.project_input(x, weight, bias)
+        torch.testing.assert_close(y.double(), _reference(x, weight, bias), rtol=1e-5,
+                                   atol=1e-5)
+        return onednn.library(), onednn.calls - before
+
+    assert calls("GenuineIntel", None) == ("blas", 0)
+    assert calls("GenuineIntel", "auto") == ("blas", 0)
+    library, n = calls("GenuineIntel", "onednn")
+    assert library == "onednn" and n > 0
+    for vendor in ("AuthenticAMD", "HygonGenuine", ""):
+        library, n = calls(vendor, None)
+        assert library == "onednn" and n > 0

@@ -19,9 +19,15 @@ and its backward writes the gate gradients transposed as well, from which
 :func:`weight_grad_t` computes dW_ih and the scan's dW_hh (which the C++ backward is then
 not asked for) as products of plain matrices.
 
-``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: oneDNN where this PyTorch
-has it and it passes a check at first use, else MKL), ``onednn`` (oneDNN, or a
-ConfigError saying why it cannot run) or ``blas`` (PyTorch's products, as before).
+On Intel CPUs it is the other way round: MKL runs its AVX-512 code there, and on this
+project's 2-core Intel Xeon (AVX-512, AMX) it ran every one of these products 8-40% faster
+than oneDNN (``results/cpu_gemm_intel.txt``), so the issue's 4-group layer trained 10% and
+decoded 12% faster on MKL.
+
+``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: MKL on Intel CPUs
+(:func:`cpu_vendor`), elsewhere oneDNN where this PyTorch has it and it passes a check at
+first use, else MKL), ``onednn`` (oneDNN, or a ConfigError saying why it cannot run) or
+``blas`` (PyTorch's products, as before).
 ``onednn`` follows the same size rules as ``auto``.  oneDNN takes a product only when a
 group's multiply-adds reach :data:`MIN_MACS` (a call costs about 12 us more than MKL's, so
 decoding steps of small batches keep MKL), and a shape only after its first :data:`REUSE`
@@ -56,6 +62,9 @@ calls = 0  # products oneDNN has computed (forward and backward), for tests and 
 _seen = {}  # shape -> products so far, oldest first
 
 _probe = None  # None: not checked yet; else "" (works) or why it does not
+_vendor = None  # None: not read yet; else the CPU's vendor id ("" where unknown)
+INTEL = "GenuineIntel"
+CPUINFO = "/proc/cpuinfo"
 
 
 def mode(environ=os.environ):
@@ -66,6 +75,33 @@ def mode(environ=os.environ):
                           "library of the recurrent layers' large fp32 products on the CPU); "
                           "unset it for auto")
     return value
+
+
+def cpu_vendor():
+    """The CPU's vendor id as the kernel reports it ("GenuineIntel", "AuthenticAMD", ...;
+    "" where /proc/cpuinfo has none, e.g. not Linux, or an ARM CPU)."""
+    global _vendor
+    if _vendor is None:
+        _vendor = ""
+        try:
+            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.strip() == "vendor_id":
+                        _vendor = value.strip()
+                        break
+        except OSError:
+            pass
+    return _vendor
+
+
+def _choice(environ=os.environ):
+    """$GRNN_CPU_GEMM with ``auto`` resolved by the CPU: "onednn" or "blas" (oneDNN's
+    availability not yet checked)."""
+    choice = mode(environ)
+    if choice == "auto":
+        return "blas" if cpu_vendor() == INTEL else "onednn"
+    return choice
 
 
 def _linear(x, w, b=None):
@@ -126,8 +162,9 @@ def unavailable():
 
 def library(environ=os.environ):
     """What computes the large fp32 products here: "onednn" or "blas" (PyTorch's
-    products: $GRNN_CPU_GEMM=blas, or oneDNN unavailable).  Benchmarks print it."""
-    choice = mode(environ)
+    products: $GRNN_CPU_GEMM=blas, auto on an Intel CPU, or oneDNN unavailable).
+    Benchmarks print it."""
+    choice = _choice(environ)
     return "onednn" if choice != "blas" and not unavailable() else "blas"
 
 
@@ -135,14 +172,14 @@ def wanted(x, weight):
     """Whether :func:`grouped_linear` should compute x's projection by ``weight``
     ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group, a
     shape used :data:`REUSE` times before or :data:`FIRST_MACS` in all, and $GRNN_CPU_GEMM
-    allowing it (``onednn`` where oneDNN cannot run: ConfigError)."""
-    choice = mode()
-    if choice == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
+    allowing it (``auto``: not on an Intel CPU; ``onednn`` where oneDNN cannot run:
+    ConfigError)."""
+    if _choice() == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     why = unavailable()
-    if why and choice == "onednn":
+    if why and mode() == "onednn":
         raise ConfigError(f"GRNN_CPU_GEMM=onednn: {why}; unset it (or set blas) to use "
                           "PyTorch's products")
     macs = x.shape[0] * weight.shape[1] * weight.shape[2]

@@ -245,6 +245,16 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
   const int32_t* __restrict col = fz.col + k * m;
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.h_prev + (b0 + r) * H;
+#ifndef GRNN_NO_PREFETCH
+  // the next tile's input projections (read by its cell, after its product), one cache
+  // line per row and gate: rows G*m floats apart, which the hardware does not foresee;
+  // this tile's product gives them time to arrive
+  for (int r = 0; r < R && b0 + R + r < B; ++r) {
+    const float* xr = a.gx[k] + (b0 + R + r) * a.gx_sb + u * NU;
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) __builtin_prefetch(xr + g * m, 0, 3);
+  }
+#endif
   for (int64_t j = 0; j < m; ++j) {
     const vnu_u* wj = reinterpret_cast<const vnu_u*>(w + j * NG * NU);
     vnu wg[NG];
