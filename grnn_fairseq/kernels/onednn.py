@@ -20,9 +20,9 @@ and its backward writes the gate gradients transposed as well, from which
 not asked for) as products of plain matrices.
 
 On Intel CPUs it is the other way round: MKL runs its AVX-512 code there, and on this
-project's 2-core Intel Xeon (AVX-512, AMX) it ran every one of these products 8-40% faster
-than oneDNN (``results/cpu_gemm_intel.txt``), so the issue's 4-group layer trained 10% and
-decoded 12% faster on MKL.
+project's 2-core Intel Xeon (AVX-512, AMX) it ran 35 of 36 such products 3-70% faster than
+oneDNN (``results/cpu_gemm_intel.txt``), and the issue's 4-group layer trained 9-13% and
+decoded 9-17% faster on MKL.
 
 ``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: MKL on Intel CPUs
 (:func:`cpu_vendor`), elsewhere oneDNN where this PyTorch has it and it passes a check at
