@@ -138,7 +138,8 @@ def _fused_product(step, m):
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["noshuffle", "shuffle"])
 @pytest.mark.parametrize("k,m,b", [(1, 16, 4), (2, 32, 5), (4, 16, 7), (4, 32, 1), (8, 16, 6),
-                                   (2, 120, 3), (2, 100, 3), (1, 250, 2), (2, 64, 3)])
+                                   (2, 120, 3), (2, 100, 3), (1, 250, 2), (2, 64, 3),
+                                   (2, 64, 9)])
 def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, step,
                                            monkeypatch, built):
     """fp32 over T >= 4 steps takes the fused step (product of each block of units in
@@ -146,7 +147,8 @@ def test_fp32_fused_step_matches_reference(k, m, b, shuffle, padding, reverse, s
     the tile of each vector unit the CPU has (16, 8 or 4 lanes; the last block padded where
     they do not divide m: 120 with 16 lanes, 100 with 16 and 8, 250 with all); the two-pass
     step otherwise.  Each against the reference, forward and every gradient; batch sizes
-    that leave every count of rows after the tiles of 2 or 4 rows.  The backward's product
+    that leave every count of rows after the tiles of 2 or 4 rows, and one (m = 64, 9
+    rows) where AVX-512's tile prefetches the next rows' projections.  The backward's product
     of each step: in registers where the lanes divide m (16: 1 vector; 32 with 8 lanes: 4;
     120 with 8 lanes: 15 = 3 blocks of 4 and one of 3), else BLAS; its inputs in chunks
     (m = 64 with 16 lanes: 2 chunks of 128 of the 256), the sum carried between them."""

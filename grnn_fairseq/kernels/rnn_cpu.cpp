@@ -253,8 +253,7 @@ GRNN_INLINE void fused_block(const Fused& fz, int64_t k, int64_t u, int64_t b0) 
   // this tile's product gives them time to arrive, if it is long enough
   // (results/cpu_scan_prefetch_ab.txt: the K=4 forward of the layer 7-14% faster
   // on an Intel Xeon; at m = 16, 4-5% slower)
-  if (m >= PREFETCH_MIN_UNITS)
-  for (int r = 0; r < R && b0 + R + r < B; ++r) {
+  for (int r = 0; m >= PREFETCH_MIN_UNITS && r < R && b0 + R + r < B; ++r) {
     const float* xr = a.gx[k] + (b0 + R + r) * a.gx_sb + u * NU;
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) __builtin_prefetch(xr + g * m, 0, 3);
