@@ -77,27 +77,24 @@ def project_input(x, weight_ih, bias_ih):
     return _project_blas(x, weight_ih, bias_ih)
 
 
-def _project_blas(x, weight_ih, bias_ih):
-    """:func:`project_input` by PyTorch's products (oneDNN already declined)."""
+def _project_blas(x, weight_ih, bias_ih=None):
+    """:func:`project_input` by PyTorch's products (oneDNN already declined); without
+    ``bias_ih`` the bare products.  That is for the C++ scan of the LSTM and the Elman RNN,
+    whose gates add the input and recurrent biases alike (b_ih + b_hh, one [K, G*m] sum):
+    MKL adds a bias by first copying it into every row of the result (``baddbmm``'s beta
+    = 1), a pass over all T*B*G*m outputs that took 5.5 ms of a 35 ms forward of the
+    issue's 4-group layer on an Intel Xeon, and its gradient is a sum over those rows; the
+    C++ loop adds the summed bias as it reads the row anyway, and its bias gradient serves
+    both.  Not the GRU: its candidate's recurrent bias is gated."""
     k = weight_ih.shape[0]
     if k == 1 and not (weight_ih.requires_grad and torch.is_grad_enabled()):
-        return torch.addmm(bias_ih[0], x, weight_ih[0].t()).unsqueeze(0)
+        w = weight_ih[0].t()
+        y = torch.mm(x, w) if bias_ih is None else torch.addmm(bias_ih[0], x, w)
+        return y.unsqueeze(0)
     xk = x.view(x.shape[0], k, -1).transpose(0, 1)  # [K, N, I/K]
+    if bias_ih is None:
+        return torch.bmm(xk, weight_ih.transpose(1, 2))
     return torch.baddbmm(bias_ih.unsqueeze(1), xk, weight_ih.transpose(1, 2))
-
-
-def _project_blas_unbiased(x, weight_ih):
-    """:func:`_project_blas` without the bias: x [N, I] -> [K, N, G*m].  For the C++ scan
-    of the LSTM and the Elman RNN, whose gates add the input and recurrent biases alike
-    (b_ih + b_hh, one [K, G*m] sum): MKL adds a bias by first copying it into every row of
-    the result (``baddbmm``'s beta = 1), a pass over all T*B*G*m outputs that took 5.5 ms
-    of a 35 ms forward of the issue's 4-group layer on an Intel Xeon, and its gradient a
-    sum over those rows; the C++ loop adds the summed bias as it reads the row anyway, and
-    its bias gradient serves both.  Not the GRU: its candidate's recurrent bias is gated."""
-    k = weight_ih.shape[0]
-    if k == 1 and not (weight_ih.requires_grad and torch.is_grad_enabled()):
-        return torch.mm(x, weight_ih[0].t()).unsqueeze(0)
-    return torch.bmm(x.view(x.shape[0], k, -1).transpose(0, 1), weight_ih.transpose(1, 2))
 
 
 def recurrent_step(gx_t, state, weight_hh_t, bias_hh, cell, time_shuffle, backend=None):
@@ -813,7 +810,7 @@ def project_scan(x, weight_ih, bias_ih, state, weight_hh, bias_hh, cell, time_sh
     arguments and result).  On backend ``cpp`` with the projection by oneDNN, both in one
     node (:class:`CppProjectedScan`; without autograd the same data flow): the groups'
     projections are not copied into one tensor; by PyTorch's products, the LSTM's and
-    RNN's input bias is added in the loop (:func:`_project_blas_unbiased`)."""
+    RNN's input bias is added in the loop (:func:`_project_blas`)."""
     t, b, _ = x.shape
     k = weight_ih.shape[0]
     flat = x.reshape(t * b, -1)
@@ -823,7 +820,7 @@ def project_scan(x, weight_ih, bias_ih, state, weight_hh, bias_hh, cell, time_sh
             if cell == "gru":
                 gx = _project_blas(flat, weight_ih, bias_ih)
             else:  # the input bias joins the recurrent one (see the function)
-                gx = _project_blas_unbiased(flat, weight_ih)
+                gx = _project_blas(flat, weight_ih)
                 bias_hh = bias_ih + bias_hh
         else:
             if torch.is_grad_enabled() and _any_requires_grad(x, weight_ih, bias_ih,

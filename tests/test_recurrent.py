@@ -278,24 +278,20 @@ def test_stack_step_matches_forward():
 
 def test_per_forward_work_is_outside_the_time_loop(monkeypatch):
     """Restricted weights assembled and inputs projected once per layer and direction
-    (these small products by PyTorch's, ``engine._project_blas`` or, the LSTM's on the C++
-    backend, ``engine._project_blas_unbiased``, on every CPU backend)."""
+    (these small products by PyTorch's, ``engine._project_blas``, on every CPU backend)."""
     calls = {"weights": 0, "project": 0}
-    orig_w = RestrictedWeights.forward
+    orig_w, orig_p = RestrictedWeights.forward, engine._project_blas
 
     def counting_weights(self):
         calls["weights"] += 1
         return orig_w(self)
 
-    def counting(orig):
-        def project(*a):
-            calls["project"] += 1
-            return orig(*a)
-        return project
+    def counting_project(*a):
+        calls["project"] += 1
+        return orig_p(*a)
 
     monkeypatch.setattr(RestrictedWeights, "forward", counting_weights)
-    for name in ("_project_blas", "_project_blas_unbiased"):
-        monkeypatch.setattr(engine, name, counting(getattr(engine, name)))
+    monkeypatch.setattr(engine, "_project_blas", counting_project)
     stack = RecurrentStack(6, 8, num_layers=2, sharing_rate=0.5, bidirectional=True)
     stack(torch.randn(20, 2, 6))
     assert calls == {"weights": 4, "project": 4}
