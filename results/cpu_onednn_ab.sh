@@ -4,7 +4,8 @@
 # the same code, side by side.  MKL runs its AVX2 code on AMD CPUs with AVX-512, where
 # oneDNN (torch.nn.LSTM's library) runs AVX-512: see grnn_fairseq/kernels/onednn.py.
 # (On Intel CPUs MKL is the faster one, and the default since session 30:
-# results/cpu_gemm_intel.txt.)
+# results/cpu_gemm_intel.txt; on CPUs without AVX-512 too, since session 31:
+# results/cpu_gemm_zen4.txt.)
 #
 # First bench_layer.py with both in one process (cpp-blas against cpp-onednn, each against
 # torch.nn), ROUNDS times.  Then whole fairseq training steps of the models in ARCHS

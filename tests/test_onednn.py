@@ -16,9 +16,11 @@ needs_onednn = pytest.mark.skipif(bool(onednn.unavailable()),
 
 @pytest.fixture(autouse=True)
 def not_intel(monkeypatch):
-    """Every test here runs as on a CPU where ``auto`` picks oneDNN (an AMD one): on Intel
-    CPUs it picks MKL (test_auto_picks_mkl_on_intel_cpus)."""
+    """Every test here runs as on a CPU where ``auto`` picks oneDNN (an AMD one with
+    AVX-512): on Intel CPUs and without AVX-512 it picks MKL
+    (test_auto_picks_onednn_only_on_other_vendors_with_avx512)."""
     monkeypatch.setattr(onednn, "_vendor", "AuthenticAMD")
+    monkeypatch.setattr(onednn, "_avx512", True)
 
 
 def _reference(x, weight, bias):
@@ -394,41 +396,53 @@ vendor_id\t: {vendor}
 cpu family\t: 6
 model\t\t: 143
 model name\t: Intel(R) Xeon(R) Processor
-flags\t\t: fpu vme avx2 avx512f
+flags\t\t: fpu vme {flags}
+bugs\t\t: spectre_v1
 
 processor\t: 1
 vendor_id\t: {vendor}
+flags\t\t: fpu vme avx2 avx512f
 """
 
 
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", None])
-def test_cpu_vendor_read_from_cpuinfo(vendor, tmp_path, monkeypatch):
-    """The vendor id of /proc/cpuinfo's first processor; "" without one (ARM's has none)
-    or without the file."""
+@pytest.mark.parametrize("flags", ["avx2 fma avx512f avx512bw", "avx2 fma avx512_vnni", None])
+def test_cpu_vendor_and_avx512_read_from_cpuinfo(vendor, flags, tmp_path, monkeypatch):
+    """The vendor id and the avx512f flag of /proc/cpuinfo's first processor; "" and False
+    without them (ARM's has neither) or without the file."""
     info = tmp_path / "cpuinfo"
-    text = CPUINFO.format(vendor=vendor)
+    text = CPUINFO.format(vendor=vendor, flags=flags)
     if vendor is None:
         text = "\n".join(line for line in text.splitlines() if "vendor_id" not in line)
+    if flags is None:  # the first processor's flags line missing
+        text = text.replace(f"flags\t\t: fpu vme {flags}\n", "")
     info.write_text(text)
-    monkeypatch.setattr(onednn, "CPUINFO", str(info))
+    for read in (onednn.cpu_vendor, onednn.cpu_has_avx512):  # either reads both
+        monkeypatch.setattr(onednn, "CPUINFO", str(info))
+        monkeypatch.setattr(onednn, "_vendor", None)
+        monkeypatch.setattr(onednn, "_avx512", None)
+        read()
+        monkeypatch.setattr(onednn, "CPUINFO", str(tmp_path / "missing"))
+        assert onednn.cpu_vendor() == (vendor or "")
+        assert onednn.cpu_has_avx512() is (flags is not None and "avx512f" in flags.split())
     monkeypatch.setattr(onednn, "_vendor", None)
-    assert onednn.cpu_vendor() == (vendor or "")
-    monkeypatch.setattr(onednn, "CPUINFO", str(tmp_path / "missing"))
-    monkeypatch.setattr(onednn, "_vendor", None)
-    assert onednn.cpu_vendor() == ""
+    monkeypatch.setattr(onednn, "_avx512", None)
+    assert (onednn.cpu_vendor(), onednn.cpu_has_avx512()) == ("", False)
 
 
 @needs_onednn
-def test_auto_picks_mkl_on_intel_cpus(monkeypatch):
-    """On an Intel CPU ``auto`` leaves every product to PyTorch's (MKL's) and says so, and a
-    whole layer's training step calls oneDNN nowhere; GRNN_CPU_GEMM=onednn still takes
-    oneDNN there, and ``auto`` on any other vendor does."""
+def test_auto_picks_onednn_only_on_other_vendors_with_avx512(monkeypatch):
+    """``auto`` takes oneDNN only on x86 CPUs of other vendors than Intel that have
+    AVX-512; on an Intel CPU, without AVX-512 and on an unknown CPU it leaves every product
+    to PyTorch's (MKL's) and says so, and a whole layer's training step calls oneDNN
+    nowhere.  GRNN_CPU_GEMM=onednn still takes oneDNN everywhere."""
     monkeypatch.setattr(onednn, "MIN_MACS", 1)
     monkeypatch.setattr(onednn, "FIRST_MACS", 1)
     x, weight, bias = _problem(64, 4, 32, 128)
 
-    def calls(vendor, gemm):
+    def calls(vendor, avx512, gemm):
         monkeypatch.setattr(onednn, "_vendor", vendor)
+        monkeypatch.setattr(onednn, "_avx512", avx512)
         if gemm is None:
             monkeypatch.delenv("GRNN_CPU_GEMM", raising=False)
         else:
@@ -441,10 +455,13 @@ def test_auto_picks_mkl_on_intel_cpus(monkeypatch):
                                    atol=1e-5)
         return onednn.library(), onednn.calls - before
 
-    assert calls("GenuineIntel", None) == ("blas", 0)
-    assert calls("GenuineIntel", "auto") == ("blas", 0)
-    library, n = calls("GenuineIntel", "onednn")
-    assert library == "onednn" and n > 0
-    for vendor in ("AuthenticAMD", "HygonGenuine", ""):
-        library, n = calls(vendor, None)
-        assert library == "onednn" and n > 0
+    for vendor, avx512 in [("GenuineIntel", True), ("GenuineIntel", False),
+                           ("AuthenticAMD", False), ("HygonGenuine", False), ("", False),
+                           ("", True)]:
+        assert calls(vendor, avx512, None) == ("blas", 0), (vendor, avx512)
+        assert calls(vendor, avx512, "auto") == ("blas", 0), (vendor, avx512)
+        library, n = calls(vendor, avx512, "onednn")
+        assert library == "onednn" and n > 0, (vendor, avx512)
+    for vendor in ("AuthenticAMD", "HygonGenuine", "CentaurHauls"):
+        library, n = calls(vendor, True, None)
+        assert library == "onednn" and n > 0, vendor

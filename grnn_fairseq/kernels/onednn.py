@@ -22,12 +22,18 @@ not asked for) as products of plain matrices.
 On Intel CPUs it is the other way round: MKL runs its AVX-512 code there, and on this
 project's 2-core Intel Xeon (AVX-512, AMX) it ran 35 of 36 such products 3-70% faster than
 oneDNN (``results/cpu_gemm_intel.txt``), and the issue's 4-group layer trained 9-13% and
-decoded 9-17% faster on MKL.
+decoded 9-17% faster on MKL.  On an AMD Zen 4 (AVX-512 on 256-bit units) oneDNN was the
+faster one for 16 of the 18 (``results/cpu_gemm_zen4.txt``), as on the Zen 5.  What
+oneDNN wins by on AMD CPUs is AVX-512: on the same Zen 4 with oneDNN held to AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``) and the C++ tile too (``GRNN_CPU_ISA=avx2``), a stand-in for
+an AVX2-only AMD CPU such as the Zen 3 whose targets were met on MKL, MKL trained the
+4-group layer 2-7% and the 16-group one 5-17% faster in four rounds out of four
+(``results/cpu_gemm_zen4.txt``, part 3).
 
-``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: MKL on Intel CPUs
-(:func:`cpu_vendor`), elsewhere oneDNN where this PyTorch has it and it passes a check at
-first use, else MKL), ``onednn`` (oneDNN, or a ConfigError saying why it cannot run) or
-``blas`` (PyTorch's products, as before).
+``$GRNN_CPU_GEMM`` picks the library: ``auto`` (the default: oneDNN on x86 CPUs of other
+vendors than Intel that have AVX-512 (:func:`cpu_vendor`, :func:`cpu_has_avx512`), where
+this PyTorch has it and it passes a check at first use; elsewhere MKL), ``onednn``
+(oneDNN, or a ConfigError saying why it cannot run) or ``blas`` (PyTorch's products).
 ``onednn`` follows the same size rules as ``auto``.  oneDNN takes a product only when a
 group's multiply-adds reach :data:`MIN_MACS` (a call costs about 12 us more than MKL's, so
 decoding steps of small batches keep MKL), and a shape only after its first :data:`REUSE`
@@ -63,6 +69,7 @@ _seen = {}  # shape -> products so far, oldest first
 
 _probe = None  # None: not checked yet; else "" (works) or why it does not
 _vendor = None  # None: not read yet; else the CPU's vendor id ("" where unknown)
+_avx512 = None  # None: not read yet; else whether the CPU's flags include avx512f
 INTEL = "GenuineIntel"
 CPUINFO = "/proc/cpuinfo"
 
@@ -77,30 +84,51 @@ def mode(environ=os.environ):
     return value
 
 
+def _read_cpuinfo():
+    """Read the first processor's vendor id and flags from /proc/cpuinfo into
+    ``_vendor`` and ``_avx512`` ("" and False where the file or the field is missing)."""
+    global _vendor, _avx512
+    vendor, avx512 = "", False
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():  # the blank line after the first processor
+                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id":
+                    vendor = value.strip()
+                elif key == "flags":
+                    avx512 = "avx512f" in value.split()
+    except OSError:
+        pass
+    _vendor, _avx512 = vendor, avx512
+
+
 def cpu_vendor():
     """The CPU's vendor id as the kernel reports it ("GenuineIntel", "AuthenticAMD", ...;
     "" where /proc/cpuinfo has none, e.g. not Linux, or an ARM CPU)."""
-    global _vendor
     if _vendor is None:
-        _vendor = ""
-        try:
-            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key.strip() == "vendor_id":
-                        _vendor = value.strip()
-                        break
-        except OSError:
-            pass
+        _read_cpuinfo()
     return _vendor
+
+
+def cpu_has_avx512():
+    """Whether /proc/cpuinfo lists AVX-512 (``avx512f``) for the CPU (False without it)."""
+    if _avx512 is None:
+        _read_cpuinfo()
+    return _avx512
 
 
 def _choice(environ=os.environ):
     """$GRNN_CPU_GEMM with ``auto`` resolved by the CPU: "onednn" or "blas" (oneDNN's
-    availability not yet checked)."""
+    availability not yet checked).  ``auto`` is oneDNN only on x86 CPUs of other vendors
+    than Intel with AVX-512, where MKL runs its AVX2 code and oneDNN AVX-512's; on Intel
+    CPUs and without AVX-512 MKL was as fast or faster (see the module's docstring)."""
     choice = mode(environ)
     if choice == "auto":
-        return "blas" if cpu_vendor() == INTEL else "onednn"
+        vendor = cpu_vendor()
+        return "onednn" if vendor and vendor != INTEL and cpu_has_avx512() else "blas"
     return choice
 
 
@@ -162,8 +190,8 @@ def unavailable():
 
 def library(environ=os.environ):
     """What computes the large fp32 products here: "onednn" or "blas" (PyTorch's
-    products: $GRNN_CPU_GEMM=blas, auto on an Intel CPU, or oneDNN unavailable).
-    Benchmarks print it."""
+    products: $GRNN_CPU_GEMM=blas, ``auto`` where :func:`_choice` picks them, or oneDNN
+    unavailable).  Benchmarks print it."""
     choice = _choice(environ)
     return "onednn" if choice != "blas" and not unavailable() else "blas"
 
@@ -172,7 +200,7 @@ def wanted(x, weight):
     """Whether :func:`grouped_linear` should compute x's projection by ``weight``
     ([K, O, I/K]): fp32 CPU tensors, no autocast, at least :data:`MIN_MACS` per group, a
     shape used :data:`REUSE` times before or :data:`FIRST_MACS` in all, and $GRNN_CPU_GEMM
-    allowing it (``auto``: not on an Intel CPU; ``onednn`` where oneDNN cannot run:
+    allowing it (``auto``: see :func:`_choice`; ``onednn`` where oneDNN cannot run:
     ConfigError)."""
     if _choice() == "blas" or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
