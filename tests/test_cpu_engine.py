@@ -690,6 +690,67 @@ def test_two_copies_of_the_source_build_in_separate_folders(tmp_path, monkeypatc
     assert cpu_rnn._name() != there  # and on the content
 
 
+def _fake_ninja(folder):
+    folder.mkdir()
+    ninja = folder / "ninja"
+    ninja.write_text("#!/bin/sh\necho 1.11.1\n")
+    ninja.chmod(0o755)
+    return str(ninja)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fake executables as shell scripts")
+def test_build_runs_the_environments_ninja(tmp_path, monkeypatch):
+    """The build runs this Python environment's ninja ahead of any other on $PATH (two ninja
+    versions rebuild each other's builds), keys the build's name on it, and restores $PATH
+    afterwards; without one there, the first on $PATH."""
+    mine = _fake_ninja(tmp_path / "scripts")
+    other = _fake_ninja(tmp_path / "usr-bin")
+    monkeypatch.setattr(cpu_rnn.sysconfig, "get_path",
+                        lambda name: str(tmp_path / "scripts") if name == "scripts" else None)
+    monkeypatch.setenv("PATH", str(tmp_path / "usr-bin"))
+    assert cpu_rnn._ninja() == mine
+    with cpu_rnn._ninja_first():
+        assert shutil.which("ninja") == mine
+    assert os.environ["PATH"] == str(tmp_path / "usr-bin")
+    named_mine = cpu_rnn._name()
+    os.remove(mine)
+    assert cpu_rnn._ninja() == other
+    with cpu_rnn._ninja_first():
+        assert shutil.which("ninja") == other
+    assert cpu_rnn._name() != named_mine
+    mine = _fake_ninja(tmp_path / "scripts-again")
+    monkeypatch.setattr(cpu_rnn.sysconfig, "get_path",
+                        lambda name: str(tmp_path / "scripts-again") if name == "scripts" else None)
+    monkeypatch.delenv("PATH")
+    with cpu_rnn._ninja_first():
+        assert os.environ["PATH"] == str(tmp_path / "scripts-again")
+    assert "PATH" not in os.environ
+
+
+def test_built_library_is_not_rebuilt_with_another_path(built):
+    """Processes of one environment with and without its bin folder on $PATH (an activated
+    venv, then ``.venv/bin/python``) load the same build: nothing is compiled again (ninja
+    logs every command it runs), and neither needs a ninja on $PATH."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    # the name as load() computed it (torch appends to extra_ldflags: load passes copies)
+    assert cpu_rnn.LDFLAGS == (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    log = os.path.join(_get_build_directory(cpu_rnn._name(), False), ".ninja_log")
+    before = open(log).read()
+    code = ("from grnn_fairseq.kernels import cpu_rnn\n"
+            "cpu_rnn.load()\n"
+            "print(cpu_rnn._name())\n")
+    bin_dir = os.path.dirname(sys.executable)
+    for path in (os.pathsep.join([bin_dir, "/usr/bin", "/bin"]), "/usr/bin:/bin",
+                 str(bin_dir)):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "PATH": path},
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 0, (path, r.stderr[-3000:])
+        assert r.stdout.split()[-1] == cpu_rnn._name(), path
+        assert open(log).read() == before, f"rebuilt with PATH={path}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_forward_takes_the_groups_gx_apart(built, cell, dtype):

@@ -9,7 +9,12 @@ at import), by :func:`torch.utils.cpp_extension.load`: it needs a C++ compiler a
 ``~/.cache/torch_extensions``) under a name that hashes the source, the flags and the
 torch version, so a changed source or torch gets its own build; torch's loader holds a
 file lock while it builds, so processes starting together (multi-process training) build
-once and the others wait and load the result.
+once and the others wait and load the result.  The build runs the ``ninja`` of this
+Python environment (the ``ninja`` dependency, beside the interpreter's scripts) ahead of
+any other on $PATH: two ninja versions read each other's build log as changed commands,
+so a machine with its own ninja rebuilt the library (about 40 s) every time a process ran
+with the environment's bin folder on $PATH and the next without it (an activated venv,
+then ``.venv/bin/python``; six times in one run of the tests).
 
 In fp32 over at least 4 steps, on a CPU with AVX2 and FMA or with AVX-512, the forward pass
 takes a fused step (the recurrent product of each block of units accumulated in registers,
@@ -26,9 +31,12 @@ The library keeps its large per-call buffers (tens of MB) in a small pool instea
 returning them to the OS after each call; ``$GRNN_CPU_POOL_MB`` (default 1024) bounds the
 memory the pool keeps while unused, 0 disables it.
 """
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import sysconfig
 import time
 import warnings
 
@@ -78,14 +86,40 @@ def _remove_stale_lock(name):
 
 
 def _name():
-    """The build's name: a hash of the sources and the header, the flags, torch's version
-    and the main source's path.  The path keeps two checkouts (or an installed copy and a
-    checkout) in separate build folders: torch's build file names the source by path, so
-    sharing one folder would rebuild it every time the other copy runs, and make its
-    processes wait."""
+    """The build's name: a hash of the sources and the header, the flags, torch's version,
+    the main source's path and the ninja that builds it.  The path keeps two checkouts (or
+    an installed copy and a checkout) in separate build folders: torch's build file names
+    the source by path, so sharing one folder would rebuild it every time the other copy
+    runs, and make its processes wait; likewise two ninja versions (see :func:`_ninja`)."""
     key = b"".join(_read(path) for path in (SOURCE,) + OTHER_SOURCES + HEADERS)
-    key += repr((CFLAGS, LDFLAGS, torch.__version__, SOURCE)).encode()
+    key += repr((CFLAGS, LDFLAGS, torch.__version__, SOURCE, _ninja())).encode()
     return "grnn_rnn_cpu_" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def _ninja():
+    """The ninja a build runs: this Python environment's own (the ``ninja`` package's,
+    in the interpreter's scripts folder) where it has one, else the first on $PATH (None
+    without any).  Each ninja version takes the build log another wrote for a changed
+    command and rebuilds everything."""
+    scripts = sysconfig.get_path("scripts")
+    return (shutil.which("ninja", path=scripts) if scripts else None) or shutil.which("ninja")
+
+
+@contextlib.contextmanager
+def _ninja_first():
+    """$PATH with :func:`_ninja`'s folder first while torch builds (it runs "ninja" by
+    name), restored after."""
+    ninja, before = _ninja(), os.environ.get("PATH")
+    if ninja:
+        os.environ["PATH"] = os.pathsep.join([os.path.dirname(ninja)] + ([before] if before
+                                                                           else []))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def _read(path):
@@ -110,10 +144,15 @@ def load():
                                     "e.g. pip install -e .)")
         from torch.utils.cpp_extension import load as load_extension, verify_ninja_availability
 
-        verify_ninja_availability()
-        _remove_stale_lock(_name())
-        load_extension(name=_name(), sources=[SOURCE, *OTHER_SOURCES], extra_cflags=CFLAGS,
-                       extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
+        with _ninja_first():
+            verify_ninja_availability()
+            name = _name()
+            _remove_stale_lock(name)
+            # copies: torch appends its own flags to extra_ldflags in place, which would
+            # change _name() for the rest of the process
+            load_extension(name=name, sources=[SOURCE, *OTHER_SOURCES],
+                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                           is_python_module=False, verbose=False)
         _ops = torch.ops.grnn_rnn_cpu
         # fails here if a registration failed
         _ops.forward, _ops.backward, _ops.attention_forward, _ops.seeded_dropout  # noqa: B018
