@@ -2,7 +2,7 @@
 target position), with PyTorch's operators, the fused training step
 (GRNN_TRITON_TRAIN_STEP=1) and the fused attention (GRNN_TRITON_ATTENTION=1), measured
 without a GPU: what the decoder's step-by-step training costs the host on a GPU, where it
-is host-bound (README.md, Speed).
+is host-bound (results/README.md, "The GPU (one H100), and the switches prepared since").
 
 As decode_host_time.py: the CUDA code path runs on CPU tensors at a tiny width (16), so
 each operator costs about its dispatch, as a launch does on the host, and the Triton
