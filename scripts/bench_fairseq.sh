@@ -8,6 +8,9 @@
 #               sentences/s from its final "Translated ..." line.  Every hypothesis is
 #               --gen-length tokens long (default 20): after a short training the models
 #               stop at very different lengths, which would confound tokens/s
+#   ratios      each of our models' tok/s (training, generation) over that of the models of
+#               the same sizes (WMT, Gigaword or IWSLT, by the name) that ran too: fairseq's
+#               own LSTM, our K=1 RNNSearch, and the same model on the first of --backends
 #
 # Models: WMT14 En-De sizes   grnn  group_rnnsearch_wmt_en_de_k4, rnnsearch_wmt_en_de
 #                              fairseq lstm_luong_wmt_en_de
@@ -206,6 +209,46 @@ print(f"{statistics.median(steady) if steady else float('nan'):.1f}",
 EOF
 }
 
+ratios() {  # ratios RESULTS FIRST_BACKEND: each of our models against its references
+  "$py" - "$@" <<'EOF'
+import math, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+first = sys.argv[2]
+figures = {r[0]: (float(r[1]), float(r[3])) for r in rows}  # train wps, gen tok/s
+K1 = {"wmt": "rnnsearch_wmt_en_de", "gigaword": "rnnsearch_gigaword", "iwslt": "rnnsearch"}
+
+
+def family(arch):  # the sizes a model has, by its name
+    return next((f for f in ("wmt", "gigaword") if f in arch), "iwslt")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a > 0 and b > 0 else "-"  # nan compares false: "-"
+
+
+out = []
+for tag in figures:
+    if tag.startswith("lstm"):  # fairseq's own models are references only
+        continue
+    arch, _, backend = tag.partition(".")
+    refs = []
+    if backend != first and f"{arch}.{first}" in figures:
+        refs.append(f"{arch}.{first}")  # the same model on the first backend
+    refs += [t for t in figures if t.startswith("lstm") and family(t) == family(arch)][:1]
+    k1 = K1[family(arch)]
+    if arch != k1:
+        refs += [t for t in (f"{k1}.{backend}", f"{k1}.{first}") if t in figures][:1]
+    for ref in refs:
+        out.append(f"  {tag:40s} {ref:40s} {ratio(figures[tag][0], figures[ref][0]):>8s}"
+                   f" {ratio(figures[tag][1], figures[ref][1]):>8s}")
+if out:
+    print("ratios: the model's tok/s over the reference's (above 1: faster), against the models\n"
+          "of the same sizes: fairseq's own, our K=1, the same model on the first backend")
+    print(f"  {'model':40s} {'reference':40s} {'train':>8s} {'gen':>8s}")
+    print("\n".join(out))
+EOF
+}
+
 train() {  # save-dir, updates, log; the model from the loop below (env_backend, model_flags, tiny)
   env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
     "${tiny[@]}" "${device_flags[@]}" --task translation \
@@ -280,6 +323,7 @@ while IFS=$'\t' read -r tag wps wpb gtok gsent; do
   printf '%-40s %14s %10s %14s %12s\n' "$tag" "$wps" "$wpb" "$gtok" "$gsent"
 done < "$results"
 echo "(train tok/s: median of the log's wps over the intervals after the first)"
+ratios "$results" "${backends%% *}"
 echo "(each model's log intervals, wps; the first is left out of the median)"
 while IFS=$'\t' read -r tag _; do
   echo "  $tag: $(grep -o '\bwps=[0-9.]*' "$workdir/train.$tag.log" | cut -d= -f2 | tr '\n' ' ')"

@@ -133,6 +133,23 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         # every log interval's wps is listed, the first (left out of the median) included
         intervals = re.search(rf"^  {re.escape(tag)}: (.*)$", out, re.M).group(1).split()
         assert intervals == re.findall(r"\bwps=([\d.]+)", train_log) != [], out
+    # the ratio of our model to fairseq's, from the table's own figures; fairseq's model is
+    # a reference only
+    ours, theirs = table["group_rnnsearch_k4.auto"], table["lstm_wiseman_iwslt_de_en"]
+    assert _ratio_rows(out) == {("group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"): (
+        f"{ours[0] / theirs[0]:.2f}x", f"{ours[2] / theirs[2]:.2f}x")}, out
+
+
+def _ratio_rows(out):
+    """bench_fairseq.sh's ratio rows -> {(model, reference): (train, gen)}."""
+    block = out.split("\nratios: ", 1)[1].splitlines()[3:]
+    rows = {}
+    for line in block:
+        m = re.match(r"  (\S+) +(\S+) +([\d.]+x|-) +([\d.]+x|-)$", line)
+        if not m:
+            break
+        rows[m.group(1), m.group(2)] = m.group(3, 4)
+    return rows
 
 
 def test_bench_fairseq_variant_backends(tmp_path):
@@ -149,6 +166,13 @@ def test_bench_fairseq_variant_backends(tmp_path):
             "GRNN_TRITON_TRAIN_STEP=1 GRNN_TRITON_ATTENTION=1 GRNN_DECODE_GRAPHS=1)") in out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("rnnsearch.")]
     assert rows == ["rnnsearch.auto", f"rnnsearch.{variant}"], out
+    # the variant against the same model on the first backend, and nothing else (no
+    # fairseq model ran, and rnnsearch is the K=1 model itself)
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]]
+             for line in out.splitlines() if line.startswith("rnnsearch.")}
+    new, old = table[f"rnnsearch.{variant}"], table["rnnsearch.auto"]
+    assert _ratio_rows(out) == {(f"rnnsearch.{variant}", "rnnsearch.auto"): (
+        f"{new[0] / old[0]:.2f}x", f"{new[2] / old[2]:.2f}x")}, out
     for wrong in ("auto+graph", "tritn+graphs"):
         bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", f"auto {wrong}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
