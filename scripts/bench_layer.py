@@ -4,7 +4,8 @@ with --cell gru / rnn the GRU / Elman RNN against torch.nn.GRU / GRUCell, RNN / 
 
 Every case of a mode is timed side by side in one run: the repetitions visit the cases
 round-robin (so slow drifts of a shared machine hit all of them alike) and the table
-gives the median time per call and its ratio to torch.nn of the same width.
+gives the median time per call and its ratio to torch.nn of the same width.  Under each
+table, what the time-step shuffle costs every case run with both --rearrangement values.
 
 Modes:
   train   forward + backward of one layer over [T, B, H] (input gradient included)
@@ -404,6 +405,30 @@ def print_table(rows):
               f"{r['speedup_min']:>7.2f}")
 
 
+def shuffle_costs(rows):
+    """What the time-step rearrangement costs each case measured with and without it
+    (same mode, model, K and backend): -> [(label, by the median, by the min)], each
+    time / none - 1 (issue 5's GPU target: at most +10%)."""
+    none = {(r["mode"], r["model"], r["K"], r["backend"]): r for r in rows
+            if r["rearr"] == "none"}
+    costs = []
+    for r in rows:
+        key = (r["mode"], r["model"], r["K"], r["backend"])
+        if r["rearr"] == "time" and key in none:
+            costs.append((f"{r['model']} K={r['K']} {r['backend']}",
+                          r["ms"] / none[key]["ms"] - 1, r["min"] / none[key]["min"] - 1))
+    return costs
+
+
+def print_shuffle_costs(rows):
+    costs = shuffle_costs(rows)
+    if costs:
+        print("time-step shuffle's cost (rearr time over none, minus 1; by the median / by "
+              "the min):")
+        for label, med, low in costs:
+            print(f"  {label}: {med:+.1%} / {low:+.1%}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -435,7 +460,9 @@ def main(argv=None):
         rows += mode_rows
         print_table(mode_rows)
         print("x median / x min = torch.nn's median / min time (first row of each mode) over "
-              "the row's; above 1: faster than torch.nn", flush=True)
+              "the row's; above 1: faster than torch.nn")
+        print_shuffle_costs(mode_rows)
+        sys.stdout.flush()
         if done < args.reps:
             print(f"stopped by an interrupt after {done} of {args.reps} repetitions of mode "
                   f"{mode}: the table has the medians of those; later modes were not run",

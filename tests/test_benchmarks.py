@@ -44,6 +44,46 @@ def test_bench_layer_quick_prints_every_case():
         assert {"1", "4", "16"} <= groups
     for r in rows:
         assert all(float(v) > 0 for v in r[-4:])
+    # the shuffle's cost of every group case, from the table's times (printed to 0.01 ms:
+    # the cost may differ from the table's quotient by what that rounding allows)
+    by_mode = _shuffle_cost_blocks(out)
+    assert set(by_mode) == {"train", "infer", "decode"}, out
+    for mode, block in by_mode.items():
+        group = {(r[3], r[4], r[5]): r for r in rows if r[0] == mode and r[1] == "group"}
+        expected = {(k, b) for (k, rr, b) in group if rr == "time" and (k, "none", b) in group}
+        assert set(block) == expected != set(), out
+        for (k, b), (med, low) in block.items():
+            for col, printed in ((-4, med), (-3, low)):
+                t, n = float(group[k, "time", b][col]), float(group[k, "none", b][col])
+                slack = ((t + 0.005) / (n - 0.005) - t / n) * 100 + 0.05
+                assert abs(printed - (t / n - 1) * 100) <= slack, (mode, k, b, printed, t, n)
+
+
+def _shuffle_cost_blocks(out):
+    """bench_layer.py's shuffle-cost lines, by the mode of the table above them ->
+    {mode: {(K, backend): (% by the median, % by the min)}}."""
+    blocks, mode = {}, None
+    for line in out.splitlines():
+        if line.split()[:1] in (["train"], ["infer"], ["decode"], ["steps"]):
+            mode = line.split()[0]
+        m = re.match(r"  group \S+ K=(\d+) (\S+): ([+-][\d.]+)% / ([+-][\d.]+)%$", line)
+        if m:
+            blocks.setdefault(mode, {})[m.group(1), m.group(2)] = (float(m.group(3)),
+                                                                 float(m.group(4)))
+    return blocks
+
+
+def test_shuffle_costs_pair_each_case_with_its_unshuffled_twin():
+    bench = _bench_layer_module()
+    row = dict(mode="train", model="group LSTM", K=4, backend="cpp")
+    rows = [dict(row, rearr="none", ms=10.0, min=8.0), dict(row, rearr="time", ms=11.0, min=8.4),
+            dict(row, K=16, rearr="time", ms=5.0, min=5.0),        # no twin: left out
+            dict(row, backend="torch", rearr="none", ms=30.0, min=30.0),
+            dict(row, backend="torch", rearr="time", ms=27.0, min=24.0),
+            dict(row, mode="infer", rearr="time", ms=1.0, min=1.0)]  # twin of another mode: none
+    costs = bench.shuffle_costs(rows)
+    assert [c[0] for c in costs] == ["group LSTM K=4 cpp", "group LSTM K=4 torch"]
+    assert costs[0][1:] == pytest.approx((0.1, 0.05)) and costs[1][1:] == pytest.approx((-0.1, -0.2))
 
 
 def test_bench_layer_steps_with_autograd():
