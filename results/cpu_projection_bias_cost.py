@@ -5,22 +5,17 @@ gradient's sum over the rows.  On the Intel Xeon of session 30 the bias pass too
 a 35 ms LSTM forward, so the LSTM's and RNN's input bias moved into the C++ loop; this
 asks whether the GRU's (whose candidate bias would need its own vector in the loop) is
 worth the same.
-  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python results/cpu_projection_bias_cost.py"""
-import statistics
-import time
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 PYTHONPATH=. python results/cpu_projection_bias_cost.py"""
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_gemm_products import median_ms as median_of  # noqa: E402
 
-def median_ms(fn, reps=30):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+median_ms = partial(median_of, reps=30)
 
 
 def main(rounds=2):
