@@ -78,3 +78,65 @@ def test_every_environment_variable_the_package_reads_is_in_the_readme():
     table = readme.split("### Environment variables", 1)[1].split("\n### ", 1)[0]
     rows = set(re.findall(r"^\| `(GRNN_[A-Z_]+)` \|", table, re.M))
     assert read and rows == read, (sorted(read - rows), sorted(rows - read))
+
+
+def _pins(text):
+    """A pip constraints file -> {normalised name: version} (comments and blanks skipped)."""
+    import re
+
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"not pinned with ==: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_constraints_pin_every_requirement_but_torch():
+    """scripts/constraints.txt (what setup-env.sh and so CI install) pins each package that
+    setup.py requires, its fairseq and test extras included, except torch, which
+    TORCH_SPEC chooses; and fairseq-fixed at the version setup.py names."""
+    import ast
+    import re
+
+    pins = _pins((ROOT / "scripts" / "constraints.txt").read_text())
+    setup = (ROOT / "setup.py").read_text()
+    call = next(n for n in ast.walk(ast.parse(setup))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    args = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+            if k.arg in ("install_requires", "extras_require")}
+    required = args["install_requires"] + args["extras_require"]["fairseq"] + \
+        args["extras_require"]["test"]
+    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z][\w.-]*", r).group()).lower()
+             for r in required}
+    assert {"numpy", "sacrebleu", "fairseq-fixed", "pytest", "triton"} <= names, names
+    assert names - {"torch"} <= set(pins), sorted(names - {"torch"} - set(pins))
+    assert "torch" not in pins
+    assert pins["fairseq-fixed"] == re.search(r'"fairseq-fixed==([\d.]+)"', setup).group(1)
+
+
+def test_environment_has_the_pinned_versions():
+    """In an environment that scripts/setup-env.sh built with the pins (CI's), every pinned
+    package is installed at its pinned version: the pins are what the tests ran with."""
+    import importlib.metadata as md
+
+    recorded = Path(sys.prefix) / ".grnn-constraints"
+    if not recorded.exists() or not recorded.read_text().strip():
+        pytest.skip("this environment was not built by scripts/setup-env.sh with the pins")
+    pins = _pins(recorded.read_text())
+    assert pins == _pins((ROOT / "scripts" / "constraints.txt").read_text()), \
+        "scripts/constraints.txt changed since this environment was built: rerun setup-env.sh"
+    wrong = {name: (version, md.version(name)) for name, version in pins.items()
+             if md.version(name) != version}
+    assert not wrong, wrong
+
+
+def test_setup_env_refuses_a_missing_constraints_file(tmp_path):
+    env = dict(os.environ, GRNN_VENV=str(tmp_path / "venv"),
+               GRNN_CONSTRAINTS=str(tmp_path / "nowhere.txt"))
+    r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nowhere.txt: no such file" in r.stderr, r.stderr
+    assert not (tmp_path / "venv").exists()
