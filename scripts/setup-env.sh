@@ -15,10 +15,6 @@ VENV=${GRNN_VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 CONSTRAINTS=${GRNN_CONSTRAINTS-scripts/constraints.txt}
-marker="$VENV/.grnn-setup-done"
-if [ -f "$marker" ] && [ "$marker" -nt setup.py ] && [ "$marker" -nt scripts/constraints.txt ]; then
-  exit 0
-fi
 pins=()
 if [ "${GRNN_FAIRSEQ:-fixed}" = fixed ] && [ -n "$CONSTRAINTS" ]; then
   if [ ! -f "$CONSTRAINTS" ]; then
@@ -27,6 +23,12 @@ if [ "${GRNN_FAIRSEQ:-fixed}" = fixed ] && [ -n "$CONSTRAINTS" ]; then
     exit 2
   fi
   pins=(-c "$CONSTRAINTS")
+fi
+# done before, setup.py unchanged since, and installed with these pins: nothing to do
+marker="$VENV/.grnn-setup-done"
+if [ -f "$marker" ] && [ "$marker" -nt setup.py ] \
+    && { [ ${#pins[@]} -eq 0 ] || cmp -s "$CONSTRAINTS" "$VENV/.grnn-constraints"; }; then
+  exit 0
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV" >&2

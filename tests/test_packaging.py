@@ -140,3 +140,38 @@ def test_setup_env_refuses_a_missing_constraints_file(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nowhere.txt: no such file" in r.stderr, r.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_setup_env_installs_with_the_pins_and_skips_only_when_they_are_installed(tmp_path):
+    """setup-env.sh against a stand-in environment whose python logs its arguments: with
+    fairseq-fixed both installs get ``-c`` and the pins are recorded; run again, nothing
+    runs; with other pins, it installs again; with GRNN_FAIRSEQ=existing nothing is pinned."""
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    python.chmod(0o755)
+    pins_a, pins_b = tmp_path / "a.txt", tmp_path / "b.txt"
+    pins_a.write_text("numpy==1.0\n")
+    pins_b.write_text("numpy==2.0\n")
+
+    def setup(**extra):
+        log.write_text("")
+        env = dict(os.environ, GRNN_VENV=str(venv), **extra)
+        r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line for line in log.read_text().splitlines() if " install " in line]
+
+    installs = setup(GRNN_CONSTRAINTS=str(pins_a))
+    assert [line.split()[:5] for line in installs[1:]] == [
+        ["-m", "pip", "install", "-q", "-c"]] * 2 and all(str(pins_a) in i for i in installs[1:])
+    assert "torch==" in installs[1] and '.[fairseq,test]' in installs[2]
+    assert (venv / ".grnn-constraints").read_text() == pins_a.read_text()
+    assert setup(GRNN_CONSTRAINTS=str(pins_a)) == []             # done, same pins
+    assert len(setup(GRNN_CONSTRAINTS=str(pins_b))) == 3         # other pins: again
+    assert (venv / ".grnn-constraints").read_text() == pins_b.read_text()
+    (venv / ".grnn-setup-done").unlink()
+    installs = setup(GRNN_CONSTRAINTS=str(pins_a), GRNN_FAIRSEQ="existing")
+    assert installs and not any(" -c " in i for i in installs) and ".[test]" in installs[-1]
+    assert (venv / ".grnn-constraints").read_text() == ""
