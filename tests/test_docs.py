@@ -3,6 +3,7 @@ reaches an existing file (and heading), and every project path the text names in
 spans exists.  The README and results/README.md cite a results file for each figure; a
 renamed or moved file must not leave a figure without its source."""
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def anchors(path):
 
 
 def expand(path):
-    """'a_{x,y}.txt' -> ['a_x.txt', 'a_y.txt'] (nested braces too)."""
+    """'a_{x,y}.txt' -> ['a_x.txt', 'a_y.txt'] (several brace lists: every combination)."""
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
@@ -98,7 +99,7 @@ def test_named_project_paths_exist(md):
 
 
 def test_checks_catch_a_broken_reference(tmp_path, monkeypatch):
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "a.txt").write_text("")
     md = tmp_path / "doc.md"
