@@ -41,6 +41,11 @@
 #                                --max-len-a 0 --max-len-b N; default 20; 0: the models'
 #                                own lengths)
 #   --workdir DIR                keep checkpoints and logs there (default: a temp dir, removed)
+#   --rounds N                   train and generate every model N times (default 1), the
+#                                models in turn and in reverse order every other round, so
+#                                that a slow drift of a shared machine hits all alike; the
+#                                table and the ratios take each model's median over the rounds
+#                                and list every round's figures
 #   --warmup-updates N           first an untimed fairseq-train of N updates per model, so
 #                                that one-off costs stay out of the measured run: Triton
 #                                compiles a few kernel variants per layer shape in the first
@@ -72,7 +77,7 @@ done
 
 data="" src="" tgt="" updates="" max_tokens=4096 quick=0 cpu=0 workdir="" keep=0
 models="group_rnnsearch_wmt_en_de_k4 rnnsearch_wmt_en_de lstm_luong_wmt_en_de group_rnnsearch_k4 rnnsearch lstm_wiseman_iwslt_de_en"
-backends="auto" train_args="" gen_args="" warmup=0 gen_length=20
+backends="auto" train_args="" gen_args="" warmup=0 gen_length=20 rounds=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) data="$2"; shift 2 ;;
@@ -89,18 +94,23 @@ while [[ $# -gt 0 ]]; do
     --gen-length) gen_length="$2"; shift 2 ;;
     --workdir) workdir="$2"; keep=1; shift 2 ;;
     --warmup-updates) warmup="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;  # this header
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 for opt in "updates=$updates" "max-tokens=$max_tokens" "warmup-updates=$warmup" \
-           "gen-length=$gen_length"; do
+           "gen-length=$gen_length" "rounds=$rounds"; do
   value="${opt#*=}"
   if [[ -n "$value" && ! "$value" =~ ^[0-9]+$ ]]; then
     echo "--${opt%%=*} $value: expected a whole number" >&2; exit 2
   fi
 done
+
+if [[ "$rounds" -lt 1 ]]; then
+  echo "--rounds $rounds: give at least 1 round" >&2; exit 2
+fi
 
 engines="$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -c \
   'from grnn_fairseq.engine import BACKENDS; print("|".join(BACKENDS))' 2>/dev/null)" || {
@@ -259,74 +269,118 @@ train() {  # save-dir, updates, log; the model from the loop below (env_backend,
     --disable-validation $train_args > "$3" 2>&1
 }
 
-for arch in $models; do
+run_case() {  # run_case ARCH BACKEND ROUND: train, generate, one row of $results
+  local arch="$1" backend="$2" round="$3" sfx="" rc=0
+  if [[ $rounds -gt 1 ]]; then sfx=".r$round"; fi
   case "$arch" in
-    lstm_*) arch_backends="-"; tiny=("${tiny_lstm[@]}") ;;
-    *)      arch_backends="$backends"; tiny=("${tiny_grnn[@]}") ;;
+    lstm_*) tiny=("${tiny_lstm[@]}") ;;
+    *)      tiny=("${tiny_grnn[@]}") ;;
   esac
   # --user-dir for fairseq's own models too: it only adds models, and its compatibility
   # fixes (torch >= 2.6 checkpoint loading) are needed by fairseq-generate
   model_flags=(--user-dir "$root/grnn_fairseq" --arch "$arch")
-  for backend in $arch_backends; do
-    tag="$arch${backend/#-/}"; [[ "$backend" != "-" ]] && tag="$arch.$backend"
-    save="$workdir/ckpt.$tag"
-    env_backend=()
-    if [[ "$backend" != "-" ]]; then
-      IFS=+ read -r -a parts <<< "$backend"
-      env_backend=(GRNN_BACKEND="${parts[0]}")
-      for variant in "${parts[@]:1}"; do
-        case "$variant" in
-          trainstep) env_backend+=(GRNN_TRITON_TRAIN_STEP=1) ;;
-          graphs) env_backend+=(GRNN_DECODE_GRAPHS=1) ;;
-          attention) env_backend+=(GRNN_TRITON_ATTENTION=1) ;;
-        esac
-      done
-    fi
-    echo "-- $tag: training $updates updates${env_backend[*]:+ (${env_backend[*]})}"
-    set +e
-    rc=0
-    if [[ $warmup -gt 0 ]]; then
-      echo "-- $tag: warm-up, $warmup untimed updates"
-      train "$save.warmup" "$warmup" "$workdir/warmup.$tag.log"
-      rc=$?
-      rm -rf "$save.warmup"
-    fi
-    if [[ $rc -eq 0 ]]; then
-      train "$save" "$updates" "$workdir/train.$tag.log"
-      rc=$?
-    else
-      cp "$workdir/warmup.$tag.log" "$workdir/train.$tag.log"
-    fi
-    set -e
-    if [[ $rc -ne 0 ]]; then
-      echo "   fairseq-train failed ($rc):"; tail -15 "$workdir/train.$tag.log"
-      printf '%s\t%s\t%s\t%s\t%s\n' "$tag" nan nan nan nan >> "$results"; continue
-    fi
-    echo "-- $tag: generating (beam 5)"
-    set +e
-    env "${env_backend[@]}" "${cmd_generate[@]}" "$data" "${lang_flags[@]}" --user-dir "$root/grnn_fairseq" \
-      "${device_flags[@]}" --task translation --path "$save/checkpoint_last.pt" \
-      --gen-subset test --beam 5 --max-tokens "$max_tokens" --num-workers 0 \
-      "${length_flags[@]}" $gen_args > "$workdir/generate.$tag.log" 2>&1
+  tag="$arch${backend/#-/}"; [[ "$backend" != "-" ]] && tag="$arch.$backend"
+  local save="$workdir/ckpt.$tag$sfx" name="$tag$sfx"
+  env_backend=()
+  if [[ "$backend" != "-" ]]; then
+    IFS=+ read -r -a parts <<< "$backend"
+    env_backend=(GRNN_BACKEND="${parts[0]}")
+    for variant in "${parts[@]:1}"; do
+      case "$variant" in
+        trainstep) env_backend+=(GRNN_TRITON_TRAIN_STEP=1) ;;
+        graphs) env_backend+=(GRNN_DECODE_GRAPHS=1) ;;
+        attention) env_backend+=(GRNN_TRITON_ATTENTION=1) ;;
+      esac
+    done
+  fi
+  echo "-- $name: training $updates updates${env_backend[*]:+ (${env_backend[*]})}"
+  set +e
+  if [[ $warmup -gt 0 && $round -eq 1 ]]; then  # one-off costs: once per model
+    echo "-- $name: warm-up, $warmup untimed updates"
+    train "$save.warmup" "$warmup" "$workdir/warmup.$name.log"
     rc=$?
-    set -e
-    if [[ $rc -ne 0 ]]; then
-      echo "   fairseq-generate failed ($rc):"; tail -15 "$workdir/generate.$tag.log"
-    fi
-    printf '%s\t%s\n' "$tag" "$(parse "$workdir/train.$tag.log" "$workdir/generate.$tag.log" | tr ' ' '\t')" >> "$results"
+    rm -rf "$save.warmup"
+  fi
+  if [[ $rc -eq 0 ]]; then
+    train "$save" "$updates" "$workdir/train.$name.log"
+    rc=$?
+  else
+    cp "$workdir/warmup.$name.log" "$workdir/train.$name.log"
+  fi
+  set -e
+  if [[ $rc -ne 0 ]]; then
+    echo "   fairseq-train failed ($rc):"; tail -15 "$workdir/train.$name.log"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" nan nan nan nan "$round" >> "$results"; return 0
+  fi
+  echo "-- $name: generating (beam 5)"
+  set +e
+  env "${env_backend[@]}" "${cmd_generate[@]}" "$data" "${lang_flags[@]}" --user-dir "$root/grnn_fairseq" \
+    "${device_flags[@]}" --task translation --path "$save/checkpoint_last.pt" \
+    --gen-subset test --beam 5 --max-tokens "$max_tokens" --num-workers 0 \
+    "${length_flags[@]}" $gen_args > "$workdir/generate.$name.log" 2>&1
+  rc=$?
+  set -e
+  if [[ $rc -ne 0 ]]; then
+    echo "   fairseq-generate failed ($rc):"; tail -15 "$workdir/generate.$name.log"
+  fi
+  printf '%s\t%s\t%s\n' "$tag" "$(parse "$workdir/train.$name.log" "$workdir/generate.$name.log" | tr ' ' '\t')" "$round" >> "$results"
+}
+
+cases=()  # "arch backend", fairseq's own models with backend "-"
+for arch in $models; do
+  case "$arch" in
+    lstm_*) cases+=("$arch -") ;;
+    *)      for backend in $backends; do cases+=("$arch $backend"); done ;;
+  esac
+done
+for ((round = 1; round <= rounds; round++)); do
+  order=("${cases[@]}")
+  if (( round % 2 == 0 )); then  # A B, B A, ...: a slow drift of the machine hits all alike
+    order=()
+    for ((i = ${#cases[@]} - 1; i >= 0; i--)); do order+=("${cases[i]}"); done
+  fi
+  if [[ $rounds -gt 1 ]]; then echo "== round $round of $rounds"; fi
+  for case_ in "${order[@]}"; do
+    run_case ${case_} "$round"
   done
 done
 
 echo
-printf '%-40s %14s %10s %14s %12s\n' model "train tok/s" wpb "gen tok/s" "gen sent/s"
-while IFS=$'\t' read -r tag wps wpb gtok gsent; do
-  printf '%-40s %14s %10s %14s %12s\n' "$tag" "$wps" "$wpb" "$gtok" "$gsent"
-done < "$results"
+summary="$workdir/results.median.tsv"
+"$py" - "$results" "$summary" <<'EOF'
+import math, statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+tags = list(dict.fromkeys(r[0] for r in rows))  # first-seen order: the order of --models
+rounds = max(int(r[5]) for r in rows) if rows else 1
+
+
+def median(values):  # of the rounds that gave a figure; nan if none did
+    values = [float(v) for v in values if not math.isnan(float(v))]
+    return statistics.median(values) if values else float("nan")
+
+
+with open(sys.argv[2], "w") as out:
+    print(f"{'model':<40s} {'train tok/s':>14s} {'wpb':>10s} {'gen tok/s':>14s} {'gen sent/s':>12s}")
+    for tag in tags:
+        mine = [r for r in rows if r[0] == tag]
+        figures = [median(r[i] for r in mine) for i in (1, 2, 3, 4)]
+        text = [f"{figures[0]:.1f}", f"{figures[1]:.1f}", f"{figures[2]:.2f}", f"{figures[3]:.2f}"]
+        if rounds == 1:  # as parsed
+            text = mine[0][1:5]
+        print(f"{tag:<40s} {text[0]:>14s} {text[1]:>10s} {text[2]:>14s} {text[3]:>12s}")
+        out.write("\t".join([tag] + text) + "\n")
+    if rounds > 1:
+        print(f"(the median of {rounds} rounds, the models in turn, in reverse order every other "
+              "round; each round's train / gen tok/s:)")
+        for tag in tags:
+            print(f"  {tag}: " + ", ".join(f"{r[1]} / {r[3]}" for r in rows if r[0] == tag))
+EOF
 echo "(train tok/s: median of the log's wps over the intervals after the first)"
-ratios "$results" "${backends%% *}"
+ratios "$summary" "${backends%% *}"
 echo "(each model's log intervals, wps; the first is left out of the median)"
-while IFS=$'\t' read -r tag _; do
-  echo "  $tag: $(grep -o '\bwps=[0-9.]*' "$workdir/train.$tag.log" | cut -d= -f2 | tr '\n' ' ')"
+while IFS=$'\t' read -r tag _ _ _ _ round; do
+  name="$tag"; [[ $rounds -gt 1 ]] && name="$tag.r$round"
+  echo "  $name: $(grep -o '\bwps=[0-9.]*' "$workdir/train.$name.log" | cut -d= -f2 | tr '\n' ' ')"
 done < "$results"
 [[ $keep -eq 1 ]] && echo "(logs and checkpoints in $workdir)"
 [[ $keep -eq 1 ]] || echo "(temp dir removed at exit; pass --workdir DIR to keep logs and checkpoints)"

@@ -221,7 +221,36 @@ def test_bench_fairseq_variant_backends(tmp_path):
                 "(auto|reference|torch|cpp|triton)") in bad.stderr
 
 
-@pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length"])
+def test_bench_fairseq_rounds(tmp_path):
+    """--rounds 2: every model trained and generated twice, the second round in reverse
+    order; the table has each model's median over the rounds (of two: their mean) and the
+    ratios are those of the medians; every round's logs are kept apart."""
+    out = _run(["bash", "scripts/bench_fairseq.sh", "--quick", "--models",
+                "rnnsearch lstm_wiseman_iwslt_de_en", "--rounds", "2", "--updates", "2",
+                "--gen-length", "3", "--workdir", str(tmp_path)])
+    order = re.findall(r"^-- (\S+): training", out, re.M)
+    assert order == ["rnnsearch.auto.r1", "lstm_wiseman_iwslt_de_en.r1",
+                     "lstm_wiseman_iwslt_de_en.r2", "rnnsearch.auto.r2"], out
+    table = {m.group(1): [float(v) for v in m.groups()[1:]] for m in re.finditer(
+        r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)}
+    assert set(table) == {"rnnsearch.auto", "lstm_wiseman_iwslt_de_en"}, out
+    for tag, figures in table.items():
+        rounds = re.search(rf"^  {re.escape(tag)}: (\S+) / (\S+), (\S+) / (\S+)$", out, re.M)
+        train, gen = [float(rounds.group(i)) for i in (1, 3)], [float(rounds.group(i)) for i in (2, 4)]
+        assert figures[0] == pytest.approx(sum(train) / 2, abs=0.051), (tag, out)
+        assert figures[2] == pytest.approx(sum(gen) / 2, abs=0.0051), (tag, out)
+        for r in (1, 2):
+            assert "done training" in (tmp_path / f"train.{tag}.r{r}.log").read_text()
+            assert (tmp_path / f"generate.{tag}.r{r}.log").exists()
+    ours, theirs = table["rnnsearch.auto"], table["lstm_wiseman_iwslt_de_en"]
+    assert _ratio_rows(out) == {("rnnsearch.auto", "lstm_wiseman_iwslt_de_en"): (
+        f"{ours[0] / theirs[0]:.2f}x", f"{ours[2] / theirs[2]:.2f}x")}, out
+    bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--rounds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds 0: give at least 1 round" in bad.stderr
+
+
+@pytest.mark.parametrize("option", ["--warmup-updates", "--gen-length", "--rounds"])
 def test_bench_fairseq_rejects_a_bad_number(option):
     proc = subprocess.run(["bash", "scripts/bench_fairseq.sh", option, "ten"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
