@@ -219,46 +219,6 @@ print(f"{statistics.median(steady) if steady else float('nan'):.1f}",
 EOF
 }
 
-ratios() {  # ratios RESULTS FIRST_BACKEND: each of our models against its references
-  "$py" - "$@" <<'EOF'
-import math, sys
-rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
-first = sys.argv[2]
-figures = {r[0]: (float(r[1]), float(r[3])) for r in rows}  # train wps, gen tok/s
-K1 = {"wmt": "rnnsearch_wmt_en_de", "gigaword": "rnnsearch_gigaword", "iwslt": "rnnsearch"}
-
-
-def family(arch):  # the sizes a model has, by its name
-    return next((f for f in ("wmt", "gigaword") if f in arch), "iwslt")
-
-
-def ratio(a, b):
-    return f"{a / b:.2f}x" if a > 0 and b > 0 else "-"  # nan compares false: "-"
-
-
-out = []
-for tag in figures:
-    if tag.startswith("lstm"):  # fairseq's own models are references only
-        continue
-    arch, _, backend = tag.partition(".")
-    refs = []
-    if backend != first and f"{arch}.{first}" in figures:
-        refs.append(f"{arch}.{first}")  # the same model on the first backend
-    refs += [t for t in figures if t.startswith("lstm") and family(t) == family(arch)][:1]
-    k1 = K1[family(arch)]
-    if arch != k1:
-        refs += [t for t in (f"{k1}.{backend}", f"{k1}.{first}") if t in figures][:1]
-    for ref in refs:
-        out.append(f"  {tag:40s} {ref:40s} {ratio(figures[tag][0], figures[ref][0]):>8s}"
-                   f" {ratio(figures[tag][1], figures[ref][1]):>8s}")
-if out:
-    print("ratios: the model's tok/s over the reference's (above 1: faster), against the models\n"
-          "of the same sizes: fairseq's own, our K=1, the same model on the first backend")
-    print(f"  {'model':40s} {'reference':40s} {'train':>8s} {'gen':>8s}")
-    print("\n".join(out))
-EOF
-}
-
 train() {  # save-dir, updates, log; the model from the loop below (env_backend, model_flags, tiny)
   env "${env_backend[@]}" "${cmd_train[@]}" "$data" "${lang_flags[@]}" "${model_flags[@]}" \
     "${tiny[@]}" "${device_flags[@]}" --task translation \
@@ -346,37 +306,66 @@ for ((round = 1; round <= rounds; round++)); do
 done
 
 echo
-summary="$workdir/results.median.tsv"
-"$py" - "$results" "$summary" <<'EOF'
+"$py" - "$results" "${backends%% *}" <<'EOF'
 import math, statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+first = sys.argv[2]  # the first of --backends
 tags = list(dict.fromkeys(r[0] for r in rows))  # first-seen order: the order of --models
-rounds = max(int(r[5]) for r in rows) if rows else 1
+rounds = max((int(r[5]) for r in rows), default=1)
 
 
 def median(values):  # of the rounds that gave a figure; nan if none did
-    values = [float(v) for v in values if not math.isnan(float(v))]
+    values = [v for v in map(float, values) if not math.isnan(v)]
     return statistics.median(values) if values else float("nan")
 
 
-with open(sys.argv[2], "w") as out:
-    print(f"{'model':<40s} {'train tok/s':>14s} {'wpb':>10s} {'gen tok/s':>14s} {'gen sent/s':>12s}")
+# each model's median over the rounds, rounded as printed (the ratios use what the table
+# shows): train wps, wpb, gen tok/s, gen sent/s
+figures = {t: [round(median(r[i] for r in rows if r[0] == t), d)
+               for i, d in ((1, 1), (2, 1), (3, 2), (4, 2))] for t in tags}
+print(f"{'model':<40s} {'train tok/s':>14s} {'wpb':>10s} {'gen tok/s':>14s} {'gen sent/s':>12s}")
+for tag, (wps, wpb, gtok, gsent) in figures.items():
+    print(f"{tag:<40s} {wps:>14.1f} {wpb:>10.1f} {gtok:>14.2f} {gsent:>12.2f}")
+if rounds > 1:
+    print(f"(the median of {rounds} rounds, the models in turn, in reverse order every other "
+          "round; each round's train / gen tok/s:)")
     for tag in tags:
-        mine = [r for r in rows if r[0] == tag]
-        figures = [median(r[i] for r in mine) for i in (1, 2, 3, 4)]
-        text = [f"{figures[0]:.1f}", f"{figures[1]:.1f}", f"{figures[2]:.2f}", f"{figures[3]:.2f}"]
-        if rounds == 1:  # as parsed
-            text = mine[0][1:5]
-        print(f"{tag:<40s} {text[0]:>14s} {text[1]:>10s} {text[2]:>14s} {text[3]:>12s}")
-        out.write("\t".join([tag] + text) + "\n")
-    if rounds > 1:
-        print(f"(the median of {rounds} rounds, the models in turn, in reverse order every other "
-              "round; each round's train / gen tok/s:)")
-        for tag in tags:
-            print(f"  {tag}: " + ", ".join(f"{r[1]} / {r[3]}" for r in rows if r[0] == tag))
+        print(f"  {tag}: " + ", ".join(f"{r[1]} / {r[3]}" for r in rows if r[0] == tag))
+print("(train tok/s: median of the log's wps over the intervals after the first)")
+
+# ratios: each of our models against the models of the same sizes (by the name) that ran
+K1 = {"wmt": "rnnsearch_wmt_en_de", "gigaword": "rnnsearch_gigaword", "iwslt": "rnnsearch"}
+
+
+def family(arch):
+    return next((f for f in ("wmt", "gigaword") if f in arch), "iwslt")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a > 0 and b > 0 else "-"  # nan compares false: "-"
+
+
+out = []
+for tag in tags:
+    if tag.startswith("lstm"):  # fairseq's own models are references only
+        continue
+    arch, _, backend = tag.partition(".")
+    refs = []
+    if backend != first and f"{arch}.{first}" in figures:
+        refs.append(f"{arch}.{first}")  # the same model on the first backend
+    refs += [t for t in tags if t.startswith("lstm") and family(t) == family(arch)][:1]
+    k1 = K1[family(arch)]
+    if arch != k1:
+        refs += [t for t in (f"{k1}.{backend}", f"{k1}.{first}") if t in figures][:1]
+    for ref in refs:
+        out.append(f"  {tag:40s} {ref:40s} {ratio(figures[tag][0], figures[ref][0]):>8s}"
+                   f" {ratio(figures[tag][2], figures[ref][2]):>8s}")
+if out:
+    print("ratios: the model's tok/s over the reference's (above 1: faster), against the models\n"
+          "of the same sizes: fairseq's own, our K=1, the same model on the first backend")
+    print(f"  {'model':40s} {'reference':40s} {'train':>8s} {'gen':>8s}")
+    print("\n".join(out))
 EOF
-echo "(train tok/s: median of the log's wps over the intervals after the first)"
-ratios "$summary" "${backends%% *}"
 echo "(each model's log intervals, wps; the first is left out of the median)"
 while IFS=$'\t' read -r tag _ _ _ _ round; do
   name="$tag"; [[ $rounds -gt 1 ]] && name="$tag.r$round"

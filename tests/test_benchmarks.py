@@ -158,11 +158,7 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         log = (tmp_path / f"generate.{tag}.log").read_text()
         sents, toks = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\)", log).groups()
         assert int(toks.replace(",", "")) == 8 * int(sents.replace(",", "")) > 0, log[-500:]
-    table = {}
-    for line in out.splitlines():
-        m = re.match(r"(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
-        if m:
-            table[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    table = _fairseq_table(out)
     assert set(table) == {"group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"}, out
     for figures in table.values():
         assert all(v > 0 for v in figures)
@@ -175,9 +171,20 @@ def test_bench_fairseq_quick_with_warmup(tmp_path):
         assert intervals == re.findall(r"\bwps=([\d.]+)", train_log) != [], out
     # the ratio of our model to fairseq's, from the table's own figures; fairseq's model is
     # a reference only
-    ours, theirs = table["group_rnnsearch_k4.auto"], table["lstm_wiseman_iwslt_de_en"]
-    assert _ratio_rows(out) == {("group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en"): (
-        f"{ours[0] / theirs[0]:.2f}x", f"{ours[2] / theirs[2]:.2f}x")}, out
+    assert _ratio_rows(out) == _expected_ratios(
+        table, [("group_rnnsearch_k4.auto", "lstm_wiseman_iwslt_de_en")]), out
+
+
+def _fairseq_table(out):
+    """bench_fairseq.sh's table -> {model: [train tok/s, wpb, gen tok/s, gen sent/s]}."""
+    return {m.group(1): [float(v) for v in m.groups()[1:]] for m in re.finditer(
+        r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)}
+
+
+def _expected_ratios(table, pairs):
+    """The ratio rows that the table's own figures give for these (model, reference)."""
+    return {(a, b): (f"{table[a][0] / table[b][0]:.2f}x", f"{table[a][2] / table[b][2]:.2f}x")
+            for a, b in pairs}
 
 
 def _ratio_rows(out):
@@ -208,11 +215,8 @@ def test_bench_fairseq_variant_backends(tmp_path):
     assert rows == ["rnnsearch.auto", f"rnnsearch.{variant}"], out
     # the variant against the same model on the first backend, and nothing else (no
     # fairseq model ran, and rnnsearch is the K=1 model itself)
-    table = {line.split()[0]: [float(v) for v in line.split()[1:]]
-             for line in out.splitlines() if line.startswith("rnnsearch.")}
-    new, old = table[f"rnnsearch.{variant}"], table["rnnsearch.auto"]
-    assert _ratio_rows(out) == {(f"rnnsearch.{variant}", "rnnsearch.auto"): (
-        f"{new[0] / old[0]:.2f}x", f"{new[2] / old[2]:.2f}x")}, out
+    assert _ratio_rows(out) == _expected_ratios(
+        _fairseq_table(out), [(f"rnnsearch.{variant}", "rnnsearch.auto")]), out
     for wrong in ("auto+graph", "tritn+graphs"):
         bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--backends", f"auto {wrong}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -231,8 +235,7 @@ def test_bench_fairseq_rounds(tmp_path):
     order = re.findall(r"^-- (\S+): training", out, re.M)
     assert order == ["rnnsearch.auto.r1", "lstm_wiseman_iwslt_de_en.r1",
                      "lstm_wiseman_iwslt_de_en.r2", "rnnsearch.auto.r2"], out
-    table = {m.group(1): [float(v) for v in m.groups()[1:]] for m in re.finditer(
-        r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)}
+    table = _fairseq_table(out)
     assert set(table) == {"rnnsearch.auto", "lstm_wiseman_iwslt_de_en"}, out
     for tag, figures in table.items():
         rounds = re.search(rf"^  {re.escape(tag)}: (\S+) / (\S+), (\S+) / (\S+)$", out, re.M)
@@ -242,9 +245,8 @@ def test_bench_fairseq_rounds(tmp_path):
         for r in (1, 2):
             assert "done training" in (tmp_path / f"train.{tag}.r{r}.log").read_text()
             assert (tmp_path / f"generate.{tag}.r{r}.log").exists()
-    ours, theirs = table["rnnsearch.auto"], table["lstm_wiseman_iwslt_de_en"]
-    assert _ratio_rows(out) == {("rnnsearch.auto", "lstm_wiseman_iwslt_de_en"): (
-        f"{ours[0] / theirs[0]:.2f}x", f"{ours[2] / theirs[2]:.2f}x")}, out
+    assert _ratio_rows(out) == _expected_ratios(
+        table, [("rnnsearch.auto", "lstm_wiseman_iwslt_de_en")]), out
     bad = subprocess.run(["bash", "scripts/bench_fairseq.sh", "--rounds", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--rounds 0: give at least 1 round" in bad.stderr
